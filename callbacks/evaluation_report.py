@@ -1,0 +1,94 @@
+"""Writes what a test run found: metrics.json, a per-category table, and overlay pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from PIL import Image
+
+from grounded_diffusion.data.voc import voc_palette
+
+PALETTE = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Tint each object slot's mask with its own colour over an [H, W, 3] uint8 image."""
+    out = image.astype(np.float32)
+    for k, mask in enumerate(masks):
+        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[k + 1]
+    return out.astype(np.uint8)
+
+
+def format_table(results: dict, unseen: set[str]) -> str:
+    def pct(v: float) -> str:
+        return "   -  " if v is None or math.isnan(v) else f"{v:6.2f}"
+
+    baselines = results["baselines"]
+    names = ["ours", *baselines]
+    rows = [f"{'category':<16}{'':8}" + "".join(f"{n:>16}" for n in names)]
+    for category, value in results["per_category"].items():
+        others = [baselines[b]["per_category"][category] for b in baselines]
+        tag = "unseen" if category in unseen else "seen"
+        rows.append(f"{category:<16}{tag:<8}" + "".join(f"{pct(v):>16}" for v in [value, *others]))
+    for key in ("seen_miou", "unseen_miou", "harmonic_miou"):
+        values = [results[key]] + [baselines[b][key] for b in baselines]
+        rows.append(f"{key:<24}" + "".join(f"{pct(v):>16}" for v in values))
+    return "\n".join(rows)
+
+
+def to_json(value):
+    """NaN (an empty group) becomes null, so the file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+class EvaluationReport(Callback):
+    """After ``test``: ``<out_dir>/metrics.json``, the IoU table on stdout, and overlay PNGs
+    (image | truth | prediction) of the first ``num_overlays`` test samples of rank zero.
+
+    Metrics are computed on every rank by the module; only rank zero writes.
+    """
+
+    def __init__(self, out_dir: str = "outputs/report", num_overlays: int = 8) -> None:
+        self.out_dir = Path(out_dir)
+        self.num_overlays = num_overlays
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.saved = 0
+        if trainer.is_global_zero:
+            (self.out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.is_global_zero or self.saved >= self.num_overlays:
+            return
+        names = pl_module.category_split.categories
+        for i in range(min(len(batch["id"]), self.num_overlays - self.saved)):
+            image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
+            valid = (batch["categories"][i] >= 0).cpu()
+            truth = batch["masks"][i][valid].cpu().numpy()
+            pred = outputs[i][valid].cpu().numpy()
+            if image.shape[:2] != truth.shape[1:]:
+                image = np.array(Image.fromarray(image).resize(truth.shape[1:][::-1]))
+            strip = np.concatenate([image, overlay(image, truth), overlay(image, pred)], axis=1)
+            labels = "+".join(names[c] for c in batch["categories"][i][valid].tolist())
+            Image.fromarray(strip).save(self.out_dir / "overlays" / f"{batch['id'][i]}_{labels}.png")
+            self.saved += 1
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        results = pl_module.results["test"]
+        path = self.out_dir / "metrics.json"
+        path.write_text(json.dumps(to_json(results), indent=2))
+        print("\nIoU (%) per category, ours vs. trivial predictors:")
+        print(format_table(results, set(pl_module.category_split.unseen)))
+        print(f"\noverlays (image | truth | prediction): {self.out_dir / 'overlays'}")
+        print(f"metrics: {path}")

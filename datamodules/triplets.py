@@ -1,0 +1,181 @@
+"""TripletDataModule: the cache for fit / validate / test, its source images for predict.
+
+``predict`` fills the cache: it yields the source's samples that the cache does not hold yet, so
+an interrupted build resumes where it stopped. ``fit`` / ``validate`` / ``test`` stream the cached
+triplets. Training sees seen categories only (images with any unseen category are left out);
+validation and test see every sample of their split exactly once, also under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from grounded_diffusion.data.cache import TripletCache, unpack_masks
+from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
+from grounded_diffusion.data.voc import VOCFolder
+
+
+def pad_objects(masks: torch.Tensor, max_objects: int) -> torch.Tensor:
+    """[O, H, W] -> [max_objects, H, W], zero-padded."""
+    if masks.shape[0] > max_objects:
+        raise ValueError(f"{masks.shape[0]} objects in one sample but max_objects={max_objects}")
+    return torch.cat([masks, masks.new_zeros(max_objects - masks.shape[0], *masks.shape[1:])])
+
+
+def collate_source_samples(samples: Sequence[dict], max_objects: int = 2) -> dict:
+    """Batch VOCSamples items: objects padded to ``max_objects``; names stay lists."""
+    return {
+        "id": [s["id"] for s in samples],
+        "split": [s["split"] for s in samples],
+        "prompt": [s["prompt"] for s in samples],
+        "categories": [s["categories"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "masks": torch.stack([pad_objects(s["masks"], max_objects) for s in samples]),
+    }
+
+
+class TripletSamples(Dataset):
+    """Cached triplets: features (fp16 groups), masks, category indices (-1 = empty slot)."""
+
+    def __init__(self, cache: TripletCache, records: list[dict], split: CategorySplit, max_objects: int) -> None:
+        self.cache, self.records, self.split, self.max_objects = cache, records, split, max_objects
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        tensors, metadata = self.cache.load(record["id"])
+        num_groups = sum(1 for k in tensors if k.startswith("features."))
+        categories = [self.split.index(c) for c in record["categories"]]
+        categories += [-1] * (self.max_objects - len(categories))
+        return {
+            "id": record["id"],
+            "features": [tensors[f"features.{g}"] for g in range(num_groups)],
+            "masks": pad_objects(unpack_masks(tensors["masks"], metadata["mask_shape"]), self.max_objects),
+            "categories": torch.tensor(categories),
+            "image": tensors["image"],
+        }
+
+
+class TripletDataModule(LightningDataModule):
+    """
+    Args:
+        cache_dir: the triplet cache (built by ``predict`` with a ``source``).
+        vocabulary: ``pascal`` or ``scenes`` (grounded_diffusion.data.vocabulary).
+        split: numbered seen/unseen split of the vocabulary, or
+        unseen: the unseen categories listed explicitly.
+        source: images + masks the ``predict`` run turns into triplets (a VOC-format folder or
+            the procedural scenes); not needed once the cache is built.
+        batch_size / num_workers: per process.
+        train_split / val_split / test_split: which image sets of the cache each stage reads.
+        max_objects: object slots per sample (the paper uses one or two objects).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        vocabulary: str = "pascal",
+        split: int | None = 1,
+        unseen: list[str] | None = None,
+        source: VOCFolder | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        max_objects: int = 2,
+    ) -> None:
+        super().__init__()
+        self.category_split = CategorySplit.named(vocabulary, split, unseen)
+        self.cache = TripletCache(cache_dir)
+        self.source = source
+        self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
+        self.stage_splits = {"fit": train_split, "validate": val_split, "test": test_split}
+        if source is not None:
+            check_categories(source.classes, self.category_split.categories, "source class")
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return self.category_split.categories
+
+    @property
+    def unseen(self) -> tuple[str, ...]:
+        return self.category_split.unseen
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the place to generate or check the source folder.
+        if self.trainer is not None and self.trainer.state.fn == "predict":
+            if self.source is None:
+                raise ValueError("predict builds the cache from data.source, which is not set")
+            self.source.prepare()
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            if self.source is None:
+                raise ValueError("predict builds the cache from data.source, which is not set")
+            self.predict_set = self.source.dataset(exclude=self.cache.done_ids())
+            return
+        self.cache.metadata()  # a clear error if there is no cache
+        records = self.cache.manifest()
+        for record in records:
+            check_categories(record["categories"], self.categories, f"category of sample {record['id']}")
+        if stage == "fit":
+            seen = set(self.category_split.seen)
+            train = [r for r in records if r["split"] == self.stage_splits["fit"] and set(r["categories"]) <= seen]
+            self.train_set = self._samples(train, self.stage_splits["fit"] + " (seen categories only)")
+        if stage in ("fit", "validate"):
+            self.val_set = self._split_samples(records, self.stage_splits["validate"])
+        if stage == "test":
+            self.test_set = self._split_samples(records, self.stage_splits["test"])
+
+    def _split_samples(self, records: list[dict], split: str) -> TripletSamples:
+        return self._samples([r for r in records if r["split"] == split], split)
+
+    def _samples(self, records: list[dict], what: str) -> TripletSamples:
+        if not records:
+            have = sorted({r["split"] for r in self.cache.manifest()})
+            raise ValueError(
+                f"The cache at '{self.cache.root}' has no samples for split {what}; it has splits {have}."
+            )
+        return TripletSamples(self.cache, records, self.category_split, self.max_objects)
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None, collate_fn=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _unrepeated_loader(self, dataset: Dataset) -> DataLoader:
+        # Lightning's default DistributedSampler pads with duplicates; evaluation must not.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
+            )
+        return self._loader(dataset, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._unrepeated_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._unrepeated_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        collate = partial(collate_source_samples, max_objects=self.max_objects)
+        return self._loader(self.predict_set, collate_fn=collate)

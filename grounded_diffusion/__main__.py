@@ -1,0 +1,3 @@
+from grounded_diffusion.cli import main
+
+main()

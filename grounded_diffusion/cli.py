@@ -1,0 +1,32 @@
+"""The command line: LightningCLI with fit / validate / test / predict and YAML experiments.
+
+    grounded-diffusion fit --config experiments/pascal_split1.yaml
+    grounded-diffusion fit --config experiments/pascal_split1.yaml --config experiments/offline.yaml
+
+Several ``--config`` files merge left to right; omegaconf interpolation (``${...}``) is resolved
+after merging ("omegaconf+" mode), so a later file or a CLI override can feed an earlier one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
+
+
+def main(args: list[str] | None = None) -> None:
+    parser_kwargs = {sub: {"parser_mode": "omegaconf+"} for sub in SUBCOMMANDS}
+    parser_kwargs["predict"]["default_config_files"] = [str(PREDICT_DEFAULTS)]
+    LightningCLI(
+        seed_everything_default=0,
+        parser_kwargs=parser_kwargs,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The triplet cache: {UNet features, masks, prompt} per sample, on disk without pickle.
+
+Layout::
+
+    <cache>/cache.json          what made it: format version, backbone, capture step, feature groups
+    <cache>/manifest.jsonl      one JSON object per finished sample: id, prompt, categories, split
+    <cache>/samples/<id>.safetensors
+        features.<g>   fp16 [C_g, h_g, w_g], resolution groups coarse first
+        masks          uint8, bit-packed [O, H, W] (shape in the file's metadata)
+        image          uint8 [3, H, W]
+
+A sample file is written to a temporary name and renamed into place; only then is its manifest
+line appended, with one ``write`` on an O_APPEND file (several ranks may append at once). The
+manifest is the list of finished samples: a build that is interrupted and rerun skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+FORMAT_VERSION = 1
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def pack_masks(masks: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """bool [O, H, W] -> (uint8 bits, "O,H,W")."""
+    bits = np.packbits(masks.cpu().numpy().astype(bool).reshape(-1))
+    return torch.from_numpy(bits), ",".join(map(str, masks.shape))
+
+
+def unpack_masks(bits: torch.Tensor, shape: str) -> torch.Tensor:
+    dims = tuple(int(d) for d in shape.split(","))
+    flat = np.unpackbits(bits.numpy(), count=int(np.prod(dims)))
+    return torch.from_numpy(flat.reshape(dims).astype(bool))
+
+
+class TripletCache:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.jsonl"
+        self.metadata_path = self.root / "cache.json"
+        self.samples_dir = self.root / "samples"
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        if not self.metadata_path.exists():
+            raise CacheError(
+                f"No cache at '{self.root}' (missing cache.json). Build it first with "
+                "`grounded-diffusion predict --config <the same experiment configs>`."
+            )
+        return json.loads(self.metadata_path.read_text())
+
+    def initialise(self, metadata: Mapping) -> None:
+        """Create the cache, or check that an existing one was made the same way."""
+        metadata = {"format_version": FORMAT_VERSION, **metadata}
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        if self.metadata_path.exists():
+            existing = self.metadata()
+            diff = {k: (existing.get(k), v) for k, v in metadata.items() if existing.get(k) != v}
+            if diff:
+                details = "; ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+                raise CacheError(
+                    f"The cache at '{self.root}' was built with other settings ({details}). "
+                    "Use another cache_dir, or delete this one to rebuild it."
+                )
+            return
+        tmp = self.metadata_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(metadata, indent=2))
+        os.replace(tmp, self.metadata_path)
+
+    # -- samples -------------------------------------------------------------------------------
+
+    def sample_path(self, sample_id: str) -> Path:
+        return self.samples_dir / f"{sample_id}.safetensors"
+
+    def write(self, record: Mapping, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+        """Atomically write one sample, then record it in the manifest."""
+        sample_id = record["id"]
+        if not SAFE_ID.match(sample_id):
+            raise CacheError(f"Sample id '{sample_id}' may only hold letters, digits, '.', '_' and '-'")
+        path = self.sample_path(sample_id)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+        line = (json.dumps(dict(record), separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def manifest(self) -> list[dict]:
+        """Finished samples in order of completion, one per id (a rewrite replaces the earlier)."""
+        if not self.manifest_path.exists():
+            return []
+        records: dict[str, dict] = {}
+        for number, line in enumerate(self.manifest_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{self.manifest_path}:{number}: unreadable line skipped")
+                continue
+            records[record["id"]] = record
+        return list(records.values())
+
+    def done_ids(self) -> set[str]:
+        return {r["id"] for r in self.manifest()}
+
+    def load(self, sample_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        path = self.sample_path(sample_id)
+        try:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(path), metadata
+        except (SafetensorError, OSError) as err:
+            raise CacheError(
+                f"Cannot read sample '{sample_id}' ({path}): {err}. The file is missing or corrupt; "
+                f"remove its line from {self.manifest_path} and rerun the predict command to rebuild it."
+            ) from err

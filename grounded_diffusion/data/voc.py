@@ -1,0 +1,162 @@
+"""PASCAL VOC-format segmentation folders: read (the real-image path, paper §4.1) and write.
+
+Layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG, value k = class k,
+0 = background, 255 = ignore), ``ImageSets/Segmentation/<split>.txt``. The class list is PASCAL
+VOC's 20 classes unless the folder has a ``classes.txt`` (one name per line, in label order) or the
+caller names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from grounded_diffusion.data.vocabulary import PASCAL_VOC
+
+ONE_OBJECT_TEMPLATE = "a photograph of a {}"
+TWO_OBJECTS_TEMPLATE = "a photograph of a {} and a {}"
+
+
+def voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (256 x RGB, flattened)."""
+    palette = []
+    for label in range(256):
+        r = g = b = 0
+        c = label
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def sample_seed(sample_id: str) -> int:
+    """A stable 63-bit seed from a sample id: same id, same noise, whatever the batch or rank."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little") >> 1
+
+
+def write_voc_folder(
+    root: str | Path, classes: Sequence[str], samples: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]
+) -> Path:
+    """Write ``{split: [(id, image HxWx3 uint8, labels HxW uint8)]}`` as a VOC folder, atomically."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
+    try:
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (tmp / sub).mkdir(parents=True)
+        palette = voc_palette()
+        for split, items in samples.items():
+            for sample_id, image, labels in items:
+                Image.fromarray(image).save(tmp / "JPEGImages" / f"{sample_id}.jpg", quality=95)
+                label_png = Image.fromarray(labels, mode="P")
+                label_png.putpalette(palette)
+                label_png.save(tmp / "SegmentationClass" / f"{sample_id}.png")
+            ids = "".join(f"{sample_id}\n" for sample_id, _, _ in items)
+            (tmp / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(ids)
+        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class VOCFolder:
+    """A VOC-format folder as a source of {image, masks, prompt} samples.
+
+    Args:
+        root: the folder (``VOCdevkit/VOC2012`` for PASCAL VOC itself).
+        classes: class names in label order; default: ``classes.txt`` in the folder, else VOC's 20.
+        image_size: images are resized to a square of this size (masks with nearest neighbour).
+        splits: image sets to read.
+        max_objects: at most this many classes per image (the paper never uses more than two);
+            images with more keep their largest ones.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        classes: list[str] | None = None,
+        image_size: int = 512,
+        splits: list[str] | None = None,
+        max_objects: int = 2,
+    ) -> None:
+        self.root = Path(root)
+        self._classes = classes
+        self.image_size = image_size
+        self.splits = list(splits or ["train", "val"])
+        self.max_objects = max_objects
+
+    def prepare(self) -> None:
+        """Make the folder available (nothing to do for an existing folder)."""
+        if not (self.root / "ImageSets" / "Segmentation").is_dir():
+            raise FileNotFoundError(
+                f"'{self.root}' is not a VOC-format folder (no ImageSets/Segmentation). Point root at "
+                "a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt."
+            )
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is not None:
+            return list(self._classes)
+        listed = self.root / "classes.txt"
+        return listed.read_text().split() if listed.exists() else list(PASCAL_VOC)
+
+    def ids(self, split: str) -> list[str]:
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not path.exists():
+            raise FileNotFoundError(f"No image set '{split}' in {self.root} (expected {path})")
+        return path.read_text().split()
+
+    def dataset(self, exclude: set[str] = frozenset()) -> VOCSamples:
+        """Every sample of ``self.splits`` whose id is not in ``exclude`` (e.g. already cached)."""
+        items = [(i, s) for s in self.splits for i in self.ids(s) if i not in exclude]
+        return VOCSamples(self, items)
+
+
+class VOCSamples(Dataset):
+    def __init__(self, folder: VOCFolder, items: list[tuple[str, str]]) -> None:
+        self.folder, self.items = folder, items
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        sample_id, split = self.items[index]
+        root, size = self.folder.root, self.folder.image_size
+        image = Image.open(root / "JPEGImages" / f"{sample_id}.jpg").convert("RGB")
+        labels = np.array(Image.open(root / "SegmentationClass" / f"{sample_id}.png"))
+        image = np.array(image.resize((size, size), Image.BICUBIC))
+        labels = np.array(Image.fromarray(labels).resize((size, size), Image.NEAREST))
+        values, counts = np.unique(labels[(labels > 0) & (labels < 255)], return_counts=True)
+        if len(values) == 0:
+            raise ValueError(f"Sample '{sample_id}' in {root} has no labelled object")
+        if values.max() > len(self.classes):
+            raise ValueError(
+                f"Sample '{sample_id}' has label {values.max()} but only {len(self.classes)} classes "
+                f"are known ({self.classes}); give the class list (classes.txt or `classes:`)"
+            )
+        keep = sorted(values[np.argsort(-counts)][: self.folder.max_objects])  # largest objects
+        names = [self.classes[v - 1] for v in keep]
+        template = ONE_OBJECT_TEMPLATE if len(names) == 1 else TWO_OBJECTS_TEMPLATE
+        return {
+            "id": sample_id,
+            "split": split,
+            "prompt": template.format(*names),
+            "categories": names,
+            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),  # uint8 [3, H, W]
+            "masks": torch.from_numpy(np.stack([labels == v for v in keep])),  # bool [O, H, W]
+        }

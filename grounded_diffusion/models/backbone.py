@@ -1,0 +1,275 @@
+"""A frozen Stable Diffusion whose UNet block outputs can be captured at one denoising step.
+
+Block names follow the CompVis UNet the authors hooked: ``input_blocks.0`` (conv_in) to
+``input_blocks.11``, ``middle_block``, ``output_blocks.0`` to ``output_blocks.11`` for SD-1.x.
+In diffusers terms the input blocks are the skip connections (``conv_in`` plus every down-block
+layer and downsampler), and an output block is one up-block layer, the last one of a level taken
+after its upsampler, exactly as CompVis groups them. Features are grouped by spatial resolution,
+coarse to fine, and concatenated on channels within a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from torch import Tensor, nn
+
+from grounded_diffusion.models.tiny_sd import TINY_SD_ID, ensure_tiny_stable_diffusion
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BRANCHES = ("cond", "uncond+cond")
+CATEGORY_TEMPLATE = "a photograph of a {}"
+
+
+class MissingWeightsError(RuntimeError):
+    """Stable Diffusion weights are neither on disk nor downloadable."""
+
+
+@dataclass
+class BackboneConfig:
+    """What the frozen diffusion model is and where its features come from.
+
+    Args:
+        model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local folder in
+            diffusers format, or ``embedded/tiny-sd`` for the offline tiny model.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
+        blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x).
+        branches: ``cond`` (the prompt's branch) or ``uncond+cond`` (both classifier-free
+            guidance branches concatenated on channels, as the authors did).
+        capture_step: denoising step t counted as in the paper, t=1 being the last of
+            ``num_inference_steps`` DDIM steps (paper: t=5; authors' code: t=1).
+        num_inference_steps: DDIM steps of the sampling schedule that defines ``capture_step``.
+    """
+
+    model_id: str = TINY_SD_ID
+    dtype: str = "float32"
+    blocks: list[str] | None = None
+    branches: str = "cond"
+    capture_step: int = 5
+    num_inference_steps: int = 50
+
+
+def load_pipeline(model_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it."""
+    source = str(ensure_tiny_stable_diffusion()) if model_id == TINY_SD_ID else model_id
+    if Path(source).exists() and not (Path(source) / "model_index.json").exists():
+        raise MissingWeightsError(
+            f"'{model_id}' is a folder but holds no diffusers pipeline (no model_index.json). "
+            "Point model_id at a folder saved with `pipeline.save_pretrained(...)`."
+        )
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    errors = []
+    for local_only in (True, False):
+        try:
+            return StableDiffusionPipeline.from_pretrained(
+                source, local_files_only=local_only, **kwargs
+            )
+        except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    raise MissingWeightsError(
+        f"Could not load Stable Diffusion weights for model_id '{model_id}': they are not in the "
+        "local Hugging Face cache and the Hub could not be reached.\n"
+        "Provide them in one of these ways:\n"
+        f"  1. on a machine with network access: `hf download {model_id}`, then copy the cache "
+        "folder (HF_HOME, default ~/.cache/huggingface) here;\n"
+        "  2. save the pipeline with `save_pretrained(FOLDER)` and set "
+        "`model.init_args.backbone.model_id: FOLDER`;\n"
+        "  3. to try the framework offline, add `--config experiments/offline.yaml` "
+        "(tiny embedded model).\n"
+        f"Last loader error: {errors[-1]}"
+    ) from None
+
+
+def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_step: int) -> int:
+    """The UNet timestep of paper step t (t=1 is the last denoising step)."""
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    if not 1 <= capture_step <= num_inference_steps:
+        raise ValueError(
+            f"capture_step={capture_step} must lie in 1..num_inference_steps={num_inference_steps}"
+        )
+    return int(scheduler.timesteps[-capture_step])
+
+
+class StableDiffusionBackbone(nn.Module):
+    """Frozen SD: text embeddings, VAE encoding, and UNet features grouped by resolution."""
+
+    def __init__(self, config: BackboneConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or BackboneConfig()
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
+        if config.branches not in BRANCHES:
+            raise ValueError(f"branches '{config.branches}' is not one of {BRANCHES}")
+        pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.tokenizer, self.scheduler_config = pipe.tokenizer, dict(pipe.scheduler.config)
+        self.requires_grad_(False)
+        self.eval()
+        self.timestep = capture_timestep(
+            self.scheduler_config, config.num_inference_steps, config.capture_step
+        )
+        self.block_modules = self._block_modules()
+        unknown = set(config.blocks or []) - set(self.block_modules)
+        if unknown:
+            raise ValueError(
+                f"Unknown UNet blocks {sorted(unknown)}; this UNet has {list(self.block_modules)}"
+            )
+        self.block_names = list(config.blocks or self.block_modules)
+
+    def train(self, mode: bool = True) -> StableDiffusionBackbone:
+        return super().train(False)  # frozen: dropout and norms always in inference mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- UNet block outputs -------------------------------------------------------------------
+
+    def _block_modules(self) -> dict[str, nn.Module]:
+        """Map CompVis block names to the diffusers module whose output is that block's output."""
+        unet = self.unet
+        blocks = {"input_blocks.0": unet.conv_in}
+        k = 1
+        for down in unet.down_blocks:
+            layers = list(down.attentions) if hasattr(down, "attentions") else list(down.resnets)
+            for layer in layers + list(down.downsamplers or []):
+                blocks[f"input_blocks.{k}"] = layer
+                k += 1
+        blocks["middle_block"] = unet.mid_block
+        k = 0
+        for up in unet.up_blocks:
+            layers = list(up.attentions) if hasattr(up, "attentions") else list(up.resnets)
+            # The last layer of a level is read after its upsampler: the up block's own output.
+            for layer in layers[:-1] + [up]:
+                blocks[f"output_blocks.{k}"] = layer
+                k += 1
+        return blocks
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[dict[str, Tensor]]:
+        captured: dict[str, Tensor] = {}
+        handles = []
+        for name in self.block_names:
+
+            def hook(module, args, output, name=name):
+                captured[name] = output[0] if isinstance(output, tuple) else output
+
+            handles.append(self.block_modules[name].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def unet_features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> list[Tensor]:
+        """Run the UNet once and return the captured blocks grouped by resolution, coarse first.
+
+        With ``branches='uncond+cond'`` each block is [unconditional ‖ conditional] on channels.
+        """
+        latents = latents.to(self.dtype)
+        prompt_embeds = prompt_embeds.to(self.dtype)
+        if self.config.branches == "uncond+cond":
+            uncond = self.encode_prompts([""]).expand_as(prompt_embeds)
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+            prompt_embeds = torch.cat([uncond, prompt_embeds])
+        with self._capturing() as captured:
+            self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds)
+        features = [captured[name] for name in self.block_names]
+        if self.config.branches == "uncond+cond":
+            features = [torch.cat(f.chunk(2), dim=1) for f in features]
+        return group_by_resolution(features)
+
+    def feature_channels(self) -> list[int]:
+        """Channels of each resolution group (coarse first), read off one dummy forward."""
+        size = self.unet.config.sample_size
+        latents = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.unet.device)
+        embeds = self.encode_prompts([""])
+        groups = self.unet_features(latents, torch.tensor([self.timestep]), embeds)
+        return [g.shape[1] for g in groups]
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def _tokenize(self, texts: Sequence[str]) -> Tensor:
+        return self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """CLIP's last hidden states [B, 77, D], as the UNet's cross-attention reads them."""
+        return self.text_encoder(self._tokenize(prompts))[0]
+
+    @torch.no_grad()
+    def category_embeddings(self, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> Tensor:
+        """One embedding per category: its contextualised tokens in the template, averaged [N, D].
+
+        Not the EOS/pooled token: the mean over the class name's own BPE tokens.
+        """
+        prefix = template.split("{}")[0]
+        start = 1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids)  # after BOS
+        lengths = torch.tensor(
+            [len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in categories]
+        )
+        hidden = self.text_encoder(self._tokenize([template.format(c) for c in categories]))[0]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        span = (positions >= start) & (positions < start + lengths[:, None].to(hidden.device))
+        span = span.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * span).sum(1) / span.sum(1)
+
+    # -- images --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1], [B, 3, H, W] -> scaled latents (the posterior mean, deterministic)."""
+        latents = self.vae.encode(images.to(self.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def latents_at_capture_step(
+        self, latents: Tensor, prompt_embeds: Tensor, noise: Tensor | None = None, mode: str = "noise"
+    ) -> Tensor:
+        """Bring clean latents to the capture timestep (paper §4.1, real images).
+
+        ``noise``: forward diffusion q(x_t | x_0) with the given noise (one draw per sample, so that
+        a sample's result does not depend on its batch). ``ddim_inversion``: deterministic DDIM
+        inversion conditioned on the prompt, one UNet call per inverse step up to the capture step.
+        """
+        if mode == "noise":
+            if noise is None:
+                raise ValueError("mode='noise' needs the noise tensor (one draw per sample)")
+            alphas = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
+            alpha = alphas[self.timestep].to(latents.device, torch.float32)
+            return (alpha.sqrt() * latents.float() + (1 - alpha).sqrt() * noise.float()).to(latents.dtype)
+        if mode == "ddim_inversion":
+            inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
+            inverse.set_timesteps(self.config.num_inference_steps)
+            for t in inverse.timesteps[inverse.timesteps <= self.timestep]:
+                t_batch = t.expand(latents.shape[0]).to(latents.device)
+                eps = self.unet(latents.to(self.dtype), t_batch, encoder_hidden_states=prompt_embeds.to(self.dtype)).sample
+                latents = inverse.step(eps, int(t), latents).prev_sample
+            return latents
+        raise ValueError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
+
+
+def group_by_resolution(features: Sequence[Tensor]) -> list[Tensor]:
+    """Concatenate same-resolution maps on channels; groups ordered coarse to fine."""
+    groups: dict[int, list[Tensor]] = {}
+    for feature in features:
+        groups.setdefault(feature.shape[-1], []).append(feature)
+    return [torch.cat(groups[size], dim=1) for size in sorted(groups)]

@@ -1,0 +1,135 @@
+"""The grounding head (paper §4.2): visual encoder, fusion decoder, per-object mask logits.
+
+Pure ``nn.Module``s. Inputs are UNet features grouped by resolution (coarse first) and one text
+embedding per object; the output is one mask logit map per object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import gcd
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class HeadConfig:
+    """Widths of the grounding head; defaults are the paper's / authors' code.
+
+    Args:
+        group_channels: 1x1-conv output channels per resolution group, coarse to fine
+            (authors: 128/64/32/16, a fused map of 240 channels).
+        embed_dim: width of text queries and visual tokens in the fusion decoder (paper: 512).
+        patch_size: visual tokens are patch_size x patch_size patches of the fused map (authors: 4).
+        num_layers / num_heads / ffn_dim: the transformer decoder (paper: 3 layers; code: 8, 2048).
+    """
+
+    group_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16])
+    embed_dim: int = 512
+    patch_size: int = 4
+    num_layers: int = 3
+    num_heads: int = 8
+    ffn_dim: int = 2048
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, unlike the authors' BatchNorm, computes the same thing in train and eval mode.
+    return nn.GroupNorm(gcd(channels, 32), channels)
+
+
+class MixConv(nn.Module):
+    """Residual block of two 3x3 convs (BigGAN-style pre-activation), blending the concatenated
+    resolutions."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            group_norm(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            group_norm(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class VisualEncoder(nn.Module):
+    """Per-group 1x1 conv; from coarse to fine: upsample, concat with the next group, Mix-Conv."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int]) -> None:
+        super().__init__()
+        if len(in_channels) != len(out_channels):
+            raise ValueError(
+                f"The backbone gives {len(in_channels)} resolution groups but group_channels has "
+                f"{len(out_channels)} entries ({list(out_channels)}); give one per group."
+            )
+        self.reduce = nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in zip(in_channels, out_channels))
+        widths = [sum(out_channels[: k + 1]) for k in range(1, len(out_channels))]
+        self.mix = nn.ModuleList(MixConv(w) for w in widths)
+        self.out_channels = sum(out_channels)
+
+    def forward(self, groups: Sequence[Tensor]) -> Tensor:
+        x = self.reduce[0](groups[0])
+        for reduce, mix, group in zip(self.reduce[1:], self.mix, groups[1:]):
+            x = F.interpolate(x, size=group.shape[-2:], mode="bilinear", align_corners=False)
+            x = mix(torch.cat([x, reduce(group)], dim=1))
+        return x
+
+
+class GroundingHead(nn.Module):
+    """Text queries attend to visual tokens; an MLP turns each into a mask embedding whose dot
+    product with the fused per-pixel features gives that object's mask logits."""
+
+    def __init__(self, feature_channels: Sequence[int], text_dim: int, config: HeadConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or HeadConfig()
+        self.visual_encoder = VisualEncoder(feature_channels, config.group_channels)
+        pixel_dim = self.visual_encoder.out_channels
+        self.patch_embed = nn.Conv2d(pixel_dim, config.embed_dim, config.patch_size, stride=config.patch_size)
+        self.text_proj = nn.Linear(text_dim, config.embed_dim)
+        layer = nn.TransformerDecoderLayer(
+            config.embed_dim,
+            config.num_heads,
+            config.ffn_dim,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.decoder = nn.TransformerDecoder(layer, config.num_layers, norm=nn.LayerNorm(config.embed_dim))
+        self.mask_mlp = nn.Sequential(
+            nn.Linear(config.embed_dim, config.embed_dim),
+            nn.ReLU(),
+            nn.Linear(config.embed_dim, config.embed_dim),
+            nn.ReLU(),
+            nn.Linear(config.embed_dim, pixel_dim),
+        )
+
+    def forward(
+        self,
+        groups: Sequence[Tensor],
+        text_embeds: Tensor,
+        object_mask: Tensor,
+        output_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Mask logits [B, O, H, W].
+
+        Args:
+            groups: UNet features per resolution group, coarse first, each [B, C_g, h_g, w_g].
+            text_embeds: one category embedding per object slot, [B, O, D_text].
+            object_mask: [B, O] bool, False for padding slots (their logits are meaningless).
+            output_size: upsample logits to this size (the mask resolution); default: features'.
+        """
+        pixels = self.visual_encoder(groups)  # [B, C, h, w]
+        tokens = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, D]
+        queries = self.text_proj(text_embeds)
+        queries = self.decoder(queries, tokens, tgt_key_padding_mask=~object_mask)
+        logits = torch.einsum("boc,bchw->bohw", self.mask_mlp(queries), pixels)
+        if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+        return logits

@@ -1,0 +1,116 @@
+"""The embedded default backbone: a tiny, randomly initialised Stable Diffusion.
+
+It has SD-1.x's layout (4 UNet levels with 2 layers each, i.e. the authors' 25 block outputs in
+4 resolution groups; a VAE that downsamples 8x; a CLIP text encoder with the real BPE tokenizer)
+at a width that runs on a laptop CPU. It is built deterministically from config, saved in diffusers
+format, and then loaded through the same ``from_pretrained`` path as real weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from grounded_diffusion.data.scenes import render_scene
+from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+
+TINY_SD_ID = "embedded/tiny-sd"
+# Bump when the architecture below changes, so stale copies in the cache are rebuilt.
+TINY_SD_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    root = os.environ.get("GROUNDED_DIFFUSION_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "grounded_diffusion"
+
+
+def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
+    """Build the tiny pipeline in memory (weights depend only on ``seed``)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=128,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # SD-1.x's scheduler configuration.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    # Like SD's 0.18215: scale latents to unit variance over sample images (procedural scenes),
+    # so that noise at the capture step does not drown the image.
+    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
+    with torch.no_grad():
+        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_tiny_stable_diffusion(cache_root: str | Path | None = None) -> Path:
+    """Return the folder of the saved tiny pipeline, building it on first use (atomically)."""
+    folder = Path(cache_root or default_cache_root()) / f"tiny-sd-v{TINY_SD_VERSION}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-sd-"))
+    try:
+        pipe = build_tiny_stable_diffusion()
+        pipe.save_pretrained(tmp)
+        # diffusers saves the tokenizer as tokenizer.json; older readers want vocab.json + merges.txt.
+        write_clip_tokenizer_files(tmp / "tokenizer")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

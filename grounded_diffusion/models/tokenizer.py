@@ -1,0 +1,68 @@
+"""The real CLIP BPE tokenizer, built offline from the vocabulary file that ships in open_clip_torch.
+
+OpenAI's CLIP stores its byte-pair merges as ``bpe_simple_vocab_16e6.txt.gz``; Hugging Face's
+``CLIPTokenizer`` wants ``vocab.json`` + ``merges.txt``. The conversion below is the one CLIP's own
+``SimpleTokenizer`` performs when it builds its encoder table, so token ids are identical.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+# CLIP keeps the first 48894 merges of the file (49152 tokens - 256 bytes - 2 specials).
+NUM_MERGES = 49152 - 256 - 2
+MODEL_MAX_LENGTH = 77
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def open_clip_vocab_file() -> Path:
+    try:
+        path = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "The CLIP BPE vocabulary ships inside open_clip_torch; install it with "
+            "`pip install open_clip_torch`."
+        ) from err
+    return Path(str(path))
+
+
+def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` (and the tokenizer config) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(open_clip_vocab_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    tokenizer.save_pretrained(out_dir)
+    # Recent transformers save tokenizer.json only; older readers need vocab.json + merges.txt.
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    (out_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    return out_dir
+
+
+def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=MODEL_MAX_LENGTH)
