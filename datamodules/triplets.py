@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from grounded_diffusion.data.cache import TripletCache, unpack_masks
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
+from grounded_diffusion.errors import ConfigError
 
 
 def pad_objects(masks: torch.Tensor, max_objects: int) -> torch.Tensor:
@@ -113,13 +114,13 @@ class TripletDataModule(LightningDataModule):
         # Runs on one process per node: the place to generate or check the source folder.
         if self.trainer is not None and self.trainer.state.fn == "predict":
             if self.source is None:
-                raise ValueError("predict builds the cache from data.source, which is not set")
+                raise ConfigError("predict builds the cache from data.source, which is not set")
             self.source.prepare()
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
             if self.source is None:
-                raise ValueError("predict builds the cache from data.source, which is not set")
+                raise ConfigError("predict builds the cache from data.source, which is not set")
             self.predict_set = self.source.dataset(exclude=self.cache.done_ids())
             return
         self.cache.metadata()  # a clear error if there is no cache
@@ -141,7 +142,7 @@ class TripletDataModule(LightningDataModule):
     def _samples(self, records: list[dict], what: str) -> TripletSamples:
         if not records:
             have = sorted({r["split"] for r in self.cache.manifest()})
-            raise ValueError(
+            raise ConfigError(
                 f"The cache at '{self.cache.root}' has no samples for split {what}; it has splits {have}."
             )
         return TripletSamples(self.cache, records, self.category_split, self.max_objects)

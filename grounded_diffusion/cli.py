@@ -9,9 +9,12 @@ after merging ("omegaconf+" mode), so a later file or a CLI override can feed an
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+
+from grounded_diffusion.errors import find_user_error
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
@@ -20,12 +23,18 @@ PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 def main(args: list[str] | None = None) -> None:
     parser_kwargs = {sub: {"parser_mode": "omegaconf+"} for sub in SUBCOMMANDS}
     parser_kwargs["predict"]["default_config_files"] = [str(PREDICT_DEFAULTS)]
-    LightningCLI(
-        seed_everything_default=0,
-        parser_kwargs=parser_kwargs,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        LightningCLI(
+            seed_everything_default=0,
+            parser_kwargs=parser_kwargs,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        sys.exit(f"error: {user_error}")
 
 
 if __name__ == "__main__":

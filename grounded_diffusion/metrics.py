@@ -53,7 +53,8 @@ def harmonic_mean(a: float, b: float) -> float:
 def summarize_iou(iou: Tensor, split: CategorySplit) -> dict:
     """Seen / unseen / harmonic mIoU (in %) and per-category IoU; categories absent from the
     evaluated set (NaN) are left out of the means."""
-    per_category = {c: float(v) * 100 for c, v in zip(split.categories, iou.tolist())}
+    # reshape: torchmetrics squeezes a one-element compute() result to a scalar.
+    per_category = {c: float(v) * 100 for c, v in zip(split.categories, iou.reshape(-1).tolist())}
 
     def mean(names) -> float:
         values = [per_category[c] for c in names if not math.isnan(per_category[c])]

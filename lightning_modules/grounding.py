@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
 from grounded_diffusion.data.voc import sample_seed
+from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
@@ -64,11 +67,24 @@ class GroundingModule(LightningModule):
             return
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "category_split"):
-            raise TypeError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
+            raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
         self.category_split = datamodule.category_split
+        self.check_cache(datamodule.cache.metadata())
         embeds = self.backbone.category_embeddings(self.category_split.categories).float()
         self.register_buffer("category_embeds", embeds, persistent=False)
         self.configure_metrics()
+
+    def check_cache(self, metadata: dict) -> None:
+        """Features must come from the backbone setting this module was built for."""
+        ours = asdict(self.backbone_config)
+        theirs = metadata.get("backbone", {})
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "dtype" and theirs.get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: cache {a!r}, model {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"The triplet cache was built with other backbone settings ({details}). Rebuild it "
+                "with `predict` and these configs, or point data.init_args.cache_dir elsewhere."
+            )
 
     # -- checkpoints hold the head only: the frozen backbone is reloaded from its weights ------
 

@@ -28,11 +28,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from grounded_diffusion.errors import UserError
+
 FORMAT_VERSION = 1
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from grounded_diffusion.data.vocabulary import PASCAL_VOC
+from grounded_diffusion.errors import ConfigError
 
 ONE_OBJECT_TEMPLATE = "a photograph of a {}"
 TWO_OBJECTS_TEMPLATE = "a photograph of a {} and a {}"
@@ -102,7 +103,7 @@ class VOCFolder:
     def prepare(self) -> None:
         """Make the folder available (nothing to do for an existing folder)."""
         if not (self.root / "ImageSets" / "Segmentation").is_dir():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"'{self.root}' is not a VOC-format folder (no ImageSets/Segmentation). Point root at "
                 "a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt."
             )
@@ -117,7 +118,7 @@ class VOCFolder:
     def ids(self, split: str) -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.exists():
-            raise FileNotFoundError(f"No image set '{split}' in {self.root} (expected {path})")
+            raise ConfigError(f"No image set '{split}' in {self.root} (expected {path})")
         return path.read_text().split()
 
     def dataset(self, exclude: set[str] = frozenset()) -> VOCSamples:
@@ -143,9 +144,9 @@ class VOCSamples(Dataset):
         labels = np.array(Image.fromarray(labels).resize((size, size), Image.NEAREST))
         values, counts = np.unique(labels[(labels > 0) & (labels < 255)], return_counts=True)
         if len(values) == 0:
-            raise ValueError(f"Sample '{sample_id}' in {root} has no labelled object")
+            raise ConfigError(f"Sample '{sample_id}' in {root} has no labelled object")
         if values.max() > len(self.classes):
-            raise ValueError(
+            raise ConfigError(
                 f"Sample '{sample_id}' has label {values.max()} but only {len(self.classes)} classes "
                 f"are known ({self.classes}); give the class list (classes.txt or `classes:`)"
             )

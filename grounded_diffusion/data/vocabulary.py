@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from grounded_diffusion.errors import ConfigError, UserError
+
 PASCAL_VOC = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -27,7 +29,7 @@ VOCABULARIES = {"pascal": PASCAL_VOC, "scenes": SCENES}
 UNSEEN_SPLITS = {"pascal": PASCAL_UNSEEN, "scenes": SCENES_UNSEEN}
 
 
-class UnknownCategoryError(ValueError):
+class UnknownCategoryError(UserError, ValueError):
     pass
 
 
@@ -69,10 +71,10 @@ class CategorySplit:
         if vocabulary not in VOCABULARIES:
             check_categories([vocabulary], list(VOCABULARIES), "vocabulary")
         if split is not None and unseen is not None:
-            raise ValueError("Give either split or unseen, not both")
+            raise ConfigError("Give either split or unseen, not both")
         if split is not None:
             splits = UNSEEN_SPLITS[vocabulary]
             if split not in splits:
-                raise ValueError(f"Vocabulary '{vocabulary}' has splits {sorted(splits)}, not {split}")
+                raise ConfigError(f"Vocabulary '{vocabulary}' has splits {sorted(splits)}, not {split}")
             unseen = splits[split]
         return cls(VOCABULARIES[vocabulary], tuple(unseen or ()))

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
 from torch import Tensor, nn
 
+from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.models.tiny_sd import TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,7 +27,7 @@ BRANCHES = ("cond", "uncond+cond")
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """Stable Diffusion weights are neither on disk nor downloadable."""
 
 
@@ -90,7 +91,7 @@ def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_s
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
     if not 1 <= capture_step <= num_inference_steps:
-        raise ValueError(
+        raise ConfigError(
             f"capture_step={capture_step} must lie in 1..num_inference_steps={num_inference_steps}"
         )
     return int(scheduler.timesteps[-capture_step])
@@ -103,9 +104,9 @@ class StableDiffusionBackbone(nn.Module):
         super().__init__()
         self.config = config = config or BackboneConfig()
         if config.dtype not in DTYPES:
-            raise ValueError(f"dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
+            raise ConfigError(f"dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
         if config.branches not in BRANCHES:
-            raise ValueError(f"branches '{config.branches}' is not one of {BRANCHES}")
+            raise ConfigError(f"branches '{config.branches}' is not one of {BRANCHES}")
         pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         self.tokenizer, self.scheduler_config = pipe.tokenizer, dict(pipe.scheduler.config)
@@ -117,7 +118,7 @@ class StableDiffusionBackbone(nn.Module):
         self.block_modules = self._block_modules()
         unknown = set(config.blocks or []) - set(self.block_modules)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown UNet blocks {sorted(unknown)}; this UNet has {list(self.block_modules)}"
             )
         self.block_names = list(config.blocks or self.block_modules)
@@ -252,7 +253,7 @@ class StableDiffusionBackbone(nn.Module):
         """
         if mode == "noise":
             if noise is None:
-                raise ValueError("mode='noise' needs the noise tensor (one draw per sample)")
+                raise ConfigError("mode='noise' needs the noise tensor (one draw per sample)")
             alphas = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
             alpha = alphas[self.timestep].to(latents.device, torch.float32)
             return (alpha.sqrt() * latents.float() + (1 - alpha).sqrt() * noise.float()).to(latents.dtype)
@@ -264,7 +265,7 @@ class StableDiffusionBackbone(nn.Module):
                 eps = self.unet(latents.to(self.dtype), t_batch, encoder_hidden_states=prompt_embeds.to(self.dtype)).sample
                 latents = inverse.step(eps, int(t), latents).prev_sample
             return latents
-        raise ValueError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
+        raise ConfigError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
 
 
 def group_by_resolution(features: Sequence[Tensor]) -> list[Tensor]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grounded_diffusion.errors import ConfigError
+
 
 @dataclass
 class HeadConfig:
@@ -65,7 +67,7 @@ class VisualEncoder(nn.Module):
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int]) -> None:
         super().__init__()
         if len(in_channels) != len(out_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"The backbone gives {len(in_channels)} resolution groups but group_channels has "
                 f"{len(out_channels)} entries ({list(out_channels)}); give one per group."
             )

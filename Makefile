@@ -1,0 +1,31 @@
+# Two commands do all set-up:  `make quickstart`  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN := $(PY) -m grounded_diffusion
+OFFLINE := --config experiments/offline.yaml
+
+.PHONY: quickstart test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The registry's torch + torchvision (CUDA builds run on CPU too); a CPU-only torch wheel
+	# would not load the registry's torchvision.
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded offline default: procedural scenes -> triplet cache -> fit -> test.
+quickstart: $(STAMP)
+	$(RUN) predict $(OFFLINE)
+	$(RUN) fit $(OFFLINE)
+	$(RUN) test $(OFFLINE) --ckpt_path last --verbose false
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf outputs lightning_logs .pytest_cache

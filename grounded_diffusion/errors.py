@@ -1,0 +1,21 @@
+"""Errors caused by input or set-up that the user fixes: the CLI prints their message alone."""
+
+
+class UserError(Exception):
+    """Bad input or missing set-up; the message names the bad value and the fix."""
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind ``error``, if any (jsonargparse wraps errors raised while it
+    instantiates the configured classes)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class ConfigError(UserError, ValueError):
+    """A configured value is invalid or inconsistent."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny Stable Diffusion and one small procedural triplet cache per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports the project: the tiny model is built into a throw-away folder, and
+# processes spawned by DDP tests inherit the setting.
+os.environ.setdefault("GROUNDED_DIFFUSION_CACHE", tempfile.mkdtemp(prefix="gd-test-models-"))
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = str(REPO / "experiments" / "offline.yaml")
+
+
+def offline_args(root: Path, counts: str = "{train: 24, val: 7, test: 9}", steps: int = 4) -> list[str]:
+    """CLI arguments that run experiments/offline.yaml small and inside ``root``."""
+    return [
+        "--config", OFFLINE,
+        "--data.init_args.source.init_args.counts", counts,
+        "--data.init_args.batch_size", "4",
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from grounded_diffusion.models.backbone import StableDiffusionBackbone
+
+    return StableDiffusionBackbone()
+
+
+@pytest.fixture(scope="session")
+def scene_cache(tmp_path_factory) -> Path:
+    """A small cache built by the real predict run; returns the run folder (trainer.default_root_dir)."""
+    from grounded_diffusion.cli import main
+
+    root = tmp_path_factory.mktemp("offline")
+    main(["predict", *offline_args(root)])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI(args=...) warns when sys.argv holds pytest's own arguments."""
+    monkeypatch.setattr("sys.argv", ["grounded-diffusion"])

@@ -1,0 +1,133 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from grounded_diffusion.cli import main
+from grounded_diffusion.models.backbone import (
+    BackboneConfig,
+    MissingWeightsError,
+    StableDiffusionBackbone,
+    capture_timestep,
+)
+from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
+
+
+def latents_and_prompts(backbone, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = backbone.unet.config.sample_size
+    latents = torch.randn(n, 4, size, size, generator=g)
+    prompts = ["a photograph of a dog", "a photograph of a cat and a bus", "a photograph of a sofa"]
+    return latents, backbone.encode_prompts([prompts[i % 3] for i in range(n)])
+
+
+def test_authors_25_blocks_grouped_by_resolution(backbone):
+    assert len(backbone.block_names) == 25
+    assert backbone.block_names[0] == "input_blocks.0" and backbone.block_names[-1] == "output_blocks.11"
+    # CompVis grouping worked out by hand for widths (32, 32, 64, 64), as DESIGN.md does for SD-1.5
+    # (an output block that ends a level is counted after its upsampler, at the finer size):
+    # 2x2:   input 9-11 (3x64)    + middle (64) + output 0-1 (2x64)   = 384
+    # 4x4:   input 6-8 (32+2x64)  + output 2-4 (3x64)                 = 352
+    # 8x8:   input 3-5 (3x32)     + output 5-7 (64+2x32)              = 224
+    # 16x16: input 0-2 (3x32)     + output 8-11 (4x32)                = 224
+    assert backbone.feature_channels() == [384, 352, 224, 224]
+
+
+def test_both_guidance_branches_double_the_channels():
+    both = StableDiffusionBackbone(BackboneConfig(branches="uncond+cond"))
+    assert both.feature_channels() == [768, 704, 448, 448]
+
+
+def test_block_subset():
+    subset = StableDiffusionBackbone(BackboneConfig(blocks=["middle_block", "output_blocks.11"]))
+    assert subset.feature_channels() == [64, 32]
+
+
+def test_capture_step_counts_from_the_end_as_in_the_paper(backbone):
+    config = backbone.scheduler_config
+    assert capture_timestep(config, 50, 1) == 1  # the authors' code: the last step
+    assert capture_timestep(config, 50, 5) == 81  # the paper: t = 5
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(50)
+    assert backbone.timestep == int(scheduler.timesteps[-5])
+
+
+def test_batch_of_n_equals_n_single_calls(backbone):
+    latents, embeds = latents_and_prompts(backbone, 3)
+    t = torch.full((3,), backbone.timestep)
+    batched = backbone.unet_features(latents, t, embeds)
+    singles = [backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(3)]
+    for g, group in enumerate(batched):
+        torch.testing.assert_close(group, torch.cat([s[g] for s in singles]), rtol=1e-4, atol=1e-5)
+
+    torch.manual_seed(0)
+    head = GroundingHead(backbone.feature_channels(), 64, HeadConfig(embed_dim=64, ffn_dim=128, num_heads=4)).eval()
+    text = torch.randn(3, 2, 64)
+    slots = torch.tensor([[True, True], [True, False], [True, True]])
+    out = head(batched, text, slots, (128, 128))
+    for i in range(3):
+        single = head([g[i : i + 1] for g in batched], text[i : i + 1, : int(slots[i].sum())], slots[i : i + 1, : int(slots[i].sum())], (128, 128))
+        torch.testing.assert_close(out[i : i + 1, : single.shape[1]], single, rtol=1e-4, atol=1e-4)
+
+
+def test_category_embedding_is_mean_of_the_name_tokens(backbone):
+    # "a photograph of a potted plant": BOS a photograph of a | potted plant | EOS ->
+    # the class name is tokens 5 and 6.
+    ids = backbone.tokenizer("a photograph of a potted plant").input_ids
+    assert len(ids) == 8
+    hidden = backbone.encode_prompts(["a photograph of a potted plant"])[0]
+    expected = hidden[5:7].mean(0)
+    torch.testing.assert_close(backbone.category_embeddings(["potted plant", "dog"])[0], expected)
+
+
+def test_noising_reaches_the_capture_step(backbone):
+    latents, embeds = latents_and_prompts(backbone, 2)
+    noise = torch.randn_like(latents)
+    alpha = DDIMScheduler.from_config(backbone.scheduler_config).alphas_cumprod[backbone.timestep]
+    out = backbone.latents_at_capture_step(latents, embeds, noise, mode="noise")
+    torch.testing.assert_close(out, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise)
+
+
+def test_ddim_inversion_is_undone_by_ddim_sampling(backbone):
+    latents, embeds = latents_and_prompts(backbone, 2)
+    inverted = backbone.latents_at_capture_step(latents, embeds, mode="ddim_inversion")
+    assert not torch.allclose(inverted, latents)
+    scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
+    scheduler.set_timesteps(backbone.config.num_inference_steps)
+    x = inverted
+    for t in scheduler.timesteps[scheduler.timesteps <= backbone.timestep]:
+        eps = backbone.unet(x, t, encoder_hidden_states=embeds).sample
+        x = scheduler.step(eps, t, x).prev_sample
+    # DDIM inversion is exact up to the change of the UNet's output between adjacent steps.
+    assert (x - latents).abs().mean() < 0.1 * (inverted - latents).abs().mean()
+
+
+def test_missing_local_folder_names_the_problem(tmp_path):
+    with pytest.raises(MissingWeightsError, match="no model_index.json"):
+        StableDiffusionBackbone(BackboneConfig(model_id=str(tmp_path)))
+
+
+def test_missing_hub_weights_name_the_model_and_the_fix(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as error:
+        StableDiffusionBackbone(BackboneConfig(model_id="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    message = str(error.value)
+    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in message
+    assert "hf download" in message and "save_pretrained" in message and "offline.yaml" in message
+
+
+def test_paper_experiment_fails_with_the_clear_error_only(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "experiments/pascal_split1.yaml"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: Could not load Stable Diffusion weights for model_id")
+    assert "Traceback" not in message
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="branches 'both'"):
+        StableDiffusionBackbone(BackboneConfig(branches="both"))
+    with pytest.raises(ValueError, match="Unknown UNet blocks \\['middle'\\]"):
+        StableDiffusionBackbone(BackboneConfig(blocks=["middle"]))
+    with pytest.raises(ValueError, match="capture_step=60"):
+        StableDiffusionBackbone(BackboneConfig(capture_step=60))

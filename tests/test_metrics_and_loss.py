@@ -1,0 +1,71 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.losses import grounding_loss
+from grounded_diffusion.metrics import CategoryIoU, harmonic_mean, summarize_iou
+
+
+def masks_from(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_iou_is_summed_over_the_set_then_divided():
+    # Two images of category 0 on a 1x4 "image": per-image IoUs are 1/1 and 1/3 (mean 2/3),
+    # but the set-level IoU is (1+1)/(1+3) = 1/2. Category 1 appears once: IoU 2/3.
+    preds = masks_from([[[[1, 0, 0, 0]], [[0, 0, 0, 0]]], [[[1, 1, 1, 0]], [[1, 1, 0, 0]]]])
+    target = masks_from([[[[1, 0, 0, 0]], [[0, 0, 0, 0]]], [[[1, 0, 0, 0]], [[1, 1, 1, 0]]]])
+    categories = torch.tensor([[0, -1], [0, 1]])
+    metric = CategoryIoU(3)
+    metric.update(preds, target, categories)
+    iou = metric.compute()
+    assert iou[0].item() == 0.5
+    assert math.isclose(iou[1].item(), 2 / 3)
+    assert math.isnan(iou[2].item())  # never seen: left out of means
+
+
+def test_single_object_iou_matches_torchmetrics_jaccard():
+    # With one object per image, the object mask is a 2-class (background / category) map, so
+    # torchmetrics' class-wise Jaccard over the set must give the same foreground IoU.
+    g = torch.Generator().manual_seed(0)
+    preds = torch.rand(6, 1, 16, 16, generator=g) > 0.5
+    target = torch.rand(6, 1, 16, 16, generator=g) > 0.6
+    ours = CategoryIoU(1)
+    ours.update(preds, target, torch.zeros(6, 1, dtype=torch.long))
+    reference = MulticlassJaccardIndex(num_classes=2, average=None)
+    reference.update(preds.long().flatten(), target.long().flatten())
+    torch.testing.assert_close(ours.compute().reshape(-1)[0].float(), reference.compute()[1])
+    assert summarize_iou(ours.compute(), CategorySplit(("x",)))["per_category"]["x"] > 0
+
+
+def test_summary_seen_unseen_harmonic():
+    split = CategorySplit(("a", "b", "c", "d"), unseen=("c", "d"))
+    summary = summarize_iou(torch.tensor([0.8, 0.6, 0.3, math.nan], dtype=torch.float64), split)
+    assert math.isclose(summary["seen_miou"], 70.0)
+    assert math.isclose(summary["unseen_miou"], 30.0)
+    assert math.isclose(summary["harmonic_miou"], 2 * 70 * 30 / 100)
+    assert math.isnan(summary["per_category"]["d"])
+    assert math.isnan(harmonic_mean(50.0, math.nan))
+
+
+def test_loss_without_zero_masks_skips_empty_and_padding_slots():
+    logits = torch.tensor([[[[2.0, -1.0]], [[0.5, 0.5]]], [[[1.0, 1.0]], [[-3.0, 4.0]]]])
+    masks = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]], [[[0.0, 1.0]], [[1.0, 1.0]]]])
+    categories = torch.tensor([[3, 5], [2, -1]])
+    # Normal training: slots (0,0), (0,1), (1,0); without zero masks: (0,1) is empty -> dropped.
+    normal = F.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -1.0, 0.5, 0.5, 1.0, 1.0]), torch.tensor([1.0, 0, 0, 0, 0, 1])
+    )
+    no_zero = F.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, 0, 0, 1]))
+    torch.testing.assert_close(grounding_loss(logits, masks, categories, ignore_zero_masks=False), normal)
+    torch.testing.assert_close(grounding_loss(logits, masks, categories, ignore_zero_masks=True), no_zero)
+
+
+def test_loss_with_nothing_to_learn_is_zero_but_differentiable():
+    logits = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    loss = grounding_loss(logits, torch.zeros(1, 1, 2, 2), torch.tensor([[0]]), ignore_zero_masks=True)
+    loss.backward()
+    assert loss.item() == 0 and logits.grad is not None
