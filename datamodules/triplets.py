@@ -116,6 +116,7 @@ class TripletDataModule(LightningDataModule):
             if self.source is None:
                 raise ConfigError("predict builds the cache from data.source, which is not set")
             self.source.prepare()
+            self.cache.repair()
 
     def setup(self, stage: str) -> None:
         if stage == "predict":

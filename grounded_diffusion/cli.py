@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
 
 from grounded_diffusion.errors import find_user_error
 
@@ -20,11 +21,25 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 
 
+class GroundedDiffusionCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        # jsonargparse's "omegaconf+" resolves interpolation in the root parser only, where a
+        # subcommand's keys carry its name as prefix; resolve the subcommand's merged config here.
+        if self.subcommand is None:
+            return
+        parser = self._parser(self.subcommand)
+        config = self.config[self.subcommand]
+        if "${" in str(config):
+            dumped = parser.dump(config, format="yaml", skip_unset=False, skip_validation=True)
+            resolved = OmegaConf.to_container(OmegaConf.create(dumped), resolve=True)
+            self.config[self.subcommand] = parser.parse_object(resolved)
+
+
 def main(args: list[str] | None = None) -> None:
     parser_kwargs = {sub: {"parser_mode": "omegaconf+"} for sub in SUBCOMMANDS}
     parser_kwargs["predict"]["default_config_files"] = [str(PREDICT_DEFAULTS)]
     try:
-        LightningCLI(
+        GroundedDiffusionCLI(
             seed_everything_default=0,
             parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},

@@ -94,6 +94,10 @@ def test_cache_is_safetensors_and_json_and_tolerates_a_torn_manifest(tmp_path):
     with pytest.warns(UserWarning, match="unreadable line"):
         assert [r["id"] for r in cache.manifest()] == ["a", "b"]
     assert sorted(p.name for p in cache.samples_dir.iterdir()) == ["a.safetensors", "b.safetensors"]
+    with pytest.warns(UserWarning, match="removed a torn last line"):
+        cache.repair()
+    write_sample(cache, "d")
+    assert [r["id"] for r in cache.manifest()] == ["a", "b", "d"]
     tensors, metadata = cache.load("a")
     assert tensors["features.0"].dtype == torch.float16 and metadata["mask_shape"] == "1,4,4"
     assert json.loads(cache.metadata_path.read_text())["format_version"] == 1

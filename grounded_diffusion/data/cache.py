@@ -106,6 +106,18 @@ class TripletCache:
         finally:
             os.close(fd)
 
+    def repair(self) -> None:
+        """Cut a torn last manifest line (a write interrupted mid-line) so that appends start on
+        a fresh line. Call it from one process before a build writes."""
+        if not self.manifest_path.exists():
+            return
+        data = self.manifest_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            warnings.warn(f"{self.manifest_path}: removed a torn last line ({data[keep:][:60]!r})")
+            with open(self.manifest_path, "r+b") as handle:
+                handle.truncate(keep)
+
     def manifest(self) -> list[dict]:
         """Finished samples in order of completion, one per id (a rewrite replaces the earlier)."""
         if not self.manifest_path.exists():

@@ -1,0 +1,103 @@
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, offline_args
+from grounded_diffusion import lightning_entry
+from grounded_diffusion.cli import main
+from grounded_diffusion.data.cache import TripletCache
+
+EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS)
+@pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
+def test_every_experiment_parses_alone_and_offline(config, subcommand, capsys):
+    for configs in ([config], [config, "experiments/offline.yaml"]):
+        args = [subcommand] + [a for c in configs for a in ("--config", str(REPO / c))]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--print_config"])
+        assert exit_info.value.code in (None, 0)
+        assert "class_path" in capsys.readouterr().out
+
+
+def test_predict_fit_test_end_to_end(scene_cache, capsys):
+    cache = TripletCache(next(scene_cache.glob("cache-*")))
+    ids = [r["id"] for r in cache.manifest()]
+    assert len(ids) == len(set(ids)) == 24 + 7 + 9
+    assert {r["split"] for r in cache.manifest()} == {"train", "val", "test"}
+    assert not list(Path(scene_cache).rglob("*.pkl")) and not list(Path(scene_cache).rglob("*.pt"))
+
+    main(["fit", *offline_args(scene_cache, steps=3)])
+    assert (scene_cache / "checkpoints" / "last.ckpt").exists()
+    main(["test", *offline_args(scene_cache), "--ckpt_path", "last", "--verbose", "false"])
+    out = capsys.readouterr().out
+    metrics_path = scene_cache / "report" / "metrics.json"
+    assert out.strip().splitlines()[-1] == f"metrics: {metrics_path}"
+    metrics = json.loads(metrics_path.read_text())
+    assert {"seen_miou", "unseen_miou", "harmonic_miou", "per_category", "baselines"} <= set(metrics)
+    assert set(metrics["baselines"]) == {"all_foreground", "all_background"}
+    assert metrics["baselines"]["all_background"]["seen_miou"] == 0
+    overlays = list((scene_cache / "report" / "overlays").glob("*.png"))
+    assert len(overlays) == 8
+
+
+def test_checkpoints_hold_the_head_not_the_frozen_backbone(scene_cache):
+    import torch
+
+    main(["fit", *offline_args(scene_cache, steps=2)])
+    state = torch.load(scene_cache / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all(k.startswith("head.") for k in state)
+
+
+def test_interrupted_cache_build_resumes_without_duplicates(tmp_path):
+    args = offline_args(tmp_path, counts="{train: 10, val: 3}")
+    main(["predict", *args])
+    cache = TripletCache(next(tmp_path.glob("cache-*")))
+    lines = cache.manifest_path.read_text().splitlines()
+    # Simulate a run killed after 4 samples: a torn manifest line, a half-written temp file.
+    cache.manifest_path.write_text("\n".join(lines[:4]) + '\n{"id": "scene-tr')
+    for record in lines[4:]:
+        cache.sample_path(json.loads(record)["id"]).unlink()
+    (cache.samples_dir / ".scene-train-000005.safetensors.tmp123").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="removed a torn last line"):
+        main(["predict", *args])
+    ids = [r["id"] for r in cache.manifest()]
+    expected = [f"scene-train-{i:06d}" for i in range(10)] + [f"scene-val-{i:06d}" for i in range(3)]
+    assert sorted(ids) == expected
+    assert len(list(cache.samples_dir.glob("*.safetensors"))) == 13
+
+
+def test_unknown_category_in_config_fails_before_any_work(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *offline_args(tmp_path), "--data.init_args.unseen", "[rnig]", "--data.init_args.split", "null"])
+    assert "'rnig' (did you mean 'ring'" in str(exit_info.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+def test_lightning_script_runs_our_subcommands(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lightning_entry, "run_experiment", calls.append)
+    lightning_entry.main(["fit", "--config", "x.yaml"])
+    assert calls == [["fit", "--config", "x.yaml"]]
+
+
+def test_lightning_script_hands_other_subcommands_to_lightning_sdk(monkeypatch):
+    seen = []
+    sdk = types.ModuleType("lightning_sdk.cli.entrypoint")
+    sdk.main_cli = lambda: seen.append(list(sys.argv))
+    for name in ("lightning_sdk", "lightning_sdk.cli"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "lightning_sdk.cli.entrypoint", sdk)
+    lightning_entry.main(["login", "--foo"])
+    assert seen == [["lightning", "login", "--foo"]]
+
+
+def test_lightning_script_without_lightning_sdk_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning_sdk.cli.entrypoint", None)  # import fails
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_entry.main(["studio"])
+    assert "pip install lightning-sdk" in str(exit_info.value.code)
