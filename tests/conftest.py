@@ -44,7 +44,9 @@ def scene_cache(tmp_path_factory) -> Path:
     from grounded_diffusion.cli import main
 
     root = tmp_path_factory.mktemp("offline")
-    main(["predict", *offline_args(root)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["grounded-diffusion"])
+        main(["predict", *offline_args(root)])
     return root
 
 

@@ -1,0 +1,39 @@
+"""Two CPU processes (gloo) give the same evaluation numbers as one."""
+
+import math
+
+import pytest
+import torch
+from lightning import Trainer, seed_everything
+
+from datamodules.triplets import TripletDataModule
+from grounded_diffusion.models.grounding_head import HeadConfig
+from lightning_modules.grounding import GroundingModule
+
+
+def validate(cache_dir, devices):
+    seed_everything(0)
+    model = GroundingModule(head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
+    data = TripletDataModule(cache_dir, vocabulary="scenes", split=1, batch_size=2)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return trainer.validate(model, data)[0]
+
+
+def test_two_process_validation_equals_one_process(scene_cache):
+    cache_dir = str(next(scene_cache.glob("cache-*")))
+    single = validate(cache_dir, devices=1)
+    double = validate(cache_dir, devices=2)
+    iou_keys = [k for k in single if k.startswith("val/iou/") or k.endswith("miou")]
+    assert len(iou_keys) == 8 + 4
+    for key in iou_keys:
+        a, b = single[key], double[key]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), key
+    assert torch.isfinite(torch.tensor(single["val/seen_miou"]))
