@@ -17,6 +17,7 @@ from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
 STAGES = ("val", "test")
 BASELINES = ("all_foreground", "all_background")
+REAL_IMAGE_MODES = ("noise", "ddim_inversion")
 
 
 class GroundingModule(LightningModule):
@@ -43,6 +44,8 @@ class GroundingModule(LightningModule):
         real_image_mode: str = "noise",
     ) -> None:
         super().__init__()
+        if real_image_mode not in REAL_IMAGE_MODES:
+            raise ConfigError(f"real_image_mode '{real_image_mode}' is not one of {REAL_IMAGE_MODES}")
         self.save_hyperparameters()
         # hparams may hold the CLI's raw config (dicts); the models are built from typed configs.
         self.backbone_config, self.head_config = backbone, head
