@@ -17,32 +17,16 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.cache import TripletCache, unpack_masks
+from grounded_diffusion.data.prompts import PromptSet
+from grounded_diffusion.data.sources import collate_samples, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.errors import ConfigError
 
 
-def pad_objects(masks: torch.Tensor, max_objects: int) -> torch.Tensor:
-    """[O, H, W] -> [max_objects, H, W], zero-padded."""
-    if masks.shape[0] > max_objects:
-        raise ValueError(f"{masks.shape[0]} objects in one sample but max_objects={max_objects}")
-    return torch.cat([masks, masks.new_zeros(max_objects - masks.shape[0], *masks.shape[1:])])
-
-
-def collate_source_samples(samples: Sequence[dict], max_objects: int = 2) -> dict:
-    """Batch VOCSamples items: objects padded to ``max_objects``; names stay lists."""
-    return {
-        "id": [s["id"] for s in samples],
-        "split": [s["split"] for s in samples],
-        "prompt": [s["prompt"] for s in samples],
-        "categories": [s["categories"] for s in samples],
-        "image": torch.stack([s["image"] for s in samples]),
-        "masks": torch.stack([pad_objects(s["masks"], max_objects) for s in samples]),
-    }
-
-
 class TripletSamples(Dataset):
-    """Cached triplets: features (fp16 groups), masks, category indices (-1 = empty slot)."""
+    """Cached triplets: features (fp16 groups) or replay latents, masks, category indices
+    (-1 = empty slot), the image, and DAAM heat maps where the cache has them."""
 
     def __init__(self, cache: TripletCache, records: list[dict], split: CategorySplit, max_objects: int) -> None:
         self.cache, self.records, self.split, self.max_objects = cache, records, split, max_objects
@@ -53,16 +37,23 @@ class TripletSamples(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         tensors, metadata = self.cache.load(record["id"])
-        num_groups = sum(1 for k in tensors if k.startswith("features."))
         categories = [self.split.index(c) for c in record["categories"]]
         categories += [-1] * (self.max_objects - len(categories))
-        return {
+        sample = {
             "id": record["id"],
-            "features": [tensors[f"features.{g}"] for g in range(num_groups)],
+            "prompt": record["prompt"],
             "masks": pad_objects(unpack_masks(tensors["masks"], metadata["mask_shape"]), self.max_objects),
             "categories": torch.tensor(categories),
             "image": tensors["image"],
         }
+        if "latents" in tensors:  # replay storage: the module's UNet recomputes the features
+            sample.update(latents=tensors["latents"], timestep=tensors["timestep"])
+        else:
+            num_groups = sum(1 for k in tensors if k.startswith("features."))
+            sample["features"] = [tensors[f"features.{g}"] for g in range(num_groups)]
+        if "daam" in tensors:
+            sample["daam"] = pad_objects(tensors["daam"], self.max_objects)
+        return sample
 
 
 class TripletDataModule(LightningDataModule):
@@ -72,35 +63,40 @@ class TripletDataModule(LightningDataModule):
         vocabulary: ``pascal`` or ``scenes`` (grounded_diffusion.data.vocabulary).
         split: numbered seen/unseen split of the vocabulary, or
         unseen: the unseen categories listed explicitly.
-        source: images + masks the ``predict`` run turns into triplets (a VOC-format folder or
-            the procedural scenes); not needed once the cache is built.
+        source: what the ``predict`` run turns into triplets: images + masks (a VOC-format folder,
+            the procedural scenes) or prompts to synthesise (``PromptSet``); not needed once the
+            cache is built.
         batch_size / num_workers: per process.
         train_split / val_split / test_split: which image sets of the cache each stage reads.
         max_objects: object slots per sample (the paper uses one or two objects).
+        max_per_group: ``predict`` builds at most this many samples of each split and group
+            (a smoke run of a large config; ``experiments/offline.yaml`` sets it).
     """
 
     def __init__(
         self,
         cache_dir: str,
         vocabulary: str = "pascal",
-        split: int | None = 1,
+        split: int | str | None = 1,
         unseen: list[str] | None = None,
-        source: VOCFolder | None = None,
+        source: VOCFolder | PromptSet | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
         max_objects: int = 2,
+        max_per_group: int | None = None,
     ) -> None:
         super().__init__()
         self.category_split = CategorySplit.named(vocabulary, split, unseen)
         self.cache = TripletCache(cache_dir)
         self.source = source
         self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
+        self.max_per_group = max_per_group
         self.stage_splits = {"fit": train_split, "validate": val_split, "test": test_split}
         if source is not None:
-            check_categories(source.classes, self.category_split.categories, "source class")
+            source.check(self.category_split)
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -122,7 +118,8 @@ class TripletDataModule(LightningDataModule):
         if stage == "predict":
             if self.source is None:
                 raise ConfigError("predict builds the cache from data.source, which is not set")
-            self.predict_set = self.source.dataset(exclude=self.cache.done_ids())
+            done = self.cache.done_ids()
+            self.predict_set = self.source.dataset(self.category_split, done, self.max_per_group)
             return
         self.cache.metadata()  # a clear error if there is no cache
         records = self.cache.manifest()
@@ -179,5 +176,5 @@ class TripletDataModule(LightningDataModule):
         return self._unrepeated_loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        collate = partial(collate_source_samples, max_objects=self.max_objects)
+        collate = partial(collate_samples, max_objects=self.max_objects)
         return self._loader(self.predict_set, collate_fn=collate)

@@ -8,7 +8,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from grounded_diffusion.data.voc import sample_seed
+from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, summarize_iou

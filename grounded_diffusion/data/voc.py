@@ -8,7 +8,6 @@ caller names them.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -19,11 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from grounded_diffusion.data.vocabulary import PASCAL_VOC
+from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE
+from grounded_diffusion.data.sources import select_items
+from grounded_diffusion.data.vocabulary import PASCAL_VOC, CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError
-
-ONE_OBJECT_TEMPLATE = "a photograph of a {}"
-TWO_OBJECTS_TEMPLATE = "a photograph of a {} and a {}"
 
 
 def voc_palette() -> list[int]:
@@ -39,11 +37,6 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette += [r, g, b]
     return palette
-
-
-def sample_seed(sample_id: str) -> int:
-    """A stable 63-bit seed from a sample id: same id, same noise, whatever the batch or rank."""
-    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little") >> 1
 
 
 def write_voc_folder(
@@ -121,10 +114,19 @@ class VOCFolder:
             raise ConfigError(f"No image set '{split}' in {self.root} (expected {path})")
         return path.read_text().split()
 
-    def dataset(self, exclude: set[str] = frozenset()) -> VOCSamples:
-        """Every sample of ``self.splits`` whose id is not in ``exclude`` (e.g. already cached)."""
-        items = [(i, s) for s in self.splits for i in self.ids(s) if i not in exclude]
-        return VOCSamples(self, items)
+    def check(self, category_split: CategorySplit) -> None:
+        check_categories(self.classes, category_split.categories, "source class")
+
+    def dataset(
+        self,
+        category_split: CategorySplit | None = None,
+        exclude: set[str] = frozenset(),
+        max_per_group: int | None = None,
+    ) -> VOCSamples:
+        """The samples of ``self.splits`` whose id is not in ``exclude`` (e.g. already cached),
+        at most ``max_per_group`` per split."""
+        items = [(i, s) for s in self.splits for i in self.ids(s)]
+        return VOCSamples(self, select_items(items, exclude, max_per_group))
 
 
 class VOCSamples(Dataset):
@@ -152,11 +154,11 @@ class VOCSamples(Dataset):
             )
         keep = sorted(values[np.argsort(-counts)][: self.folder.max_objects])  # largest objects
         names = [self.classes[v - 1] for v in keep]
-        template = ONE_OBJECT_TEMPLATE if len(names) == 1 else TWO_OBJECTS_TEMPLATE
+        template = ONE_OBJECT_TEMPLATE if len(names) == 1 else TWO_OBJECT_TEMPLATE
         return {
             "id": sample_id,
             "split": split,
-            "prompt": template.format(*names),
+            "prompt": template.format(**{f"c{i + 1}": n for i, n in enumerate(names)}),
             "categories": names,
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),  # uint8 [3, H, W]
             "masks": torch.from_numpy(np.stack([labels == v for v in keep])),  # bool [O, H, W]

@@ -21,12 +21,73 @@ PASCAL_UNSEEN = {
     3: ("bus", "cat", "chair", "cow", "diningtable"),
 }
 
+# COCO's 80 thing classes, in COCO's label order.
+COCO = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+# COCO-sim splits, 65 seen / 15 unseen. Split 1 is the standard zero-shot split; splits 2 and 3
+# are our fixed rotations: disjoint from split 1 and from each other, one or two classes per
+# COCO super-category, like split 1.
+COCO_UNSEEN = {
+    1: ("airplane", "train", "parking meter", "cat", "bear", "suitcase", "frisbee", "snowboard",
+        "fork", "sandwich", "hot dog", "toilet", "mouse", "toaster", "hair drier"),
+    2: ("bus", "boat", "fire hydrant", "dog", "giraffe", "umbrella", "skis", "kite", "knife",
+        "pizza", "banana", "bed", "keyboard", "microwave", "scissors"),
+    3: ("truck", "bicycle", "stop sign", "horse", "zebra", "backpack", "surfboard",
+        "tennis racket", "cup", "donut", "broccoli", "couch", "laptop", "refrigerator", "clock"),
+}  # fmt: skip
+
+# Seen-count ablation (paper Tab. 4): seen/unseen = 5/75, 20/60, 35/45, 50/30, 65/15 on COCO-sim.
+SEEN_COUNTS = (5, 20, 35, 50, 65)
+
+
+def _spread_order(n: int) -> list[int]:
+    """0..n-1 in bit-reversed order: every prefix is spread evenly over the range, and a shorter
+    prefix is part of every longer one."""
+    bits = max(1, (n - 1).bit_length())
+    reverse = lambda i: int(format(i, f"0{bits}b")[::-1], 2)  # noqa: E731
+    return sorted(range(n), key=reverse)
+
+
+def coco_seen_count_split(num_seen: int) -> tuple[str, ...]:
+    """The unseen classes of the ablation set with ``num_seen`` seen classes.
+
+    The seen classes are taken from split 1's 65 seen classes (in COCO order, which groups the
+    super-categories) in a spread-out order, so the sets are nested: seen-5 ⊂ seen-20 ⊂ … ⊂ seen-65.
+    """
+    seen65 = [c for c in COCO if c not in COCO_UNSEEN[1]]
+    seen = {seen65[i] for i in _spread_order(len(seen65))[:num_seen]}
+    return tuple(c for c in COCO if c not in seen)
+
+
+COCO_UNSEEN.update({f"seen{n}": coco_seen_count_split(n) for n in SEEN_COUNTS})
+
+# PASCAL VOC names of the classes that COCO (and so a COCO-trained oracle) names differently.
+VOC_TO_COCO = {
+    "aeroplane": "airplane",
+    "motorbike": "motorcycle",
+    "sofa": "couch",
+    "pottedplant": "potted plant",
+    "diningtable": "dining table",
+    "tvmonitor": "tv",
+}
+
 # The procedural scene set of the offline default: one shape per class (data/scenes.py).
 SCENES = ("disc", "square", "triangle", "ring", "cross", "star", "diamond", "bar")
 SCENES_UNSEEN = {1: ("ring", "star", "bar")}
 
-VOCABULARIES = {"pascal": PASCAL_VOC, "scenes": SCENES}
-UNSEEN_SPLITS = {"pascal": PASCAL_UNSEEN, "scenes": SCENES_UNSEEN}
+VOCABULARIES = {"pascal": PASCAL_VOC, "coco": COCO, "scenes": SCENES}
+UNSEEN_SPLITS = {"pascal": PASCAL_UNSEEN, "coco": COCO_UNSEEN, "scenes": SCENES_UNSEEN}
 
 
 class UnknownCategoryError(UserError, ValueError):
@@ -66,8 +127,11 @@ class CategorySplit:
         return self.categories.index(name)
 
     @classmethod
-    def named(cls, vocabulary: str, split: int | None = None, unseen: Sequence[str] | None = None) -> CategorySplit:
-        """``vocabulary`` by name; unseen categories from ``split`` or listed in ``unseen``."""
+    def named(
+        cls, vocabulary: str, split: int | str | None = None, unseen: Sequence[str] | None = None
+    ) -> CategorySplit:
+        """``vocabulary`` by name; unseen categories from ``split`` (1, 2, 3; on COCO also the
+        seen-count sets ``seen5`` … ``seen65``) or listed in ``unseen``."""
         if vocabulary not in VOCABULARIES:
             check_categories([vocabulary], list(VOCABULARIES), "vocabulary")
         if split is not None and unseen is not None:
@@ -75,6 +139,7 @@ class CategorySplit:
         if split is not None:
             splits = UNSEEN_SPLITS[vocabulary]
             if split not in splits:
-                raise ConfigError(f"Vocabulary '{vocabulary}' has splits {sorted(splits)}, not {split}")
+                names = ", ".join(repr(k) for k in splits)
+                raise ConfigError(f"Vocabulary '{vocabulary}' has splits {names}, not {split!r}")
             unseen = splits[split]
         return cls(VOCABULARIES[vocabulary], tuple(unseen or ()))

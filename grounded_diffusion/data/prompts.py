@@ -1,0 +1,157 @@
+"""Prompts over a vocabulary split: what a synthesis run turns into images, masks and features.
+
+Every sample is a function of its id alone: its categories, its template and its generation seed
+come from a random generator seeded with the id, so the same config always yields the same
+samples, in any order, on any number of GPUs.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from grounded_diffusion.data.sources import sample_seed, select_items
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.errors import ConfigError
+
+ONE_OBJECT_TEMPLATE = "a photograph of a {c1}"
+TWO_OBJECT_TEMPLATE = "a photograph of a {c1} and a {c2}"
+
+# Test groups of paper Tab. 1, by the number of objects and whether they are seen.
+GROUPS = ("one_seen", "one_unseen", "two_seen", "two_seen_unseen", "two_unseen")
+SEEN_GROUPS = ("one_seen", "two_seen")
+
+
+def group_of(categories: Sequence[str], unseen: Sequence[str]) -> str:
+    """The Tab. 1 group of a sample with these categories."""
+    num_unseen = sum(c in unseen for c in categories)
+    if len(categories) == 1:
+        return "one_unseen" if num_unseen else "one_seen"
+    if len(categories) == 2:
+        return ("two_seen", "two_seen_unseen", "two_unseen")[num_unseen]
+    raise ValueError(f"A sample has one or two objects, not {len(categories)}: {list(categories)}")
+
+
+def template_fields(template: str) -> list[str]:
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+
+
+class PromptSet:
+    """The prompts a synthesis ``predict`` run generates, grouped as in paper Tab. 1.
+
+    Args:
+        counts: samples per split and group, e.g. ``{train: {one_seen: 5000, two_seen: 5000}}``.
+            Groups: ``one_seen``, ``two_seen``, ``one_unseen``, ``two_seen_unseen``,
+            ``two_unseen``. The ``train`` split may only hold seen groups.
+        templates: prompt templates; ``{c1}`` alone makes a one-object template, ``{c1}`` and
+            ``{c2}`` a two-object one. A sample draws its template among those of its kind.
+        templates_file: a text file of templates, one per line (e.g. complex prompts such as
+            "a photograph of a {c1} sleeping on a sofa"); used instead of ``templates``.
+        seed: changes every sample (categories, template, initial noise) at once.
+    """
+
+    def __init__(
+        self,
+        counts: Mapping[str, Mapping[str, int]],
+        templates: Sequence[str] = (ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE),
+        templates_file: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.counts = {split: dict(groups) for split, groups in counts.items()}
+        self.templates_file, self.seed = templates_file, seed
+        self.templates = list(templates)
+        for split, groups in self.counts.items():
+            unknown = set(groups) - set(GROUPS)
+            if unknown:
+                raise ConfigError(f"Unknown prompt groups {sorted(unknown)} in counts.{split}; groups are {GROUPS}")
+            if split == "train" and set(groups) - set(SEEN_GROUPS):
+                raise ConfigError(
+                    f"counts.train holds {sorted(set(groups) - set(SEEN_GROUPS))}: training sets use seen "
+                    f"categories only ({SEEN_GROUPS}). Put unseen groups in a test split."
+                )
+        self._check_templates(self.templates, "templates")
+
+    def _check_templates(self, templates: Sequence[str], where: str) -> None:
+        for template in templates:
+            if sorted(template_fields(template)) not in (["c1"], ["c1", "c2"]):
+                raise ConfigError(
+                    f"Template {template!r} in {where} must contain {{c1}} (one object) or {{c1}} and "
+                    "{c2} (two objects), and no other fields"
+                )
+
+    def prepare(self) -> None:
+        if self.templates_file is not None:
+            path = Path(self.templates_file)
+            if not path.is_file():
+                raise ConfigError(f"templates_file '{path}' does not exist")
+            self.templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            self._check_templates(self.templates, str(path))
+
+    def check(self, split: CategorySplit) -> None:
+        """Every requested group must be possible with this split's categories."""
+        needs = {"one_seen": (1, 0), "one_unseen": (0, 1), "two_seen": (2, 0), "two_seen_unseen": (1, 1), "two_unseen": (0, 2)}
+        for groups in self.counts.values():
+            for group, count in groups.items():
+                seen, unseen = needs[group]
+                if count and (len(split.seen) < seen or len(split.unseen) < unseen):
+                    raise ConfigError(
+                        f"Group {group} needs {seen} seen and {unseen} unseen categories; the split has "
+                        f"{len(split.seen)} seen and {len(split.unseen)} unseen"
+                    )
+        for num_objects in {int(group.startswith("two")) + 1 for g in self.counts.values() for group in g}:
+            if not self._templates(num_objects):
+                raise ConfigError(f"No {num_objects}-object template among {self.templates}")
+
+    def _templates(self, num_objects: int) -> list[str]:
+        return [t for t in self.templates if len(template_fields(t)) == num_objects]
+
+    def sample(self, sample_id: str, split_name: str, group: str, split: CategorySplit) -> dict:
+        """The prompt, categories and generation seed of one id."""
+        rng = random.Random(sample_seed(f"{self.seed}/{sample_id}"))
+        seen, unseen = list(split.seen), list(split.unseen)
+        categories = {
+            "one_seen": lambda: rng.sample(seen, 1),
+            "one_unseen": lambda: rng.sample(unseen, 1),
+            "two_seen": lambda: rng.sample(seen, 2),
+            "two_seen_unseen": lambda: rng.sample([rng.choice(seen), rng.choice(unseen)], 2),
+            "two_unseen": lambda: rng.sample(unseen, 2),
+        }[group]()
+        template = rng.choice(self._templates(len(categories)))
+        prompt = template.format(**{f"c{i + 1}": c for i, c in enumerate(categories)})
+        return {
+            "id": sample_id,
+            "split": split_name,
+            "group": group,
+            "prompt": prompt,
+            "categories": categories,
+            "seed": rng.getrandbits(63),
+        }
+
+    def ids(self) -> list[tuple[str, str, str]]:
+        """(id, split, group) of every requested sample, in a fixed order."""
+        return [
+            (f"{split}-{group}-{i:06d}", split, group)
+            for split, groups in self.counts.items()
+            for group, count in groups.items()
+            for i in range(count)
+        ]
+
+    def dataset(
+        self, category_split: CategorySplit, exclude: set[str] = frozenset(), max_per_group: int | None = None
+    ) -> PromptSamples:
+        return PromptSamples(self, select_items(self.ids(), exclude, max_per_group), category_split)
+
+
+class PromptSamples(Dataset):
+    def __init__(self, prompts: PromptSet, items: list[tuple[str, str, str]], split: CategorySplit) -> None:
+        self.prompts, self.items, self.split = prompts, items, split
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.prompts.sample(*self.items[index], self.split)
