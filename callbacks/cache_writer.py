@@ -2,47 +2,78 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import time
+
+import torch
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from grounded_diffusion.data.cache import TripletCache, pack_masks
+from grounded_diffusion.data.prompts import PromptSet, group_of
+from grounded_diffusion.errors import ConfigError
+
+STORAGE_MODES = ("features", "latents")
 
 
 class TripletCacheWriter(BasePredictionWriter):
     """Each rank writes its own samples as they come (atomic files + manifest lines), so an
-    interrupted build keeps everything finished and the rerun does the rest."""
+    interrupted build keeps everything finished and the rerun does the rest.
 
-    def __init__(self) -> None:
+    Args:
+        storage: ``features`` keeps the captured UNet features (fp16); ``latents`` keeps the
+            latent the UNet saw at the capture step (fp32) and its timestep, from which training
+            recomputes the features (~1/500 of the size at SD-1.5 shapes). Both keep the image,
+            the masks (bit-packed), oracle scores and DAAM heat maps.
+    """
+
+    def __init__(self, storage: str = "features") -> None:
         super().__init__(write_interval="batch")
+        if storage not in STORAGE_MODES:
+            raise ConfigError(f"storage '{storage}' is not one of {STORAGE_MODES}")
+        self.storage = storage
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.cache: TripletCache = trainer.datamodule.cache
-        backbone = pl_module.backbone
+        datamodule = trainer.datamodule
+        self.cache: TripletCache = datamodule.cache
+        self.unseen = datamodule.category_split.unseen
         metadata = {
-            "storage": "features",
-            "backbone": asdict(backbone.config),
-            "capture_timestep": backbone.timestep,
-            "real_image_mode": pl_module.hparams.real_image_mode,
-            "feature_groups": backbone.feature_channels(),
-            "feature_dtype": "float16",
+            "storage": self.storage,
+            "vocabulary": list(datamodule.category_split.categories),
+            **pl_module.cache_metadata(prompts=isinstance(datamodule.source, PromptSet)),
         }
         if trainer.is_global_zero:
             self.cache.initialise(metadata)
         trainer.strategy.barrier()
         self.cache.initialise(metadata)  # the other ranks check that it matches
+        self.started, self.written = time.perf_counter(), 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for i, sample_id in enumerate(prediction["id"]):
-            num_objects = len(prediction["categories"][i])
-            bits, shape = pack_masks(prediction["masks"][i, :num_objects])
-            tensors = {f"features.{g}": f[i] for g, f in enumerate(prediction["features"])}
-            tensors.update(masks=bits, image=prediction["image"][i])
+            categories = prediction["categories"][i]
+            bits, shape = pack_masks(prediction["masks"][i, : len(categories)])
+            tensors = {"masks": bits, "image": prediction["image"][i]}
+            if self.storage == "features":
+                tensors.update({f"features.{g}": f[i].half() for g, f in enumerate(prediction["features"])})
+            else:
+                tensors.update(latents=prediction["latents"][i], timestep=torch.tensor(pl_module.backbone.timestep))
+            if prediction.get("daam") is not None:
+                tensors["daam"] = prediction["daam"][i, : len(categories)].half()
+            if "oracle_scores" in prediction:
+                tensors["oracle_scores"] = prediction["oracle_scores"][i, : len(categories)].float()
             record = {
                 "id": sample_id,
                 "prompt": prediction["prompt"][i],
-                "categories": prediction["categories"][i],
+                "categories": categories,
                 "split": prediction["split"][i],
+                "group": group_of(categories, self.unseen),
             }
             self.cache.write(record, tensors, {"mask_shape": shape})
+        self.written += len(prediction["id"])
+        self._show_speed(trainer)
+
+    def _show_speed(self, trainer: Trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.predict_progress_bar is not None:
+            rate = self.written / max(time.perf_counter() - self.started, 1e-9)
+            bar.predict_progress_bar.set_postfix({"samples/s": f"{rate:.2f}", "written": self.written})

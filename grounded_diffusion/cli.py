@@ -34,6 +34,12 @@ class GroundedDiffusionCLI(LightningCLI):
             resolved = OmegaConf.to_container(OmegaConf.create(dumped), resolve=True)
             self.config[self.subcommand] = parser.parse_object(resolved)
 
+    def after_instantiate_classes(self) -> None:
+        # Config-time checks that need both objects (e.g. can the oracle label the categories?).
+        check = getattr(self.model, "check_datamodule", None)
+        if check is not None and self.datamodule is not None:
+            check(self.datamodule)
+
 
 def main(args: list[str] | None = None) -> None:
     parser_kwargs = {sub: {"parser_mode": "omegaconf+"} for sub in SUBCOMMANDS}

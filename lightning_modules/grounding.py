@@ -8,12 +8,15 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.daam import DAAMTracer, word_token_table
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
+from grounded_diffusion.models.oracle import Oracle
 
 STAGES = ("val", "test")
 BASELINES = ("all_foreground", "all_background")
@@ -21,11 +24,14 @@ REAL_IMAGE_MODES = ("noise", "ddim_inversion")
 
 
 class GroundingModule(LightningModule):
-    """Trains the grounding head on cached triplets; ``predict`` turns images into triplets.
+    """Trains the grounding head on cached triplets; ``predict`` makes triplets: it synthesises
+    them from prompts (Stable Diffusion + oracle masks) or converts images with masks.
 
     Args:
         backbone: the frozen diffusion model and where features are captured.
         head: widths of the grounding head.
+        oracle: labels synthesised images (e.g. ``MaskRCNNOracle``); needed by synthesis only.
+        guidance_scale: classifier-free guidance of the synthesis.
         ignore_zero_masks: train without zero masks (paper §4.3); False = "normal training".
         lr / weight_decay / betas: Adam, the paper's defaults.
         mask_threshold: a pixel belongs to the object where sigmoid(logit) > this.
@@ -36,6 +42,8 @@ class GroundingModule(LightningModule):
         self,
         backbone: BackboneConfig = BackboneConfig(),
         head: HeadConfig = HeadConfig(),
+        oracle: Oracle | None = None,
+        guidance_scale: float = 7.5,
         ignore_zero_masks: bool = True,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
@@ -46,9 +54,9 @@ class GroundingModule(LightningModule):
         super().__init__()
         if real_image_mode not in REAL_IMAGE_MODES:
             raise ConfigError(f"real_image_mode '{real_image_mode}' is not one of {REAL_IMAGE_MODES}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["oracle"])
         # hparams may hold the CLI's raw config (dicts); the models are built from typed configs.
-        self.backbone_config, self.head_config = backbone, head
+        self.backbone_config, self.head_config, self.oracle = backbone, head, oracle
         self.configure_models()
         self.results: dict[str, dict] = {}
 
@@ -65,10 +73,36 @@ class GroundingModule(LightningModule):
         self.metrics = nn.ModuleDict({stage: CategoryIoU(num) for stage in STAGES})
         self.baselines = nn.ModuleDict({name: CategoryIoU(num) for name in BASELINES})
 
+    def check_datamodule(self, datamodule) -> None:
+        """Config-time check (the CLI calls it before any run): synthesis needs an oracle that
+        can label every category the prompts may name."""
+        if isinstance(getattr(datamodule, "source", None), PromptSet):
+            if self.oracle is None:
+                raise ConfigError(
+                    "data.init_args.source is a PromptSet (synthesis), which needs "
+                    "model.init_args.oracle, e.g. class_path: grounded_diffusion.models.oracle.MaskRCNNOracle"
+                )
+            self.oracle.check_categories(datamodule.category_split.categories)
+
+    def cache_metadata(self, prompts: bool) -> dict:
+        """How this module makes triplets, recorded in the cache (``cache.json``)."""
+        backbone = self.backbone
+        metadata = {
+            "backbone": asdict(backbone.config),
+            "capture_timestep": backbone.timestep,
+            "feature_groups": backbone.feature_channels(),
+        }
+        if prompts:
+            metadata.update(guidance_scale=self.hparams.guidance_scale, oracle=self.oracle.describe())
+        else:
+            metadata.update(real_image_mode=self.hparams.real_image_mode)
+        return metadata
+
     def setup(self, stage: str) -> None:
-        if stage == "predict":
-            return
         datamodule = self.trainer.datamodule
+        if stage == "predict":
+            self.check_datamodule(datamodule)
+            return
         if not hasattr(datamodule, "category_split"):
             raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
         self.category_split = datamodule.category_split
@@ -89,16 +123,19 @@ class GroundingModule(LightningModule):
                 "with `predict` and these configs, or point data.init_args.cache_dir elsewhere."
             )
 
-    # -- checkpoints hold the head only: the frozen backbone is reloaded from its weights ------
+    # -- checkpoints hold the head only: the frozen models are reloaded from their weights ----
+
+    def _frozen_state(self) -> dict[str, Tensor]:
+        frozen = {"backbone": self.backbone, "oracle": self.oracle}
+        return {f"{name}.{k}": v for name, module in frozen.items() if module is not None for k, v in module.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("backbone.")]:
+        for key in [k for k in state if k.startswith(("backbone.", "oracle."))]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        backbone = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        checkpoint["state_dict"].update(backbone)
+        checkpoint["state_dict"].update(self._frozen_state())
 
     # -- forward, loss ---------------------------------------------------------------------------
 
@@ -107,8 +144,15 @@ class GroundingModule(LightningModule):
         embeds = self.category_embeds[categories.clamp(min=0)]
         return self.head([f.float() for f in features], embeds, categories >= 0, output_size)
 
+    def _features(self, batch: dict) -> list[Tensor]:
+        if "features" in batch:
+            return batch["features"]
+        # Replay storage: the frozen UNet recomputes the features from the stored latent.
+        prompt_embeds = self.backbone.encode_prompts(batch["prompt"])
+        return self.backbone.unet_features(batch["latents"], batch["timestep"], prompt_embeds)
+
     def _logits(self, batch: dict) -> Tensor:
-        return self(batch["features"], batch["categories"], batch["masks"].shape[-2:])
+        return self(self._features(batch), batch["categories"], batch["masks"].shape[-2:])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self._logits(batch)
@@ -160,10 +204,30 @@ class GroundingModule(LightningModule):
             metric.reset()
         self.results["test"] = summary
 
-    # -- predict: the real-image path of paper §4.1 -------------------------------------------
+    # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1) -----
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Images + masks -> UNet features at the capture step (fp16), ready for the cache."""
+        """A batch of the source -> triplets with features and replay latents, for the cache."""
+        if "image" in batch:
+            return self._convert_images(batch)
+        return self._synthesise(batch)
+
+    def _synthesise(self, batch: dict) -> dict:
+        generation = self.backbone.generate(
+            batch["prompt"], batch["seed"], self.hparams.guidance_scale, words=batch["categories"]
+        )
+        masks, scores = self.oracle(generation.images, batch["categories"])
+        return {
+            **batch,
+            "image": generation.images,
+            "masks": masks,
+            "oracle_scores": scores,
+            "daam": generation.heat_maps,
+            "latents": generation.latents,
+            "features": generation.features,
+        }
+
+    def _convert_images(self, batch: dict) -> dict:
         backbone = self.backbone
         latents = backbone.encode_images(batch["image"].float() / 127.5 - 1)
         prompt_embeds = backbone.encode_prompts(batch["prompt"])
@@ -173,8 +237,11 @@ class GroundingModule(LightningModule):
         ]).to(latents)  # one draw per sample id: the same features in any batch, on any rank
         latents = backbone.latents_at_capture_step(latents, prompt_embeds, noise, self.hparams.real_image_mode)
         timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-        features = backbone.unet_features(latents, timesteps, prompt_embeds)
-        return {**batch, "features": [f.half() for f in features]}
+        # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
+        token_index, word_weights = word_token_table(backbone.tokenizer, batch["prompt"], batch["categories"])
+        with DAAMTracer(backbone.unet).trace(token_index, latents.shape[-1]) as tracer:
+            features = backbone.unet_features(latents, timesteps, prompt_embeds)
+        return {**batch, "latents": latents.float(), "features": features, "daam": tracer.word_maps(word_weights)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from datamodules.triplets import TripletDataModule
-from grounded_diffusion.data.cache import CacheError, TripletCache, pack_masks, unpack_masks
+from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
 from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
 from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
@@ -100,7 +100,7 @@ def test_cache_is_safetensors_and_json_and_tolerates_a_torn_manifest(tmp_path):
     assert [r["id"] for r in cache.manifest()] == ["a", "b", "d"]
     tensors, metadata = cache.load("a")
     assert tensors["features.0"].dtype == torch.float16 and metadata["mask_shape"] == "1,4,4"
-    assert json.loads(cache.metadata_path.read_text())["format_version"] == 1
+    assert json.loads(cache.metadata_path.read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_cache_refuses_other_settings_and_names_corrupt_files(tmp_path):

@@ -2,12 +2,18 @@
 
 Layout::
 
-    <cache>/cache.json          what made it: format version, backbone, capture step, feature groups
-    <cache>/manifest.jsonl      one JSON object per finished sample: id, prompt, categories, split
+    <cache>/cache.json          what made it: format version, storage mode, vocabulary, backbone,
+                                capture step, feature groups, oracle and guidance (synthesis)
+    <cache>/manifest.jsonl      one JSON object per finished sample: id, prompt, categories,
+                                split, group (one_seen, two_seen_unseen, ...)
     <cache>/samples/<id>.safetensors
-        features.<g>   fp16 [C_g, h_g, w_g], resolution groups coarse first
+        features.<g>   fp16 [C_g, h_g, w_g], resolution groups coarse first   (storage: features)
+        latents        fp32 [C, h, w], the UNet's input at the capture step   (storage: latents)
+        timestep       int, the capture timestep                              (storage: latents)
         masks          uint8, bit-packed [O, H, W] (shape in the file's metadata)
         image          uint8 [3, H, W]
+        daam           fp16 [O, h, w], DAAM heat maps of the category words (latent resolution)
+        oracle_scores  fp32 [O], the oracle's best score per category (synthesis; 0 = not found)
 
 A sample file is written to a temporary name and renamed into place; only then is its manifest
 line appended, with one ``write`` on an O_APPEND file (several ranks may append at once). The
@@ -30,7 +36,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from grounded_diffusion.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -20,6 +20,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeli
 from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.models.daam import DAAMTracer, word_token_table
 from grounded_diffusion.models.tiny_sd import TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +54,21 @@ class BackboneConfig:
     branches: str = "cond"
     capture_step: int = 5
     num_inference_steps: int = 50
+
+
+@dataclass
+class Generation:
+    """One batch of generated samples and what was captured on the way.
+
+    images: RGB uint8 [B, 3, H, W]; latents: float32 [B, C, h, w], what the UNet saw at the
+    capture step; features: the captured groups, coarse first; heat_maps: DAAM maps of the
+    traced words [B, O, h, w] (None when no words were given).
+    """
+
+    images: Tensor
+    latents: Tensor
+    features: list[Tensor]
+    heat_maps: Tensor | None
 
 
 def load_pipeline(model_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -266,6 +282,80 @@ class StableDiffusionBackbone(nn.Module):
                 latents = inverse.step(eps, int(t), latents).prev_sample
             return latents
         raise ConfigError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline over these (shared) modules, sampling with DDIM."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def initial_noise(self, seeds: Sequence[int]) -> Tensor:
+        """One draw per seed on the CPU: a sample's image depends on its seed alone, not on
+        its batch, its device or the number of GPUs."""
+        size = self.unet.config.sample_size
+        shape = (self.unet.config.in_channels, size, size)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.unet.device, self.dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        guidance_scale: float = 7.5,
+        words: Sequence[Sequence[str]] | None = None,
+    ) -> Generation:
+        """Sample images with classifier-free guidance (DDIM, ``num_inference_steps``), capturing
+        the UNet features and the latent at the capture step, and DAAM maps of ``words`` (one list
+        of words per prompt) accumulated over all steps."""
+        if self.config.branches == "uncond+cond" and guidance_scale <= 1:
+            raise ConfigError("branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)")
+        pipe, noise = self.pipeline(), self.initial_noise(seeds)
+        step = self.config.num_inference_steps - self.config.capture_step  # loop index of t
+        at_capture: dict = {"latents": noise * pipe.scheduler.init_noise_sigma} if step == 0 else {}
+
+        def on_step_end(pipe, i, t, kwargs):
+            if i == step - 1:
+                at_capture["latents"] = kwargs["latents"]
+            if i == step:
+                assert int(t) == self.timestep, (int(t), self.timestep)
+                at_capture["features"] = dict(captured)
+            return {}
+
+        tracer = DAAMTracer(self.unet)
+        token_index, word_weights = word_token_table(self.tokenizer, prompts, words or [[] for _ in prompts])
+        with self._capturing() as captured, tracer.trace(token_index, noise.shape[-1]):
+            images = pipe(
+                list(prompts),
+                num_inference_steps=self.config.num_inference_steps,
+                guidance_scale=guidance_scale,
+                latents=noise,
+                output_type="pt",
+                callback_on_step_end=on_step_end,
+            ).images
+        features = [at_capture["features"][name] for name in self.block_names]
+        if features[0].shape[0] == 2 * len(prompts):  # the guidance batch: [uncond, cond]
+            if self.config.branches == "uncond+cond":
+                features = [torch.cat(f.chunk(2), dim=1) for f in features]
+            else:
+                features = [f.chunk(2)[1] for f in features]
+        return Generation(
+            images=(images * 255).round().clamp(0, 255).to(torch.uint8),
+            latents=at_capture["latents"].float(),
+            features=group_by_resolution(features),
+            heat_maps=tracer.word_maps(word_weights) if words else None,
+        )
 
 
 def group_by_resolution(features: Sequence[Tensor]) -> list[Tensor]:

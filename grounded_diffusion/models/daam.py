@@ -1,0 +1,139 @@
+"""DAAM heat maps (Tang et al., 2023), batched: cross-attention of words, aggregated over the UNet.
+
+What the reference ``daam`` package computes, per word of the prompt:
+
+1. every cross-attention layer of the UNet's down and up blocks (not the middle block) gives the
+   softmax probabilities of each latent pixel over the 77 text tokens, conditional branch only;
+   layers at 1/8 of the latent resolution are left out;
+2. per (layer, head), the maps are summed over all denoising steps, upsampled bicubically to the
+   latent resolution and clamped at 0;
+3. the mean over all (layer, head) pairs is the token's heat map; a word's map is the mean over
+   its BPE tokens (every occurrence of the word in the prompt).
+
+Here a batch of prompts is traced at once, only the tokens of the requested words are kept, and
+the latent size is read from the model (the reference assumes 64² or 96²).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import Tensor, nn
+
+
+def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions of ``word``'s BPE tokens in the encoded prompt (BOS = 0), every occurrence, as
+    the reference's ``compute_token_merge_indices``."""
+    strip = lambda tokens: [t.replace("</w>", "") for t in tokens]  # noqa: E731
+    tokens = strip(tokenizer.tokenize(prompt.lower()))
+    search = strip(tokenizer.tokenize(word.lower()))
+    starts = [i for i in range(len(tokens)) if tokens[i : i + len(search)] == search]
+    if not starts:
+        raise ValueError(f"The word {word!r} is not in the prompt {prompt!r}")
+    positions = [1 + start + k for start in starts for k in range(len(search))]
+    if max(positions) >= tokenizer.model_max_length:
+        raise ValueError(f"The word {word!r} lies beyond the {tokenizer.model_max_length} tokens of {prompt!r}")
+    return positions
+
+
+def cross_attention_layers(unet: nn.Module) -> list[Attention]:
+    """The cross-attention modules DAAM reads: ``attn2`` of every transformer block in the
+    down and up blocks."""
+    layers = []
+    for block in list(unet.up_blocks) + list(unet.down_blocks):  # the reference's order
+        for transformer in getattr(block, "attentions", None) or []:
+            layers += [t.attn2 for t in transformer.transformer_blocks]
+    return layers
+
+
+class HeatMapProcessor(AttnProcessor2_0):
+    """The usual attention, plus the explicit probabilities of the traced tokens for DAAM."""
+
+    def __init__(self, tracer: DAAMTracer, layer: int) -> None:
+        super().__init__()
+        self.tracer, self.layer = tracer, layer
+
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
+        if encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(context))
+            probs = attn.get_attention_scores(query, key, None)  # [batch * heads, pixels, tokens]
+            self.tracer.add(self.layer, probs.unflatten(0, (-1, attn.heads)))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+class DAAMTracer:
+    """Collects DAAM heat maps of chosen words over every UNet call made inside ``trace``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.layers = cross_attention_layers(unet)
+        self.latent_size = unet.config.sample_size
+
+    @contextlib.contextmanager
+    def trace(self, token_index: Tensor, latent_size: int | None = None) -> Iterator[DAAMTracer]:
+        """Trace the tokens ``token_index`` [B, K] of the B prompts (the conditional branch is
+        the last B samples of each UNet call, as in diffusers' guidance batches)."""
+        self.token_index, self.sums = token_index, {}
+        self.latent_size = latent_size or self.unet.config.sample_size
+        originals = [layer.processor for layer in self.layers]
+        for number, layer in enumerate(self.layers):
+            layer.set_processor(HeatMapProcessor(self, number))
+        try:
+            yield self
+        finally:
+            for layer, processor in zip(self.layers, originals):
+                layer.set_processor(processor)
+
+    def add(self, layer: int, probs: Tensor) -> None:
+        """probs [N, heads, pixels, 77] of one call; N = B (conditional only) or 2B (guidance)."""
+        batch = self.token_index.shape[0]
+        side = int(probs.shape[2] ** 0.5)
+        if self.latent_size // side == 8:  # the reference leaves out the 1/8 resolution
+            return
+        index = self.token_index.to(probs.device)[:, None, None, :]
+        cond = probs[-batch:].float()
+        kept = cond.gather(-1, index.expand(*cond.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
+        self.sums[layer] = self.sums.get(layer, 0) + kept
+
+    def token_maps(self) -> Tensor:
+        """[B, K, latent, latent]: mean over (layer, head) of clamp(bicubic(Σ_steps probs))."""
+        if not self.sums:
+            raise RuntimeError("No cross-attention was traced: run the UNet inside `trace(...)`")
+        total, count = 0, 0
+        for kept in self.sums.values():
+            batch, heads, pixels, tokens = kept.shape
+            side = int(pixels**0.5)
+            maps = kept.permute(0, 1, 3, 2).reshape(batch * heads * tokens, 1, side, side)
+            maps = F.interpolate(maps, size=(self.latent_size, self.latent_size), mode="bicubic").clamp_(min=0)
+            total = total + maps.view(batch, heads, tokens, self.latent_size, self.latent_size).sum(1)
+            count += heads
+        return total / count
+
+    def word_maps(self, word_weights: Tensor) -> Tensor:
+        """[B, O, latent, latent]: each word's map, the weighted sum of its tokens' maps
+        (``word_weights`` [B, O, K]: 1/len over a word's tokens)."""
+        token_maps = self.token_maps()
+        return torch.einsum("bok,bkhw->bohw", word_weights.to(token_maps.device), token_maps)
+
+
+def word_token_table(tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+    """The tokens to trace and how they make words: ``token_index`` [B, K] and ``word_weights``
+    [B, O, K] (O = the most words of a prompt; empty slots weigh nothing)."""
+    positions = [[word_token_indices(tokenizer, p, w) for w in ws] for p, ws in zip(prompts, words)]
+    num_tokens = max(1, max(sum(len(p) for p in ps) for ps in positions))
+    num_words = max(1, max(len(ws) for ws in words))
+    token_index = torch.zeros(len(prompts), num_tokens, dtype=torch.long)
+    word_weights = torch.zeros(len(prompts), num_words, num_tokens)
+    for b, per_word in enumerate(positions):
+        k = 0
+        for o, tokens in enumerate(per_word):
+            token_index[b, k : k + len(tokens)] = torch.tensor(tokens)
+            word_weights[b, o, k : k + len(tokens)] = 1 / len(tokens)
+            k += len(tokens)
+    return token_index, word_weights

@@ -1,0 +1,143 @@
+"""Oracles: label generated images with one mask per named category (Protocol I ground truth).
+
+An oracle is an ``nn.Module`` with ``labels`` (the names it can segment, checked at config time)
+and ``forward(images, categories) -> (masks, scores)``. ``MaskRCNNOracle`` is torchvision's COCO
+Mask R-CNN, as in the paper; any other segmenter can take its place through the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
+from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.models.backbone import MissingWeightsError
+
+INSTANCE_MODES = ("union", "top1")
+
+
+class Oracle(nn.Module):
+    """Base class: frozen, always in inference mode."""
+
+    def train(self, mode: bool = True) -> Oracle:
+        return super().train(False)  # batch norm must use its running statistics (the authors' bug)
+
+    @property
+    def labels(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def check_categories(self, categories: Sequence[str]) -> None:
+        """Fail, naming them, on categories this oracle cannot label."""
+        try:
+            check_categories([self.label_of(c) for c in categories], self.labels, "category")
+        except UnknownCategoryError as err:
+            raise UnknownCategoryError(f"The oracle ({type(self).__name__}) cannot label these categories. {err}") from None
+
+    def label_of(self, category: str) -> str:
+        """The oracle's name for a category (PASCAL names map onto COCO's)."""
+        return VOC_TO_COCO.get(category, category)
+
+    def describe(self) -> dict:
+        """What made the masks, for the cache's metadata."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, categories: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """RGB images, uint8 [B, 3, H, W] -> masks bool [B, O, H, W] and scores [B, O] (0 where
+        nothing was found), O = the most categories of a sample; empty slots stay empty."""
+        raise NotImplementedError
+
+
+class MaskRCNNOracle(Oracle):
+    """torchvision's Mask R-CNN trained on COCO.
+
+    Args:
+        architecture: a torchvision detection builder, e.g. ``maskrcnn_resnet50_fpn_v2``.
+        weights: its weights enum (``DEFAULT``, ``COCO_V1`` or the full name such as
+            ``MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1``); ``null`` = random weights (offline tests).
+        score_threshold: detections below it are ignored (the authors: 0.05).
+        instances: ``union`` of all kept instances of a category, or ``top1``, its best instance
+            only (the authors' code).
+        mask_threshold: a pixel belongs to an instance where its mask probability exceeds this.
+        min_size / max_size: the detector's input resizing (torchvision's defaults: 800 / 1333).
+    """
+
+    def __init__(
+        self,
+        architecture: str = "maskrcnn_resnet50_fpn_v2",
+        weights: str | None = "DEFAULT",
+        score_threshold: float = 0.5,
+        instances: str = "union",
+        mask_threshold: float = 0.5,
+        min_size: int = 800,
+        max_size: int = 1333,
+    ) -> None:
+        super().__init__()
+        if instances not in INSTANCE_MODES:
+            raise ConfigError(f"instances '{instances}' is not one of {INSTANCE_MODES}")
+        self.architecture, self.weights_name = architecture, weights
+        self.score_threshold, self.instances, self.mask_threshold = score_threshold, instances, mask_threshold
+        enum = torchvision.models.get_model_weights(architecture)
+        self.weights = enum.verify(weights) if weights is not None else None
+        self._labels = list((self.weights or enum.DEFAULT).meta["categories"])
+        kwargs = dict(box_score_thresh=score_threshold, min_size=min_size, max_size=max_size)
+        if self.weights is None:
+            self.model = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
+        else:
+            self.model = self._load_pretrained(architecture, kwargs)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load_pretrained(self, architecture: str, kwargs: dict) -> nn.Module:
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(self.weights.url).path).name
+        try:
+            return torchvision.models.get_model(architecture, weights=self.weights, **kwargs)
+        except OSError as err:  # URLError when offline; a partial download
+            raise MissingWeightsError(
+                f"Could not load the oracle's weights {type(self.weights).__name__}.{self.weights.name} "
+                f"({err}). Download {self.weights.url} on a machine with network access and put it "
+                f"at {file} (the folder is $TORCH_HOME/hub/checkpoints), or set "
+                "model.init_args.oracle.init_args.weights: null for a random detector (tests only)."
+            ) from None
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return [name for name in self._labels if name not in ("__background__", "N/A")]
+
+    def describe(self) -> dict:
+        return {
+            "oracle": type(self).__name__,
+            "architecture": self.architecture,
+            "weights": self.weights_name,
+            "score_threshold": self.score_threshold,
+            "instances": self.instances,
+            "mask_threshold": self.mask_threshold,
+        }
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, categories: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = images.shape
+        slots = max(len(c) for c in categories)
+        masks = torch.zeros(batch, slots, height, width, dtype=torch.bool, device=images.device)
+        scores = torch.zeros(batch, slots, device=images.device)
+        # torchvision detectors take RGB floats in [0, 1] and normalise them themselves.
+        detections = self.model(list(images.float() / 255))
+        for b, (found, names) in enumerate(zip(detections, categories)):
+            for o, name in enumerate(names):
+                keep = (found["labels"] == self._labels.index(self.label_of(name))) & (
+                    found["scores"] >= self.score_threshold
+                )
+                if not keep.any():
+                    continue
+                instance_scores, instance_masks = found["scores"][keep], found["masks"][keep, 0] > self.mask_threshold
+                if self.instances == "top1":
+                    best = instance_scores.argmax()
+                    instance_scores, instance_masks = instance_scores[best : best + 1], instance_masks[best : best + 1]
+                masks[b, o] = instance_masks.any(0)
+                scores[b, o] = instance_scores.max()
+        return masks, scores
