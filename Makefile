@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := $(PY) -m grounded_diffusion
-OFFLINE := --config experiments/offline.yaml
+SCENES := --config experiments/scenes.yaml
 
 .PHONY: quickstart test install clean
 
@@ -20,9 +20,9 @@ install: $(STAMP)
 
 # The main job on the embedded offline default: procedural scenes -> triplet cache -> fit -> test.
 quickstart: $(STAMP)
-	$(RUN) predict $(OFFLINE)
-	$(RUN) fit $(OFFLINE)
-	$(RUN) test $(OFFLINE) --ckpt_path last --verbose false
+	$(RUN) predict $(SCENES)
+	$(RUN) fit $(SCENES)
+	$(RUN) test $(SCENES) --ckpt_path last --verbose false
 
 test: $(STAMP)
 	$(PY) -m pytest

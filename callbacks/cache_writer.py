@@ -7,7 +7,7 @@ import time
 import torch
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 
 from grounded_diffusion.data.cache import TripletCache, pack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
@@ -73,7 +73,11 @@ class TripletCacheWriter(BasePredictionWriter):
         self._show_speed(trainer)
 
     def _show_speed(self, trainer: Trainer) -> None:
+        """samples/s of this rank on the progress bar (Lightning's own counts batches)."""
+        rate = self.written / max(time.perf_counter() - self.started, 1e-9)
+        text = f"{rate:.2f} samples/s, {self.written} written"
         bar = trainer.progress_bar_callback
-        if isinstance(bar, TQDMProgressBar) and bar.predict_progress_bar is not None:
-            rate = self.written / max(time.perf_counter() - self.started, 1e-9)
-            bar.predict_progress_bar.set_postfix({"samples/s": f"{rate:.2f}", "written": self.written})
+        if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
+            bar.progress.update(bar.predict_progress_bar_id, description=f"{bar.predict_description} ({text})")
+        elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
+            bar.predict_progress_bar.set_postfix_str(text)

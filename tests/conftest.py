@@ -15,13 +15,13 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE = str(REPO / "experiments" / "offline.yaml")
+SCENES = str(REPO / "experiments" / "scenes.yaml")
 
 
-def offline_args(root: Path, counts: str = "{train: 24, val: 7, test: 9}", steps: int = 4) -> list[str]:
-    """CLI arguments that run experiments/offline.yaml small and inside ``root``."""
+def scenes_args(root: Path, counts: str = "{train: 24, val: 7, test: 9}", steps: int = 4) -> list[str]:
+    """CLI arguments that run experiments/scenes.yaml small and inside ``root``."""
     return [
-        "--config", OFFLINE,
+        "--config", SCENES,
         "--data.init_args.source.init_args.counts", counts,
         "--data.init_args.batch_size", "4",
         "--trainer.max_steps", str(steps),
@@ -46,7 +46,7 @@ def scene_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("offline")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sys.argv", ["grounded-diffusion"])
-        main(["predict", *offline_args(root)])
+        main(["predict", *scenes_args(root)])
     return root
 
 

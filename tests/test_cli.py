@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, offline_args
+from conftest import REPO, scenes_args
 from grounded_diffusion import lightning_entry
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
@@ -31,9 +31,9 @@ def test_predict_fit_test_end_to_end(scene_cache, capsys):
     assert {r["split"] for r in cache.manifest()} == {"train", "val", "test"}
     assert not list(Path(scene_cache).rglob("*.pkl")) and not list(Path(scene_cache).rglob("*.pt"))
 
-    main(["fit", *offline_args(scene_cache, steps=3)])
+    main(["fit", *scenes_args(scene_cache, steps=3)])
     assert (scene_cache / "checkpoints" / "last.ckpt").exists()
-    main(["test", *offline_args(scene_cache), "--ckpt_path", "last", "--verbose", "false"])
+    main(["test", *scenes_args(scene_cache), "--ckpt_path", "last", "--verbose", "false"])
     out = capsys.readouterr().out
     metrics_path = scene_cache / "report" / "metrics.json"
     assert out.strip().splitlines()[-1] == f"metrics: {metrics_path}"
@@ -48,13 +48,13 @@ def test_predict_fit_test_end_to_end(scene_cache, capsys):
 def test_checkpoints_hold_the_head_not_the_frozen_backbone(scene_cache):
     import torch
 
-    main(["fit", *offline_args(scene_cache, steps=2)])
+    main(["fit", *scenes_args(scene_cache, steps=2)])
     state = torch.load(scene_cache / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert state and all(k.startswith("head.") for k in state)
 
 
 def test_interrupted_cache_build_resumes_without_duplicates(tmp_path):
-    args = offline_args(tmp_path, counts="{train: 10, val: 3}")
+    args = scenes_args(tmp_path, counts="{train: 10, val: 3}")
     main(["predict", *args])
     cache = TripletCache(next(tmp_path.glob("cache-*")))
     lines = cache.manifest_path.read_text().splitlines()
@@ -73,7 +73,7 @@ def test_interrupted_cache_build_resumes_without_duplicates(tmp_path):
 
 def test_unknown_category_in_config_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *offline_args(tmp_path), "--data.init_args.unseen", "[rnig]", "--data.init_args.split", "null"])
+        main(["fit", *scenes_args(tmp_path), "--data.init_args.unseen", "[rnig]", "--data.init_args.split", "null"])
     assert "'rnig' (did you mean 'ring'" in str(exit_info.value.code)
     assert not list(tmp_path.iterdir())
 

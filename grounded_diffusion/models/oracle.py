@@ -64,7 +64,8 @@ class MaskRCNNOracle(Oracle):
         instances: ``union`` of all kept instances of a category, or ``top1``, its best instance
             only (the authors' code).
         mask_threshold: a pixel belongs to an instance where its mask probability exceeds this.
-        min_size / max_size: the detector's input resizing (torchvision's defaults: 800 / 1333).
+        detector_kwargs: passed to the torchvision builder, e.g. ``min_size`` / ``max_size``
+            (input resizing, default 800 / 1333) or ``box_detections_per_img``.
     """
 
     def __init__(
@@ -74,8 +75,7 @@ class MaskRCNNOracle(Oracle):
         score_threshold: float = 0.5,
         instances: str = "union",
         mask_threshold: float = 0.5,
-        min_size: int = 800,
-        max_size: int = 1333,
+        detector_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if instances not in INSTANCE_MODES:
@@ -85,7 +85,7 @@ class MaskRCNNOracle(Oracle):
         enum = torchvision.models.get_model_weights(architecture)
         self.weights = enum.verify(weights) if weights is not None else None
         self._labels = list((self.weights or enum.DEFAULT).meta["categories"])
-        kwargs = dict(box_score_thresh=score_threshold, min_size=min_size, max_size=max_size)
+        kwargs = {"box_score_thresh": score_threshold, **(detector_kwargs or {})}
         if self.weights is None:
             self.model = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
         else:
