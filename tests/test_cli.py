@@ -69,6 +69,7 @@ def test_interrupted_cache_build_resumes_without_duplicates(tmp_path):
     expected = [f"scene-train-{i:06d}" for i in range(10)] + [f"scene-val-{i:06d}" for i in range(3)]
     assert sorted(ids) == expected
     assert len(list(cache.samples_dir.glob("*.safetensors"))) == 13
+    assert not list(cache.samples_dir.glob(".*.tmp*"))
 
 
 def test_unknown_category_in_config_fails_before_any_work(tmp_path):

@@ -113,8 +113,10 @@ class TripletCache:
             os.close(fd)
 
     def repair(self) -> None:
-        """Cut a torn last manifest line (a write interrupted mid-line) so that appends start on
-        a fresh line. Call it from one process before a build writes."""
+        """Clear what an interrupted build left: temporary sample files, and a torn last manifest
+        line (so that appends start on a fresh line). Call it from one process before a build."""
+        for leftover in self.samples_dir.glob(".*.tmp*"):
+            leftover.unlink(missing_ok=True)
         if not self.manifest_path.exists():
             return
         data = self.manifest_path.read_bytes()

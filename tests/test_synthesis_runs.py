@@ -1,0 +1,156 @@
+"""Synthesis as a predict run: the cache it writes, both storage modes, resume after a real kill,
+two DDP processes, and the config-time errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from conftest import REPO
+from datamodules.triplets import TripletDataModule
+from grounded_diffusion.cli import main
+from grounded_diffusion.data.cache import TripletCache
+from grounded_diffusion.data.prompts import GROUPS
+
+FEATURES_WRITER = "[{class_path: callbacks.cache_writer.TripletCacheWriter, init_args: {storage: features}}]"
+
+
+def synth_args(root: Path, config: str = "pascal_split1_test", per_group: int = 2, batch_size: int = 4) -> list[str]:
+    """A synthesis config run offline, small and short (6 DDIM steps, capture at t=2)."""
+    return [
+        "--config", str(REPO / "experiments" / "synth" / f"{config}.yaml"),
+        "--config", str(REPO / "experiments" / "offline.yaml"),
+        "--data.init_args.max_per_group", str(per_group),
+        "--data.init_args.batch_size", str(batch_size),
+        "--model.init_args.backbone.num_inference_steps", "6",
+        "--model.init_args.backbone.capture_step", "2",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def expected_ids(per_group: int) -> list[str]:
+    return sorted(f"test-{g}-{i:06d}" for g in GROUPS for i in range(per_group))
+
+
+def cache_in(root: Path) -> TripletCache:
+    return TripletCache(next(root.glob("cache-*")))
+
+
+@pytest.fixture(scope="module")
+def latents_cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth-latents")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["grounded-diffusion"])
+        main(["predict", *synth_args(root)])
+    return root
+
+
+def test_synthesis_writes_every_requested_sample_with_all_its_parts(latents_cache):
+    cache = cache_in(latents_cache)
+    records = cache.manifest()
+    assert sorted(r["id"] for r in records) == expected_ids(2)
+    assert {r["group"] for r in records} == set(GROUPS)
+    metadata = cache.metadata()
+    assert metadata["storage"] == "latents" and metadata["oracle"]["oracle"] == "MaskRCNNOracle"
+    tensors, file_metadata = cache.load(records[-1]["id"])
+    objects = len(records[-1]["categories"])
+    assert set(tensors) == {"latents", "timestep", "image", "masks", "daam", "oracle_scores"}
+    assert tensors["latents"].shape == (4, 16, 16) and tensors["latents"].dtype == torch.float32
+    assert int(tensors["timestep"]) == metadata["capture_timestep"]
+    assert tensors["image"].shape == (3, 128, 128) and tensors["image"].dtype == torch.uint8
+    assert file_metadata["mask_shape"] == f"{objects},128,128"
+    assert tensors["daam"].shape == (objects, 16, 16) and tensors["oracle_scores"].shape == (objects,)
+
+
+def test_replayed_features_equal_stored_features(latents_cache, tmp_path):
+    """The same config in ``features`` storage; replaying the latents through the module's frozen
+    UNet gives the stored features within fp16 rounding (rtol 2^-10, atol 1e-3)."""
+    main(["predict", *synth_args(tmp_path), "--trainer.callbacks", FEATURES_WRITER])
+    stored_cache, replay_cache = cache_in(tmp_path), cache_in(latents_cache)
+    assert stored_cache.metadata()["storage"] == "features"
+
+    from lightning_modules.grounding import GroundingModule
+    from grounded_diffusion.models.backbone import BackboneConfig
+
+    config = BackboneConfig(branches="uncond+cond", num_inference_steps=6, capture_step=2)
+    module = GroundingModule(backbone=config)
+    ids = [r["id"] for r in replay_cache.manifest()]
+    batches = []
+    for cache in (stored_cache, replay_cache):
+        data = TripletDataModule(str(cache.root), vocabulary="pascal", split=1, max_objects=2)
+        samples = data._split_samples(cache.manifest(), "test")
+        order = {s: i for i, s in enumerate(r["id"] for r in samples.records)}
+        batches.append(default_collate([samples[order[i]] for i in ids]))  # as the DataLoader
+    stored, replayed = module._features(batches[0]), module._features(batches[1])
+    assert len(stored) == len(replayed) == 4
+    for s, r in zip(stored, replayed):
+        torch.testing.assert_close(r.float(), s.float(), rtol=2**-10, atol=1e-3)
+    for key in ("image", "masks", "daam"):
+        torch.testing.assert_close(batches[0][key], batches[1][key], atol=1e-3, rtol=0)
+
+
+def test_training_replays_latents(latents_cache):
+    main(["predict", *synth_args(latents_cache, "pascal_split1_train")])
+    assert {r["split"] for r in cache_in(latents_cache).manifest()} == {"train", "val", "test"}
+    fit = [
+        "fit", "--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(latents_cache)[2:],
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2",
+    ]  # fmt: skip
+    main(fit)
+    assert (latents_cache / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_killed_build_resumes_to_exactly_the_requested_ids(tmp_path):
+    args = synth_args(tmp_path, per_group=4, batch_size=2)
+    command = [sys.executable, "-m", "grounded_diffusion", "predict", *args]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            manifest = next(tmp_path.glob("cache-*/manifest.jsonl"), None)
+            if manifest is not None and len(manifest.read_bytes().splitlines()) >= 5:
+                break
+            assert process.poll() is None, "the build ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    written = len(manifest.read_bytes().splitlines())
+    assert 5 <= written < 20  # killed mid-build
+
+    main(["predict", *args])
+    lines = manifest.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert sorted(ids) == expected_ids(4)  # none duplicated, none lost
+    cache = cache_in(tmp_path)
+    for sample_id in ids:
+        cache.load(sample_id)  # every file is complete
+    assert not list(cache.samples_dir.glob(".*.tmp*"))  # a killed write's temp file is cleared
+
+
+def test_two_ddp_processes_write_exactly_the_requested_ids(tmp_path):
+    main(["predict", *synth_args(tmp_path, per_group=3, batch_size=2), "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"])
+    lines = cache_in(tmp_path).manifest_path.read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == expected_ids(3)
+
+
+def test_synthesis_of_categories_the_oracle_cannot_label_fails_at_config_time(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", *synth_args(tmp_path), "--data.init_args.vocabulary", "scenes"])
+    assert "cannot label" in str(info.value.code) and "'disc'" in str(info.value.code)
+    assert not list(tmp_path.glob("cache-*"))
+
+
+def test_synthesis_without_an_oracle_says_what_to_set(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", *synth_args(tmp_path), "--model.init_args.oracle", "null"])
+    assert "needs model.init_args.oracle" in str(info.value.code)
