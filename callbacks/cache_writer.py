@@ -49,18 +49,10 @@ class TripletCacheWriter(BasePredictionWriter):
         self.started, self.written = time.perf_counter(), 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        timestep = pl_module.backbone.timestep
         for i, sample_id in enumerate(prediction["id"]):
             categories = prediction["categories"][i]
-            bits, shape = pack_masks(prediction["masks"][i, : len(categories)])
-            tensors = {"masks": bits, "image": prediction["image"][i]}
-            if self.storage == "features":
-                tensors.update({f"features.{g}": f[i].half() for g, f in enumerate(prediction["features"])})
-            else:
-                tensors.update(latents=prediction["latents"][i], timestep=torch.tensor(pl_module.backbone.timestep))
-            if prediction.get("daam") is not None:
-                tensors["daam"] = prediction["daam"][i, : len(categories)].half()
-            if "oracle_scores" in prediction:
-                tensors["oracle_scores"] = prediction["oracle_scores"][i, : len(categories)].float()
+            tensors, metadata = sample_tensors(prediction, i, self.storage, timestep)
             record = {
                 "id": sample_id,
                 "prompt": prediction["prompt"][i],
@@ -68,7 +60,7 @@ class TripletCacheWriter(BasePredictionWriter):
                 "split": prediction["split"][i],
                 "group": group_of(categories, self.unseen),
             }
-            self.cache.write(record, tensors, {"mask_shape": shape})
+            self.cache.write(record, tensors, metadata)
         self.written += len(prediction["id"])
         self._show_speed(trainer)
 
@@ -81,3 +73,19 @@ class TripletCacheWriter(BasePredictionWriter):
             bar.progress.update(bar.predict_progress_bar_id, description=f"{bar.predict_description} ({text})")
         elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
             bar.predict_progress_bar.set_postfix_str(text)
+
+
+def sample_tensors(prediction: dict, i: int, storage: str, timestep: int) -> tuple[dict, dict]:
+    """The tensors (and file metadata) of sample ``i`` of a prediction batch, as the cache keeps them."""
+    num_objects = len(prediction["categories"][i])
+    bits, shape = pack_masks(prediction["masks"][i, :num_objects])
+    tensors = {"masks": bits, "image": prediction["image"][i]}
+    if storage == "features":
+        tensors.update({f"features.{g}": f[i].half() for g, f in enumerate(prediction["features"])})
+    else:
+        tensors.update(latents=prediction["latents"][i].float(), timestep=torch.tensor(timestep))
+    if prediction.get("daam") is not None:
+        tensors["daam"] = prediction["daam"][i, :num_objects].half()
+    if "oracle_scores" in prediction:
+        tensors["oracle_scores"] = prediction["oracle_scores"][i, :num_objects].float()
+    return tensors, {"mask_shape": shape}

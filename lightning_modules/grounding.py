@@ -148,8 +148,7 @@ class GroundingModule(LightningModule):
         if "features" in batch:
             return batch["features"]
         # Replay storage: the frozen UNet recomputes the features from the stored latent.
-        prompt_embeds = self.backbone.encode_prompts(batch["prompt"])
-        return self.backbone.unet_features(batch["latents"], batch["timestep"], prompt_embeds)
+        return self.backbone.replay_features(batch["latents"], batch["timestep"], batch["prompt"])
 
     def _logits(self, batch: dict) -> Tensor:
         return self(self._features(batch), batch["categories"], batch["masks"].shape[-2:])

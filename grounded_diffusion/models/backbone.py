@@ -116,14 +116,18 @@ def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_s
 class StableDiffusionBackbone(nn.Module):
     """Frozen SD: text embeddings, VAE encoding, and UNet features grouped by resolution."""
 
-    def __init__(self, config: BackboneConfig | None = None) -> None:
+    def __init__(self, config: BackboneConfig | None = None, pipeline: StableDiffusionPipeline | None = None) -> None:
+        """``pipeline``: an already loaded pipeline to use instead of ``config.model_id``."""
         super().__init__()
         self.config = config = config or BackboneConfig()
         if config.dtype not in DTYPES:
             raise ConfigError(f"dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
         if config.branches not in BRANCHES:
             raise ConfigError(f"branches '{config.branches}' is not one of {BRANCHES}")
-        pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
+        if pipeline is not None:
+            pipe = pipeline if pipeline.unet.dtype == DTYPES[config.dtype] else pipeline.to(dtype=DTYPES[config.dtype])
+        else:
+            pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         self.tokenizer, self.scheduler_config = pipe.tokenizer, dict(pipe.scheduler.config)
         self.requires_grad_(False)
@@ -207,6 +211,10 @@ class StableDiffusionBackbone(nn.Module):
         if self.config.branches == "uncond+cond":
             features = [torch.cat(f.chunk(2), dim=1) for f in features]
         return group_by_resolution(features)
+
+    def replay_features(self, latents: Tensor, timesteps: Tensor, prompts: Sequence[str]) -> list[Tensor]:
+        """Features of a ``latents`` cache: the stored capture-step latents through the UNet again."""
+        return self.unet_features(latents, timesteps, self.encode_prompts(prompts))
 
     def feature_channels(self) -> list[int]:
         """Channels of each resolution group (coarse first), read off one dummy forward."""

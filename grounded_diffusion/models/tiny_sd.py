@@ -65,8 +65,18 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=49407,
         )
     )
-    # SD-1.x's scheduler configuration.
-    scheduler = DDIMScheduler(
+    # Like SD's 0.18215: scale latents to unit variance over sample images (procedural scenes),
+    # so that noise at the capture step does not drown the image.
+    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
+    with torch.no_grad():
+        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return assemble_pipeline(unet, vae, text_encoder)
+
+
+def sd15_scheduler() -> DDIMScheduler:
+    """SD-1.x's scheduler configuration, sampling with DDIM."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -74,12 +84,9 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    # Like SD's 0.18215: scale latents to unit variance over sample images (procedural scenes),
-    # so that noise at the capture step does not drown the image.
-    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
-    with torch.no_grad():
-        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+
+
+def assemble_pipeline(unet, vae, text_encoder) -> StableDiffusionPipeline:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
     return StableDiffusionPipeline(
@@ -87,11 +94,32 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's architecture (UNet 860 M, CLIP ViT-L/14 text encoder, SD's VAE) with
+    random weights: the real shapes and costs, for benchmarks of size and speed."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.x's
+    vae = AutoencoderKL(
+        sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    )  # fmt: skip
+    return assemble_pipeline(unet, vae, text_encoder)
 
 
 def ensure_tiny_stable_diffusion(cache_root: str | Path | None = None) -> Path:
