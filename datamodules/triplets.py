@@ -89,6 +89,9 @@ class TripletDataModule(LightningDataModule):
         max_per_group: int | None = None,
     ) -> None:
         super().__init__()
+        # One process in the whole job prepares the source and repairs the cache (both live on a
+        # filesystem every node sees); the others wait at Lightning's pre-setup barrier.
+        self.prepare_data_per_node = False
         self.category_split = CategorySplit.named(vocabulary, split, unseen)
         self.cache = TripletCache(cache_dir)
         self.source = source
@@ -107,7 +110,7 @@ class TripletDataModule(LightningDataModule):
         return self.category_split.unseen
 
     def prepare_data(self) -> None:
-        # Runs on one process per node: the place to generate or check the source folder.
+        # The place to generate or check the source folder.
         if self.trainer is not None and self.trainer.state.fn == "predict":
             if self.source is None:
                 raise ConfigError("predict builds the cache from data.source, which is not set")

@@ -102,3 +102,16 @@ def test_lightning_script_without_lightning_sdk_says_what_to_install(monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         lightning_entry.main(["studio"])
     assert "pip install lightning-sdk" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("synth", sorted((REPO / "experiments" / "synth").glob("*.yaml")), ids=lambda p: p.stem)
+def test_synthesis_configs_feed_their_training_config(synth):
+    """A fit config trains on the cache its synthesis configs write, with the same backbone."""
+    import yaml
+
+    fit_name = synth.stem.rsplit("_", 1)[0]
+    fit, built = (yaml.safe_load(p.read_text()) for p in (REPO / "experiments" / f"{fit_name}.yaml", synth))
+    assert fit["data"]["init_args"]["cache_dir"] == built["data"]["init_args"]["cache_dir"]
+    for key in ("vocabulary", "split"):
+        assert fit["data"]["init_args"][key] == built["data"]["init_args"][key]
+    assert fit["model"]["init_args"]["backbone"] == built["model"]["init_args"]["backbone"]

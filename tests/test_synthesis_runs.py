@@ -143,6 +143,16 @@ def test_two_ddp_processes_write_exactly_the_requested_ids(tmp_path):
     assert sorted(json.loads(line)["id"] for line in lines) == expected_ids(3)
 
 
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "experiments" / "synth").glob("*.yaml")))
+def test_every_synthesis_config_runs_offline(config, tmp_path):
+    main(["predict", *synth_args(tmp_path, config, per_group=1), "--model.init_args.backbone.num_inference_steps", "2",
+          "--model.init_args.backbone.capture_step", "1"])  # fmt: skip
+    records = cache_in(tmp_path).manifest()
+    kind = config.rsplit("_", 1)[1]
+    assert {r["split"] for r in records} == ({"train", "val"} if kind == "train" else {"test"})
+    assert len(records) == (4 if kind == "train" else 5)
+
+
 def test_synthesis_of_categories_the_oracle_cannot_label_fails_at_config_time(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["predict", *synth_args(tmp_path), "--data.init_args.vocabulary", "scenes"])
