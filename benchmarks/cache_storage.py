@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import synchronize
 from torch.utils.data import DataLoader
 
 from callbacks.cache_writer import sample_tensors
@@ -29,11 +30,6 @@ from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.tiny_sd import build_sd15_shaped_stable_diffusion
 
 PROMPT = "a photograph of a dog and a cat"
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def evict(paths) -> None:

@@ -7,23 +7,11 @@ authors' code runs at batch size 1).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_time
 
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -41,10 +29,11 @@ def main() -> None:
     embeds = backbone.encode_prompts(["a photograph of a dog and a cat"] * args.batch)
     t = torch.full((args.batch,), backbone.timestep, device=device)
 
-    batched = best_time(lambda: backbone.unet_features(latents, t, embeds), args.repeats)
+    batched = best_time(lambda: backbone.unet_features(latents, t, embeds), args.repeats, warmup=True)
     singles = best_time(
         lambda: [backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)],
         args.repeats,
+        warmup=True,
     )
     print(f"model {args.model_id} ({args.dtype}) on {device}, batch {args.batch}, latent {size}x{size}")
     print(f"batched:     {args.batch / batched:8.1f} samples/s")

@@ -10,9 +10,9 @@ On the embedded backbone the oracle is a random Mask R-CNN at 128 px (as experim
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_time
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
@@ -21,20 +21,6 @@ from grounded_diffusion.models.oracle import MaskRCNNOracle
 
 OFFLINE_DETECTOR = {"min_size": 128, "max_size": 128, "rpn_pre_nms_top_n_test": 100,
                     "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 10}  # fmt: skip
-
-
-def seconds(fn, repeats: int = 1) -> float:
-    """Best of ``repeats`` wall times."""
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -62,12 +48,12 @@ def main() -> None:
         oracle(generation.images, words[lo:hi])
 
     synthesise(0, 1)  # warm-up
-    batched = seconds(lambda: synthesise(0, args.batch))
-    singles = seconds(lambda: [synthesise(i, i + 1) for i in range(args.batch)])
-    untraced = seconds(lambda: backbone.generate(prompts, seeds, 7.5, None), repeats=3)
-    traced = seconds(lambda: backbone.generate(prompts, seeds, 7.5, words), repeats=3)
+    batched = best_time(lambda: synthesise(0, args.batch))
+    singles = best_time(lambda: [synthesise(i, i + 1) for i in range(args.batch)])
+    untraced = best_time(lambda: backbone.generate(prompts, seeds, 7.5, None), repeats=3)
+    traced = best_time(lambda: backbone.generate(prompts, seeds, 7.5, words), repeats=3)
     images = backbone.generate(prompts, seeds, 7.5, None).images
-    labelling = seconds(lambda: oracle(images, words))
+    labelling = best_time(lambda: oracle(images, words))
 
     n = args.batch
     print(f"{args.model_id} ({args.dtype}) on {device}, {args.steps} DDIM steps, guidance 7.5, batch {n}")

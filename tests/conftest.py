@@ -38,15 +38,21 @@ def backbone():
     return StableDiffusionBackbone()
 
 
+def run_cli(args: list[str]) -> None:
+    """``main(args)`` with a plain sys.argv, for fixtures wider than a test (``plain_argv`` below
+    only covers tests)."""
+    from grounded_diffusion.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["grounded-diffusion"])
+        main(args)
+
+
 @pytest.fixture(scope="session")
 def scene_cache(tmp_path_factory) -> Path:
     """A small cache built by the real predict run; returns the run folder (trainer.default_root_dir)."""
-    from grounded_diffusion.cli import main
-
     root = tmp_path_factory.mktemp("offline")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", ["grounded-diffusion"])
-        main(["predict", *scenes_args(root)])
+    run_cli(["predict", *scenes_args(root)])
     return root
 
 

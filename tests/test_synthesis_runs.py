@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from datamodules.triplets import TripletDataModule
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
@@ -47,9 +47,7 @@ def cache_in(root: Path) -> TripletCache:
 @pytest.fixture(scope="module")
 def latents_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth-latents")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", ["grounded-diffusion"])
-        main(["predict", *synth_args(root)])
+    run_cli(["predict", *synth_args(root)])
     return root
 
 

@@ -43,15 +43,7 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        sample_size=128,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    vae = sd_vae(sample_size=128, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -72,6 +64,13 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return assemble_pipeline(unet, vae, text_encoder)
+
+
+def sd_vae(**config) -> AutoencoderKL:
+    """SD's VAE layout (4 levels: 8x downsampling, 4 latent channels) at the given widths."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, **config
+    )
 
 
 def sd15_scheduler() -> DDIMScheduler:
@@ -106,15 +105,7 @@ def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline
     random weights: the real shapes and costs, for benchmarks of size and speed."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.x's
-    vae = AutoencoderKL(
-        sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        scaling_factor=0.18215,
-    )
+    vae = sd_vae(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
