@@ -23,8 +23,8 @@ class TripletCacheWriter(BasePredictionWriter):
     Args:
         storage: ``features`` keeps the captured UNet features (fp16); ``latents`` keeps the
             latent the UNet saw at the capture step (fp32) and its timestep, from which training
-            recomputes the features (~1/500 of the size at SD-1.5 shapes). Both keep the image,
-            the masks (bit-packed), oracle scores and DAAM heat maps.
+            recomputes the features (74x smaller at SD-1.5 shapes; what is left is mostly the
+            image). Both keep the image, the masks (bit-packed), oracle scores and DAAM maps.
     """
 
     def __init__(self, storage: str = "features") -> None:

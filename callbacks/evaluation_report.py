@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning import Callback, LightningModule, Trainer
 from PIL import Image
 

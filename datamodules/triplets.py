@@ -8,7 +8,6 @@ validation and test see every sample of their split exactly once, also under DDP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 
 import torch
