@@ -16,7 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.cache import TripletCache, unpack_masks
-from grounded_diffusion.data.prompts import PromptSet
+from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.data.sources import collate_samples, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
@@ -41,6 +41,7 @@ class TripletSamples(Dataset):
         sample = {
             "id": record["id"],
             "prompt": record["prompt"],
+            "group": record.get("group") or group_of(record["categories"], self.split.unseen),
             "masks": pad_objects(unpack_masks(tensors["masks"], metadata["mask_shape"]), self.max_objects),
             "categories": torch.tensor(categories),
             "image": tensors["image"],

@@ -1,19 +1,26 @@
 """Segmentation metrics over object slots.
 
-The paper's mIoU is class-averaged over the whole set: for each category, the intersection and
-union are summed over every (image, object) of that category, then IoU = sum(I) / sum(U), then the
-mean over categories. (torchmetrics' ``segmentation.MeanIoU`` averages per-image IoUs instead,
-which is a different number.) States are integer sums, so DDP reduction is exact.
+The paper's mIoU (``miou``) is class-averaged over the whole set: for each category, the
+intersection and union are summed over every (image, object) of that category, then
+IoU = sum(I) / sum(U), then the mean over categories. (torchmetrics' ``segmentation.MeanIoU``
+averages per-image IoUs instead, which is a different number.) Its states are integer sums, so
+DDP reduction is exact.
+
+DAAM's paper reports another number, here ``image_noun_miou``: the IoU of every (image, noun)
+pair, averaged over pairs (``daam.evaluate.MeanEvaluator``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
+from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.data.vocabulary import CategorySplit
 
 
@@ -42,6 +49,68 @@ class CategoryIoU(Metric):
     def compute(self) -> Tensor:
         union = self.union.double()
         return torch.where(union > 0, self.intersection.double() / union.clamp(min=1), math.nan)
+
+
+class ImageNounIoU(Metric):
+    """Mean over (image, object) pairs of the pair's IoU; an empty union counts as 0, as in
+    ``daam.evaluate.compute_iou`` (I / (U + 1e-8)). Same ``update`` as ``CategoryIoU``."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, categories: Tensor) -> None:
+        valid = categories >= 0
+        preds, target = preds.bool()[valid].flatten(1), target.bool()[valid].flatten(1)
+        intersection, union = (preds & target).sum(1).double(), (preds | target).sum(1).double()
+        self.total += (intersection / (union + 1e-8)).sum()
+        self.count += int(valid.sum())
+
+    def compute(self) -> Tensor:
+        return self.total / self.count if self.count > 0 else torch.tensor(math.nan, dtype=torch.float64)
+
+
+class GroupedIoU(nn.Module):
+    """Both metrics for several methods (ours, DAAM, trivial predictors), per Table-1 group
+    (``one_seen`` ... ``two_unseen``) and over the whole set (``all``)."""
+
+    def __init__(self, num_categories: int, methods: Sequence[str], groups: Sequence[str] = GROUPS) -> None:
+        super().__init__()
+        self.methods, self.groups = list(methods), [*groups, "all"]
+        keys = [self._key(m, g) for m in self.methods for g in self.groups]
+        self.category_iou = nn.ModuleDict({k: CategoryIoU(num_categories) for k in keys})
+        self.image_noun_iou = nn.ModuleDict({k: ImageNounIoU() for k in keys})
+
+    @staticmethod
+    def _key(method: str, group: str) -> str:
+        return f"{method}__{group}".replace(".", "p")  # module names may not hold dots
+
+    def update(self, method: str, preds: Tensor, target: Tensor, categories: Tensor, groups: Sequence[str]) -> None:
+        for group in [*sorted(set(groups)), "all"]:
+            rows = torch.tensor([group in (g, "all") for g in groups], device=preds.device)
+            key = self._key(method, group)
+            self.category_iou[key].update(preds[rows], target[rows], categories[rows])
+            self.image_noun_iou[key].update(preds[rows], target[rows], categories[rows])
+
+    def compute(self, split: CategorySplit) -> dict[str, dict[str, dict]]:
+        """{method: {group: summarize_iou(...) + image_noun_miou}}; every rank must call it."""
+        results: dict[str, dict[str, dict]] = {}
+        with warnings.catch_warnings():  # a group no sample belongs to is expected, and NaN
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            for method in self.methods:
+                for group in self.groups:
+                    key = self._key(method, group)
+                    summary = summarize_iou(self.category_iou[key].compute(), split)
+                    summary["image_noun_miou"] = float(self.image_noun_iou[key].compute()) * 100
+                    results.setdefault(method, {})[group] = summary
+        return results
+
+    def reset(self) -> None:
+        for metric in [*self.category_iou.values(), *self.image_noun_iou.values()]:
+            metric.reset()
 
 
 def harmonic_mean(a: float, b: float) -> float:

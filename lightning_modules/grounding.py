@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from lightning import LightningModule
@@ -12,14 +14,13 @@ from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
-from grounded_diffusion.metrics import CategoryIoU, summarize_iou
+from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
-from grounded_diffusion.models.daam import DAAMTracer, word_token_table
+from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps, word_token_table
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 
-STAGES = ("val", "test")
-BASELINES = ("all_foreground", "all_background")
+TRIVIAL = ("all_foreground", "all_background")
 REAL_IMAGE_MODES = ("noise", "ddim_inversion")
 
 
@@ -35,6 +36,9 @@ class GroundingModule(LightningModule):
         ignore_zero_masks: train without zero masks (paper §4.3); False = "normal training".
         lr / weight_decay / betas: Adam, the paper's defaults.
         mask_threshold: a pixel belongs to the object where sigmoid(logit) > this.
+        daam_threshold: τ of the DAAM baseline (its normalised heat map > τ), 0.4 as Tang et al.
+        daam_thresholds: a grid of τ to choose DAAM's threshold on seen categories only; the test
+            then also reports DAAM at the τ with the best seen mIoU (``daam_tuned``).
         real_image_mode: how images reach the capture step: ``noise`` or ``ddim_inversion``.
     """
 
@@ -49,6 +53,8 @@ class GroundingModule(LightningModule):
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         mask_threshold: float = 0.5,
+        daam_threshold: float = 0.4,
+        daam_thresholds: list[float] | None = None,
         real_image_mode: str = "noise",
     ) -> None:
         super().__init__()
@@ -68,10 +74,16 @@ class GroundingModule(LightningModule):
             self.head_config,
         )
 
+    @property
+    def daam_methods(self) -> dict[str, float]:
+        """DAAM at the configured τ, and at every τ of the tuning grid."""
+        grid = self.hparams.daam_thresholds or []
+        return {"daam": self.hparams.daam_threshold, **{f"daam@{t:g}": t for t in grid}}
+
     def configure_metrics(self) -> None:
         num = len(self.category_split.categories)
-        self.metrics = nn.ModuleDict({stage: CategoryIoU(num) for stage in STAGES})
-        self.baselines = nn.ModuleDict({name: CategoryIoU(num) for name in BASELINES})
+        self.val_iou = CategoryIoU(num)
+        self.test_iou = GroupedIoU(num, ["ours", *self.daam_methods, *TRIVIAL])
 
     def check_datamodule(self, datamodule) -> None:
         """Config-time check (the CLI calls it before any run): synthesis needs an oracle that
@@ -169,39 +181,62 @@ class GroundingModule(LightningModule):
         logits = self._logits(batch)
         loss = grounding_loss(logits, batch["masks"], batch["categories"], ignore_zero_masks=False)
         self.log(f"{stage}/loss", loss, batch_size=len(batch["id"]), sync_dist=True)
-        preds = logits.sigmoid() > self.hparams.mask_threshold
-        self.metrics[stage].update(preds, batch["masks"], batch["categories"])
-        return preds
+        return logits.sigmoid() > self.hparams.mask_threshold
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
-        preds = self._evaluate(batch, "test")
-        masks, categories = batch["masks"], batch["categories"]
-        self.baselines["all_foreground"].update(torch.ones_like(masks), masks, categories)
-        self.baselines["all_background"].update(torch.zeros_like(masks), masks, categories)
+        preds = self._evaluate(batch, "val")
+        self.val_iou.update(preds, batch["masks"], batch["categories"])
         return preds
 
-    def _summarize(self, stage: str) -> dict:
-        # compute() syncs the summed states across ranks: every rank must call it.
-        summary = summarize_iou(self.metrics[stage].compute(), self.category_split)
-        self.metrics[stage].reset()
-        logged = {f"{stage}/{k}": v for k, v in summary.items() if k != "per_category"}
-        logged.update({f"{stage}/iou/{c}": v for c, v in summary["per_category"].items()})
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """Ours, DAAM (from the cached heat maps) and the trivial predictors on the same samples."""
+        preds = self._evaluate(batch, "test")
+        masks = batch["masks"]
+        update = partial(self.test_iou.update, target=masks, categories=batch["categories"], groups=batch["group"])
+        update("ours", preds)
+        update("all_foreground", torch.ones_like(masks))
+        update("all_background", torch.zeros_like(masks))
+        if "daam" in batch:
+            heat = normalized_heat_maps(batch["daam"], masks.shape[-2:])
+            for method, threshold in self.daam_methods.items():
+                update(method, heat > threshold)
+        return preds
+
+    def _log_summary(self, prefix: str, summary: dict) -> None:
+        logged = {f"{prefix}/{k}": v for k, v in summary.items() if k != "per_category"}
+        logged.update({f"{prefix}/iou/{c}": v for c, v in summary["per_category"].items()})
         self.log_dict(logged)
-        return summary
 
     def on_validation_epoch_end(self) -> None:
-        self.results["val"] = self._summarize("val")
+        # compute() syncs the summed states across ranks: every rank must call it.
+        summary = summarize_iou(self.val_iou.compute(), self.category_split)
+        self.val_iou.reset()
+        self._log_summary("val", summary)
+        self.results["val"] = summary
 
     def on_test_epoch_end(self) -> None:
-        summary = self._summarize("test")
-        summary["baselines"] = {}
-        for name, metric in self.baselines.items():
-            summary["baselines"][name] = summarize_iou(metric.compute(), self.category_split)
-            metric.reset()
-        self.results["test"] = summary
+        table = self.test_iou.compute(self.category_split)
+        self.test_iou.reset()
+        self._log_summary("test", table["ours"]["all"])
+        for method in ("ours", "daam"):
+            for group, summary in table[method].items():
+                self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in ("miou", "image_noun_miou")})
+        results = {
+            **table["ours"]["all"],
+            "baselines": {m: table[m]["all"] for m in ("daam", *TRIVIAL)},
+            "groups": {m: table[m] for m in ("ours", "daam")},
+            "daam_threshold": self.hparams.daam_threshold,
+        }
+        grid = {t: table[m]["all"]["seen_miou"] for m, t in list(self.daam_methods.items())[1:]}
+        finite = {t: v for t, v in grid.items() if not math.isnan(v)}
+        if finite:  # τ chosen on seen categories only, then reported on every group
+            best = max(finite, key=finite.get)
+            results["daam_tuned"] = {
+                "threshold": best,
+                "seen_miou_by_threshold": grid,
+                "groups": table[f"daam@{best:g}"],
+            }
+        self.results["test"] = results
 
     # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1) -----
 

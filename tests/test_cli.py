@@ -39,7 +39,9 @@ def test_predict_fit_test_end_to_end(scene_cache, capsys):
     assert out.strip().splitlines()[-1] == f"metrics: {metrics_path}"
     metrics = json.loads(metrics_path.read_text())
     assert {"seen_miou", "unseen_miou", "harmonic_miou", "per_category", "baselines"} <= set(metrics)
-    assert set(metrics["baselines"]) == {"all_foreground", "all_background"}
+    assert set(metrics["baselines"]) == {"daam", "all_foreground", "all_background"}
+    assert set(metrics["groups"]["daam"]) == {"one_seen", "two_seen", "one_unseen", "two_seen_unseen", "two_unseen", "all"}
+    assert metrics["groups"]["daam"]["all"]["miou"] > 0
     assert metrics["baselines"]["all_background"]["seen_miou"] == 0
     overlays = list((scene_cache / "report" / "overlays").glob("*.png"))
     assert len(overlays) == 8

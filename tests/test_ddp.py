@@ -11,7 +11,7 @@ from grounded_diffusion.models.grounding_head import HeadConfig
 from lightning_modules.grounding import GroundingModule
 
 
-def validate(cache_dir, devices):
+def evaluate(cache_dir, devices, stage="validate"):
     seed_everything(0)
     model = GroundingModule(head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
     data = TripletDataModule(cache_dir, vocabulary="scenes", split=1, batch_size=2)
@@ -24,16 +24,29 @@ def validate(cache_dir, devices):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    return trainer.validate(model, data)[0]
+    return getattr(trainer, stage)(model, data)[0]
 
 
 def test_two_process_validation_equals_one_process(scene_cache):
     cache_dir = str(next(scene_cache.glob("cache-*")))
-    single = validate(cache_dir, devices=1)
-    double = validate(cache_dir, devices=2)
+    single = evaluate(cache_dir, devices=1)
+    double = evaluate(cache_dir, devices=2)
     iou_keys = [k for k in single if k.startswith("val/iou/") or k.endswith("miou")]
     assert len(iou_keys) == 8 + 4
     for key in iou_keys:
         a, b = single[key], double[key]
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), key
     assert torch.isfinite(torch.tensor(single["val/seen_miou"]))
+
+
+def test_two_process_test_equals_one_process_per_group_with_daam(scene_cache):
+    """Table-1 numbers (ours and DAAM, per group, both metrics) do not depend on the process count."""
+    cache_dir = str(next(scene_cache.glob("cache-*")))
+    single = evaluate(cache_dir, devices=1, stage="test")
+    double = evaluate(cache_dir, devices=2, stage="test")
+    keys = [k for k in single if k.startswith(("test/ours/", "test/daam/"))]
+    assert len(keys) == 2 * 6 * 2  # methods x (5 groups + all) x (miou, image_noun_miou)
+    assert not math.isnan(single["test/daam/all/miou"])
+    for key in keys:
+        a, b = single[key], double[key]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), key

@@ -69,3 +69,36 @@ def test_loss_with_nothing_to_learn_is_zero_but_differentiable():
     loss = grounding_loss(logits, torch.zeros(1, 1, 2, 2), torch.tensor([[0]]), ignore_zero_masks=True)
     loss.backward()
     assert loss.item() == 0 and logits.grad is not None
+
+
+def test_image_noun_miou_averages_pairs_and_grouped_iou_splits_by_group():
+    """The hand-computed case above: pairs (image 0, cat 0) IoU 1, (image 1, cat 0) IoU 1/3,
+    (image 1, cat 1) IoU 2/3 -> DAAM's mean over pairs 2/3; class-averaged mIoU (1/2 + 2/3) / 2."""
+    from grounded_diffusion.metrics import GroupedIoU, ImageNounIoU
+
+    preds = masks_from([[[[1, 0, 0, 0]], [[0, 0, 0, 0]]], [[[1, 1, 1, 0]], [[1, 1, 0, 0]]]])
+    target = masks_from([[[[1, 0, 0, 0]], [[0, 0, 0, 0]]], [[[1, 0, 0, 0]], [[1, 1, 1, 0]]]])
+    categories = torch.tensor([[0, -1], [0, 1]])
+    pairs = ImageNounIoU()
+    pairs.update(preds, target, categories)
+    assert math.isclose(pairs.compute().item(), (1 + 1 / 3 + 2 / 3) / 3, rel_tol=1e-6)  # DAAM adds 1e-8 to U
+
+    split = CategorySplit(("a", "b", "c"), unseen=("b",))
+    grouped = GroupedIoU(3, ["ours"])
+    grouped.update("ours", preds, target, categories, groups=["one_seen", "two_seen_unseen"])
+    table = grouped.compute(split)["ours"]
+    assert math.isclose(table["all"]["miou"], 100 * (1 / 2 + 2 / 3) / 2)
+    assert math.isclose(table["all"]["image_noun_miou"], 100 * 2 / 3, rel_tol=1e-6)
+    assert table["one_seen"]["miou"] == 100 and math.isclose(table["one_seen"]["image_noun_miou"], 100, rel_tol=1e-6)
+    assert math.isclose(table["two_seen_unseen"]["miou"], 100 * (1 / 3 + 2 / 3) / 2)
+    assert math.isnan(table["two_unseen"]["miou"]) and math.isnan(table["two_unseen"]["image_noun_miou"])
+
+
+def test_daam_masks_normalise_each_map_then_threshold():
+    from grounded_diffusion.models.daam import daam_masks
+
+    # A 2x2 map already at image size: bicubic is the identity, min-max gives (v - 1) / 3.
+    heat = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 5.0], [5.0, 9.0]]]])
+    masks = daam_masks(heat, (2, 2), threshold=0.4)
+    assert masks[0, 0].tolist() == [[False, False], [True, True]]  # 0, 1/3, 2/3, 1
+    assert masks[0, 1].tolist() == [[False, False], [False, True]]  # each map on its own scale

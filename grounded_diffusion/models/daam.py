@@ -137,3 +137,17 @@ def word_token_table(tokenizer, prompts: Sequence[str], words: Sequence[Sequence
             word_weights[b, o, k : k + len(tokens)] = 1 / len(tokens)
             k += len(tokens)
     return token_index, word_weights
+
+
+def normalized_heat_maps(heat_maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Word heat maps [B, O, h, w] -> image size, each min-max normalised to [0, 1], as the
+    reference's ``WordHeatMap.expand_as`` (bicubic upsampling, not absolute)."""
+    maps = F.interpolate(heat_maps.float(), size=tuple(size), mode="bicubic")
+    low = maps.flatten(2).min(-1).values[..., None, None]
+    high = maps.flatten(2).max(-1).values[..., None, None]
+    return (maps - low) / (high - low + 1e-8)
+
+
+def daam_masks(heat_maps: Tensor, size: tuple[int, int], threshold: float = 0.4) -> Tensor:
+    """DAAM's segmentation: the normalised heat map above ``threshold`` (τ = 0.4 by default)."""
+    return normalized_heat_maps(heat_maps, size) > threshold
