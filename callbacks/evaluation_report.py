@@ -10,7 +10,9 @@ import numpy as np
 from lightning import Callback, LightningModule, Trainer
 from PIL import Image
 
+from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.data.voc import voc_palette
+from grounded_diffusion.reports import table1_header, table1_row, table1_rule
 
 PALETTE = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
 
@@ -40,6 +42,18 @@ def format_table(results: dict, unseen: set[str]) -> str:
     return "\n".join(rows)
 
 
+def format_groups(results: dict) -> str:
+    """Paper Tab. 1 for one run: class-averaged mIoU per group, ours vs DAAM (markdown)."""
+    rows = [table1_header(), table1_rule()]
+    for method in ("ours", "daam"):
+        rows.append(table1_row(method, [results["groups"][method][g]["miou"] for g in GROUPS]))
+    if "daam_tuned" in results:
+        tuned = results["daam_tuned"]
+        values = [tuned["groups"][g]["miou"] for g in GROUPS]
+        rows.append(table1_row(f"daam (τ={tuned['threshold']:g}, chosen on seen)", values))
+    return "\n".join(rows)
+
+
 def to_json(value):
     """NaN (an empty group) becomes null, so the file is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -50,8 +64,9 @@ def to_json(value):
 
 
 class EvaluationReport(Callback):
-    """After ``test``: ``<out_dir>/metrics.json``, the IoU table on stdout, and overlay PNGs
-    (image | truth | prediction) of the first ``num_overlays`` test samples of rank zero.
+    """After ``test``: ``<out_dir>/metrics.json`` and ``report.md``, the IoU tables on stdout
+    (per category; per Table-1 group, ours vs DAAM), and overlay PNGs (image | truth | prediction)
+    of the first ``num_overlays`` test samples of rank zero.
 
     Metrics are computed on every rank by the module; only rank zero writes.
     """
@@ -87,7 +102,15 @@ class EvaluationReport(Callback):
         results = pl_module.results["test"]
         path = self.out_dir / "metrics.json"
         path.write_text(json.dumps(to_json(results), indent=2))
-        print("\nIoU (%) per category, ours vs. trivial predictors:")
-        print(format_table(results, set(pl_module.category_split.unseen)))
+        per_category = format_table(results, set(pl_module.category_split.unseen))
+        groups = format_groups(results)
+        (self.out_dir / "report.md").write_text(
+            f"# Test results\n\nmIoU (%) per group, class-averaged (paper Tab. 1):\n\n{groups}\n\n"
+            f"IoU (%) per category:\n\n```\n{per_category}\n```\n"
+        )
+        print("\nIoU (%) per category, ours vs. DAAM and trivial predictors:")
+        print(per_category)
+        print("\nmIoU (%) per group (paper Tab. 1):")
+        print(groups)
         print(f"\noverlays (image | truth | prediction): {self.out_dir / 'overlays'}")
         print(f"metrics: {path}")

@@ -1,0 +1,98 @@
+"""Paper Tab. 1 from test runs: one row per method, one column per group, splits averaged.
+
+    python -m grounded_diffusion.reports --name PASCAL-sim --out outputs/table1_pascal \
+        outputs/pascal_split1/report/metrics.json outputs/pascal_split2/report/metrics.json \
+        outputs/pascal_split3/report/metrics.json
+
+writes ``report.json`` and ``report.md`` (per split and the average over splits, ours vs DAAM,
+class-averaged mIoU, with DAAM's own image-noun mIoU alongside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from grounded_diffusion.data.prompts import GROUPS
+
+GROUP_TITLES = ("one: seen", "one: unseen", "two: seen", "two: seen+unseen", "two: unseen")
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def table1_header(first: str = "method") -> str:
+    return f"| {first} | " + " | ".join(GROUP_TITLES) + " |"
+
+
+def table1_rule() -> str:
+    return "|---" * (len(GROUPS) + 1) + "|"
+
+
+def table1_row(name: str, values: list[float | None]) -> str:
+    return f"| {name} | " + " | ".join(pct(v) for v in values) + " |"
+
+
+def mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def table1(name: str, runs: dict[str, dict]) -> dict:
+    """{method: {split: {group: {miou, image_noun_miou}}}} plus the mean over splits."""
+    report: dict = {"name": name, "groups": list(GROUPS), "methods": {}}
+    for method in ("ours", "daam"):
+        per_split = {
+            split: {g: {k: run["groups"][method][g][k] for k in ("miou", "image_noun_miou")} for g in GROUPS}
+            for split, run in runs.items()
+        }
+        average = {
+            g: {k: mean([per_split[s][g][k] for s in per_split]) for k in ("miou", "image_noun_miou")} for g in GROUPS
+        }
+        report["methods"][method] = {"splits": per_split, "mean": average}
+    return report
+
+
+def markdown(report: dict) -> str:
+    name = report["name"]
+    lines = [f"# {name}: Protocol I (paper Tab. 1)", "", "Class-averaged mIoU (%), mean over splits:", ""]
+    lines += [table1_header("test set"), table1_rule()]
+    for method, label in (("ours", "ours"), ("daam", "DAAM")):
+        average = report["methods"][method]["mean"]
+        lines.append(table1_row(f"{name}, {label}", [average[g]["miou"] for g in GROUPS]))
+    lines += ["", "Per split (class-averaged mIoU; DAAM's own image-noun mIoU in parentheses):", ""]
+    lines += [table1_header("split, method"), table1_rule()]
+    for method, label in (("ours", "ours"), ("daam", "DAAM")):
+        for split, groups in report["methods"][method]["splits"].items():
+            cells = [f"{pct(groups[g]['miou'])} ({pct(groups[g]['image_noun_miou'])})" for g in GROUPS]
+            lines.append(f"| {split}, {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", nargs="+", help="metrics.json of each split's test run, in split order")
+    parser.add_argument("--name", default="PASCAL-sim")
+    parser.add_argument("--out", required=True, help="folder for report.json and report.md")
+    args = parser.parse_args(argv)
+    runs = {}
+    for number, path in enumerate(args.metrics, 1):
+        run = json.loads(Path(path).read_text())
+        if "groups" not in run:
+            parser.error(f"{path} has no per-group results; rerun its `test` with this version")
+        runs[f"split {number}"] = run
+    report = table1(args.name, runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out / "report.md").write_text(text)
+    print(text)
+    print(f"report: {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
