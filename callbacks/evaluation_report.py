@@ -25,6 +25,18 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.nda
     return out.astype(np.uint8)
 
 
+def sample_masks(batch: dict, preds, i: int, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Sample ``i`` of an evaluation batch as numpy: image [H, W, 3] (resized to the masks),
+    truth and predicted masks of its objects [O, H, W], and the objects' names."""
+    image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
+    valid = (batch["categories"][i] >= 0).cpu()
+    truth = batch["masks"][i][valid].cpu().numpy()
+    pred = preds[i][valid].cpu().numpy()
+    if image.shape[:2] != truth.shape[1:]:
+        image = np.array(Image.fromarray(image).resize(truth.shape[1:][::-1]))
+    return image, truth, pred, [names[c] for c in batch["categories"][i][valid].tolist()]
+
+
 def format_table(results: dict, unseen: set[str]) -> str:
     def pct(v: float) -> str:
         return "   -  " if v is None or math.isnan(v) else f"{v:6.2f}"
@@ -85,15 +97,9 @@ class EvaluationReport(Callback):
             return
         names = pl_module.category_split.categories
         for i in range(min(len(batch["id"]), self.num_overlays - self.saved)):
-            image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
-            valid = (batch["categories"][i] >= 0).cpu()
-            truth = batch["masks"][i][valid].cpu().numpy()
-            pred = outputs[i][valid].cpu().numpy()
-            if image.shape[:2] != truth.shape[1:]:
-                image = np.array(Image.fromarray(image).resize(truth.shape[1:][::-1]))
+            image, truth, pred, labels = sample_masks(batch, outputs, i, names)
             strip = np.concatenate([image, overlay(image, truth), overlay(image, pred)], axis=1)
-            labels = "+".join(names[c] for c in batch["categories"][i][valid].tolist())
-            Image.fromarray(strip).save(self.out_dir / "overlays" / f"{batch['id'][i]}_{labels}.png")
+            Image.fromarray(strip).save(self.out_dir / "overlays" / f"{batch['id'][i]}_{'+'.join(labels)}.png")
             self.saved += 1
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("GROUNDED_DIFFUSION_CACHE", tempfile.mkdtemp(prefix="gd-test-models-"))
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = str(REPO / "experiments" / "scenes.yaml")
