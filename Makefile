@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The registry's torch + torchvision (CUDA builds run on CPU too); a CPU-only torch wheel
 	# would not load the registry's torchvision.
 	$(PY) -m pip install --quiet -e ".[test]"
+	# The reference DAAM (parity test): its pinned requirements are obsolete, its code is not.
+	$(PY) -m pip install --quiet --no-deps "daam==0.2.0"
 	touch $(STAMP)
 
 install: $(STAMP)
