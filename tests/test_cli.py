@@ -10,7 +10,11 @@ from grounded_diffusion import lightning_entry
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
 
-EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml"))
+ABLATIONS = REPO / "experiments" / "ablations"
+EXPERIMENTS = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml") if ABLATIONS not in p.parents
+)
+OVERLAYS = sorted(str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml"))
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS)
@@ -22,6 +26,18 @@ def test_every_experiment_parses_alone_and_offline(config, subcommand, capsys):
             main([*args, "--print_config"])
         assert exit_info.value.code in (None, 0)
         assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ablation_overlays_parse_after_an_experiment(overlay, capsys):
+    base = "experiments/coco_split1.yaml" if "coco" in overlay else "experiments/pascal_split1.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / base), "--config", str(REPO / overlay), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "default_root_dir: outputs/" in printed
+    if "seen" in overlay:
+        assert f"split: {Path(overlay).stem.split('_')[1]}" in printed
 
 
 def test_predict_fit_test_end_to_end(scene_cache, capsys):

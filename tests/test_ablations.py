@@ -1,0 +1,65 @@
+"""Ablation grids without a W&B server (the launcher), and the W&B sweep files."""
+
+import csv
+
+import pytest
+import yaml
+
+from conftest import REPO
+from grounded_diffusion import launch
+from grounded_diffusion.cli import main
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+GRIDS = sorted((REPO / "experiments" / "ablations").glob("*.grid.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_sweeps_drive_lightning_fit_with_every_value(sweep, capsys, monkeypatch):
+    spec = yaml.safe_load(sweep.read_text())
+    assert spec["program"] == "lightning" and spec["command"][1:3] == ["lightning", "fit"]
+    assert spec["metric"]["name"] == "val/harmonic_miou"  # logged by GroundingModule
+    (name, values), = spec["parameters"].items()
+    monkeypatch.chdir(REPO)
+    for value in values["values"]:
+        # What `wandb agent` runs: ${env} dropped, ${args} -> --name=value.
+        args = [a for a in spec["command"][2:] if a != "${args}"] + [f"--{name}={str(value).lower()}"]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--print_config"])
+        assert exit_info.value.code in (None, 0)
+        assert f"{name.split('.')[-1]}: {str(value).lower()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
+def test_grids_name_real_configs(grid, capsys):
+    spec = launch.load_grid(grid)
+    launch.main([str(grid), "--dry-run", "--gpus", "0,1", "--out", "/nonexistent/dry-run"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(spec["values"]) * len(spec["stages"])
+    assert all("--trainer.devices=1" in line for line in printed)  # one run per GPU
+    for stage in spec["stages"]:
+        assert (REPO / stage[2]).exists()
+
+
+def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({
+        "data": {"init_args": {"source": {"init_args": {"counts": {"train": 16, "val": 4, "test": 6}}}, "batch_size": 4}},
+        "trainer": {"max_steps": 2, "val_check_interval": 2, "enable_progress_bar": False},
+    }))  # fmt: skip
+    grid = tmp_path / "zero.grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "zero_masks_smoke",
+        "parameter": "model.init_args.ignore_zero_masks",
+        "values": [False, True],
+        "stages": [["predict", "--config", str(REPO / "experiments/scenes.yaml")],
+                   ["fit", "--config", str(REPO / "experiments/scenes.yaml")],
+                   ["test", "--config", str(REPO / "experiments/scenes.yaml"), "--ckpt_path", "last"]],
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    launch.main([str(grid), "--config", str(small), "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["value"] for r in rows] == ["False", "True"] and [r["x"] for r in rows] == ["0.0", "1.0"]
+    assert all(float(r["seen_miou"]) >= 0 and float(r["daam_two_seen"]) > 0 for r in rows)  # DAAM from the cache
+    assert "| False | 0.00 |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 0
+    launch.main([str(grid), "--config", str(small), "--out", str(out)])  # finished values are kept
