@@ -105,6 +105,19 @@ def test_training_replays_latents(latents_cache):
     main(fit)
     assert (latents_cache / "checkpoints" / "last.ckpt").exists()
 
+    # Table 1 offline: ours vs DAAM on the synthetic test set, every group, τ also tuned on seen.
+    test = ["test", "--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(latents_cache)[2:],
+            "--ckpt_path", "last", "--verbose", "false",
+            "--model.init_args.daam_thresholds", "[0.2, 0.4, 0.6]"]  # fmt: skip
+    main(test)
+    metrics = json.loads((latents_cache / "report" / "metrics.json").read_text())
+    for method in ("ours", "daam"):
+        assert set(metrics["groups"][method]) == {*GROUPS, "all"}
+        assert all(metrics["groups"][method][g]["image_noun_miou"] is not None for g in GROUPS)
+    assert metrics["daam_tuned"]["threshold"] in (0.2, 0.4, 0.6)
+    assert set(metrics["daam_tuned"]["seen_miou_by_threshold"]) == {"0.2", "0.4", "0.6"}
+    assert "| daam (τ=" in (latents_cache / "report" / "report.md").read_text()
+
 
 def test_a_killed_build_resumes_to_exactly_the_requested_ids(tmp_path):
     args = synth_args(tmp_path, per_group=4, batch_size=2)
