@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 
 from callbacks.evaluation_report import overlay, sample_masks
 from grounded_diffusion.data.prompts import GROUPS
+from grounded_diffusion.reports import markdown_table
 
 
 def label_map(masks: np.ndarray) -> np.ndarray:
@@ -20,16 +20,6 @@ def label_map(masks: np.ndarray) -> np.ndarray:
     for k, mask in enumerate(masks):
         labels[mask] = k + 1
     return labels
-
-
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
 class WandbEvaluation(Callback):

@@ -31,6 +31,7 @@ import yaml
 
 from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.reports import markdown_table
 
 COLUMNS = ["value", "x", "seen_miou", "unseen_miou", "harmonic_miou"] + [
     f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS
@@ -110,10 +111,8 @@ def write_results(grid: dict, rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    cell = lambda v: "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [f"# {grid['name']}: {grid['parameter']}", "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    table = markdown_table(COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
+    (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{table}\n")
     points = [r for r in rows if r["x"] is not None]
     if points:
         import matplotlib

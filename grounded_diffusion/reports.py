@@ -24,6 +24,13 @@ def pct(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with two decimals, missing values (None, NaN) as "–"."""
+    cell = lambda v: pct(v) if v is None or isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
 def table1_header(first: str = "method") -> str:
     return f"| {first} | " + " | ".join(GROUP_TITLES) + " |"
 
