@@ -16,7 +16,7 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
-from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps, word_token_table
+from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 
@@ -265,17 +265,15 @@ class GroundingModule(LightningModule):
         backbone = self.backbone
         latents = backbone.encode_images(batch["image"].float() / 127.5 - 1)
         prompt_embeds = backbone.encode_prompts(batch["prompt"])
-        noise = torch.stack([
-            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(sample_seed(i)))
-            for i in batch["id"]
-        ]).to(latents)  # one draw per sample id: the same features in any batch, on any rank
+        # One draw per sample id: the same features in any batch, on any rank.
+        noise = backbone.initial_noise([sample_seed(i) for i in batch["id"]], latents.shape[1:])
         latents = backbone.latents_at_capture_step(latents, prompt_embeds, noise, self.hparams.real_image_mode)
         timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
         # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
-        token_index, word_weights = word_token_table(backbone.tokenizer, batch["prompt"], batch["categories"])
-        with DAAMTracer(backbone.unet).trace(token_index, latents.shape[-1]) as tracer:
+        tracer = DAAMTracer(backbone.unet)
+        with tracer.trace(backbone.tokenizer, batch["prompt"], batch["categories"], latents.shape[-1]):
             features = backbone.unet_features(latents, timesteps, prompt_embeds)
-        return {**batch, "latents": latents.float(), "features": features, "daam": tracer.word_maps(word_weights)}
+        return {**batch, "latents": latents.float(), "features": features, "daam": tracer.word_maps()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

@@ -20,7 +20,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeli
 from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.models.daam import DAAMTracer, word_token_table
+from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.tiny_sd import TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -207,9 +207,16 @@ class StableDiffusionBackbone(nn.Module):
             prompt_embeds = torch.cat([uncond, prompt_embeds])
         with self._capturing() as captured:
             self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds)
+        return self._grouped_features(captured, guidance_batch=self.config.branches == "uncond+cond")
+
+    def _grouped_features(self, captured: dict[str, Tensor], guidance_batch: bool) -> list[Tensor]:
+        """Captured block outputs -> the configured branches, grouped by resolution. A guidance
+        batch [uncond, cond] gives [uncond ‖ cond] on channels, or its cond half."""
         features = [captured[name] for name in self.block_names]
-        if self.config.branches == "uncond+cond":
+        if guidance_batch and self.config.branches == "uncond+cond":
             features = [torch.cat(f.chunk(2), dim=1) for f in features]
+        elif guidance_batch:
+            features = [f.chunk(2)[1] for f in features]
         return group_by_resolution(features)
 
     def replay_features(self, latents: Tensor, timesteps: Tensor, prompts: Sequence[str]) -> list[Tensor]:
@@ -308,11 +315,12 @@ class StableDiffusionBackbone(nn.Module):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def initial_noise(self, seeds: Sequence[int]) -> Tensor:
-        """One draw per seed on the CPU: a sample's image depends on its seed alone, not on
-        its batch, its device or the number of GPUs."""
+    def initial_noise(self, seeds: Sequence[int], shape: Sequence[int] | None = None) -> Tensor:
+        """One draw per seed on the CPU: a sample's noise depends on its seed alone, not on its
+        batch, its device or the number of GPUs. ``shape``: one sample's latent shape (default:
+        the UNet's sample size)."""
         size = self.unet.config.sample_size
-        shape = (self.unet.config.in_channels, size, size)
+        shape = tuple(shape or (self.unet.config.in_channels, size, size))
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.unet.device, self.dtype)
 
@@ -342,8 +350,8 @@ class StableDiffusionBackbone(nn.Module):
             return {}
 
         tracer = DAAMTracer(self.unet)
-        token_index, word_weights = word_token_table(self.tokenizer, prompts, words or [[] for _ in prompts])
-        with self._capturing() as captured, tracer.trace(token_index, noise.shape[-1]):
+        tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1]) if words else contextlib.nullcontext()
+        with self._capturing() as captured, tracing:
             images = pipe(
                 list(prompts),
                 num_inference_steps=self.config.num_inference_steps,
@@ -352,17 +360,13 @@ class StableDiffusionBackbone(nn.Module):
                 output_type="pt",
                 callback_on_step_end=on_step_end,
             ).images
-        features = [at_capture["features"][name] for name in self.block_names]
-        if features[0].shape[0] == 2 * len(prompts):  # the guidance batch: [uncond, cond]
-            if self.config.branches == "uncond+cond":
-                features = [torch.cat(f.chunk(2), dim=1) for f in features]
-            else:
-                features = [f.chunk(2)[1] for f in features]
+        at_step = at_capture["features"]
+        guidance_batch = at_step[self.block_names[0]].shape[0] == 2 * len(prompts)
         return Generation(
             images=(images * 255).round().clamp(0, 255).to(torch.uint8),
             latents=at_capture["latents"].float(),
-            features=group_by_resolution(features),
-            heat_maps=tracer.word_maps(word_weights) if words else None,
+            features=self._grouped_features(at_step, guidance_batch),
+            heat_maps=tracer.word_maps() if words else None,
         )
 
 

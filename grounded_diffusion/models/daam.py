@@ -73,13 +73,15 @@ class DAAMTracer:
     def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
         self.layers = cross_attention_layers(unet)
-        self.latent_size = unet.config.sample_size
 
     @contextlib.contextmanager
-    def trace(self, token_index: Tensor, latent_size: int | None = None) -> Iterator[DAAMTracer]:
-        """Trace the tokens ``token_index`` [B, K] of the B prompts (the conditional branch is
+    def trace(
+        self, tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], latent_size: int | None = None
+    ) -> Iterator[DAAMTracer]:
+        """Trace ``words`` (one list per prompt) of the B ``prompts`` (the conditional branch is
         the last B samples of each UNet call, as in diffusers' guidance batches)."""
-        self.token_index, self.sums = token_index, {}
+        self.token_index, self.word_weights = word_token_table(tokenizer, prompts, words)
+        self.sums = {}
         self.latent_size = latent_size or self.unet.config.sample_size
         originals = [layer.processor for layer in self.layers]
         for number, layer in enumerate(self.layers):
@@ -115,11 +117,10 @@ class DAAMTracer:
             count += heads
         return total / count
 
-    def word_maps(self, word_weights: Tensor) -> Tensor:
-        """[B, O, latent, latent]: each word's map, the weighted sum of its tokens' maps
-        (``word_weights`` [B, O, K]: 1/len over a word's tokens)."""
+    def word_maps(self) -> Tensor:
+        """[B, O, latent, latent]: each traced word's map, the mean of its tokens' maps."""
         token_maps = self.token_maps()
-        return torch.einsum("bok,bkhw->bohw", word_weights.to(token_maps.device), token_maps)
+        return torch.einsum("bok,bkhw->bohw", self.word_weights.to(token_maps.device), token_maps)
 
 
 def word_token_table(tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
