@@ -25,6 +25,11 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.nda
     return out.astype(np.uint8)
 
 
+def overlay_strip(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """image | truth overlay | prediction overlay, side by side."""
+    return np.concatenate([image, overlay(image, truth), overlay(image, pred)], axis=1)
+
+
 def sample_masks(batch: dict, preds, i: int, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Sample ``i`` of an evaluation batch as numpy: image [H, W, 3] (resized to the masks),
     truth and predicted masks of its objects [O, H, W], and the objects' names."""
@@ -98,7 +103,7 @@ class EvaluationReport(Callback):
         names = pl_module.category_split.categories
         for i in range(min(len(batch["id"]), self.num_overlays - self.saved)):
             image, truth, pred, labels = sample_masks(batch, outputs, i, names)
-            strip = np.concatenate([image, overlay(image, truth), overlay(image, pred)], axis=1)
+            strip = overlay_strip(image, truth, pred)
             Image.fromarray(strip).save(self.out_dir / "overlays" / f"{batch['id'][i]}_{'+'.join(labels)}.png")
             self.saved += 1
 

@@ -9,7 +9,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from callbacks.evaluation_report import overlay, sample_masks
+from callbacks.evaluation_report import overlay_strip, sample_masks
 from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.reports import markdown_table
 
@@ -62,8 +62,7 @@ class WandbEvaluation(Callback):
             f"{markdown_table(['category', 'split', 'IoU (%)'], rows)}\n"
         )
         for sample_id, _, image, truth, pred, labels in self.samples:
-            strip = np.concatenate([image, overlay(image, truth), overlay(image, pred)], axis=1)
-            Image.fromarray(strip).save(folder / f"{sample_id}_{'+'.join(labels)}.png")
+            Image.fromarray(overlay_strip(image, truth, pred)).save(folder / f"{sample_id}_{'+'.join(labels)}.png")
         logger = self._wandb(trainer)
         if logger is None:
             return

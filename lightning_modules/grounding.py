@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 from lightning import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed

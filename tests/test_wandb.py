@@ -2,7 +2,6 @@
 
 import socket
 
-import pytest
 
 from conftest import scenes_args
 from grounded_diffusion.cli import main

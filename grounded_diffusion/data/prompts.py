@@ -21,8 +21,11 @@ from grounded_diffusion.errors import ConfigError
 ONE_OBJECT_TEMPLATE = "a photograph of a {c1}"
 TWO_OBJECT_TEMPLATE = "a photograph of a {c1} and a {c2}"
 
-# Test groups of paper Tab. 1, by the number of objects and whether they are seen.
-GROUPS = ("one_seen", "one_unseen", "two_seen", "two_seen_unseen", "two_unseen")
+# Test groups of paper Tab. 1: how many seen and how many unseen categories a sample names.
+GROUP_SIZES = {
+    "one_seen": (1, 0), "one_unseen": (0, 1), "two_seen": (2, 0), "two_seen_unseen": (1, 1), "two_unseen": (0, 2),
+}  # fmt: skip
+GROUPS = tuple(GROUP_SIZES)
 SEEN_GROUPS = ("one_seen", "two_seen")
 
 
@@ -93,16 +96,15 @@ class PromptSet:
 
     def check(self, split: CategorySplit) -> None:
         """Every requested group must be possible with this split's categories."""
-        needs = {"one_seen": (1, 0), "one_unseen": (0, 1), "two_seen": (2, 0), "two_seen_unseen": (1, 1), "two_unseen": (0, 2)}
         for groups in self.counts.values():
             for group, count in groups.items():
-                seen, unseen = needs[group]
+                seen, unseen = GROUP_SIZES[group]
                 if count and (len(split.seen) < seen or len(split.unseen) < unseen):
                     raise ConfigError(
                         f"Group {group} needs {seen} seen and {unseen} unseen categories; the split has "
                         f"{len(split.seen)} seen and {len(split.unseen)} unseen"
                     )
-        for num_objects in {int(group.startswith("two")) + 1 for g in self.counts.values() for group in g}:
+        for num_objects in {sum(GROUP_SIZES[group]) for g in self.counts.values() for group in g}:
             if not self._templates(num_objects):
                 raise ConfigError(f"No {num_objects}-object template among {self.templates}")
 
@@ -112,14 +114,10 @@ class PromptSet:
     def sample(self, sample_id: str, split_name: str, group: str, split: CategorySplit) -> dict:
         """The prompt, categories and generation seed of one id."""
         rng = random.Random(sample_seed(f"{self.seed}/{sample_id}"))
-        seen, unseen = list(split.seen), list(split.unseen)
-        categories = {
-            "one_seen": lambda: rng.sample(seen, 1),
-            "one_unseen": lambda: rng.sample(unseen, 1),
-            "two_seen": lambda: rng.sample(seen, 2),
-            "two_seen_unseen": lambda: rng.sample([rng.choice(seen), rng.choice(unseen)], 2),
-            "two_unseen": lambda: rng.sample(unseen, 2),
-        }[group]()
+        num_seen, num_unseen = GROUP_SIZES[group]
+        categories = rng.sample(list(split.seen), num_seen) + rng.sample(list(split.unseen), num_unseen)
+        if num_seen and num_unseen:  # either order in the prompt
+            categories = rng.sample(categories, len(categories))
         template = rng.choice(self._templates(len(categories)))
         prompt = template.format(**{f"c{i + 1}": c for i, c in enumerate(categories)})
         return {
