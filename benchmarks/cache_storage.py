@@ -133,7 +133,7 @@ def main() -> None:
     channels = [f.shape[1] for f in prediction["features"]]
     print(f"feature groups (both guidance branches, 25 blocks): {channels} channels at "
           f"{[f.shape[-1] for f in prediction['features']]} px")  # fmt: skip
-    head = GroundingHead(channels, backbone.text_encoder.config.hidden_size, HeadConfig()).to(device)
+    head = GroundingHead(channels, backbone.text_dim, HeadConfig()).to(device)
     embeds = backbone.category_embeddings(["dog", "cat"]).float()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

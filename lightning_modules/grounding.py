@@ -70,7 +70,7 @@ class GroundingModule(LightningModule):
         self.backbone = StableDiffusionBackbone(self.backbone_config)
         self.head = GroundingHead(
             self.backbone.feature_channels(),
-            self.backbone.text_encoder.config.hidden_size,
+            self.backbone.text_dim,
             self.head_config,
         )
 

@@ -74,7 +74,7 @@ def test_category_embedding_is_mean_of_the_name_tokens(backbone):
     # the class name is tokens 5 and 6.
     ids = backbone.tokenizer("a photograph of a potted plant").input_ids
     assert len(ids) == 8
-    hidden = backbone.encode_prompts(["a photograph of a potted plant"])[0]
+    hidden = backbone.encode_prompts(["a photograph of a potted plant"]).hidden[0]
     expected = hidden[5:7].mean(0)
     torch.testing.assert_close(backbone.category_embeddings(["potted plant", "dog"])[0], expected)
 
@@ -95,7 +95,7 @@ def test_ddim_inversion_is_undone_by_ddim_sampling(backbone):
     scheduler.set_timesteps(backbone.config.num_inference_steps)
     x = inverted
     for t in scheduler.timesteps[scheduler.timesteps <= backbone.timestep]:
-        eps = backbone.unet(x, t, encoder_hidden_states=embeds).sample
+        eps = backbone.unet(x, t, encoder_hidden_states=embeds.hidden).sample
         x = scheduler.step(eps, t, x).prev_sample
     # DDIM inversion is exact up to the change of the UNet's output between adjacent steps.
     assert (x - latents).abs().mean() < 0.1 * (inverted - latents).abs().mean()
@@ -131,3 +131,53 @@ def test_bad_settings_are_named():
         StableDiffusionBackbone(BackboneConfig(blocks=["middle"]))
     with pytest.raises(ValueError, match="capture_step=60"):
         StableDiffusionBackbone(BackboneConfig(capture_step=60))
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return StableDiffusionBackbone(BackboneConfig(model_id="embedded/tiny-sd2"))
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return StableDiffusionBackbone(BackboneConfig(model_id="embedded/tiny-sdxl"))
+
+
+@pytest.fixture(params=["sd2", "sdxl"])
+def other_backbone(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_sd2_and_sdxl_blocks_and_groups(other_backbone):
+    if other_backbone.is_xl:
+        # SDXL's CompVis layout: input_blocks 0-8, middle, output_blocks 0-8, three levels. By hand
+        # for widths (32, 64, 64) at 16² latents (a level-ending output block counted after its
+        # upsampler): 4²: in 6-8 (3x64) + mid 64 + out 0-1 (2x64) = 384;
+        # 8²: in 3 (32) + in 4-5 (2x64) + out 2-4 (3x64) = 352; 16²: in 0-2 (3x32) + out 5 (64) + out 6-8 (3x32) = 256
+        assert len(other_backbone.block_names) == 19 and other_backbone.block_names[-1] == "output_blocks.8"
+        assert other_backbone.feature_channels() == [384, 352, 256]
+        assert other_backbone.encode_prompts(["a dog"]).pooled.shape == (1, 32)
+    else:
+        assert other_backbone.scheduler_config["prediction_type"] == "v_prediction"
+        assert other_backbone.unet.config.sample_size * other_backbone.vae_scale_factor == 192  # 1.5x tiny SD-1.x
+        assert other_backbone.feature_channels() == [384, 352, 224, 224]
+        assert other_backbone.tokenizer.pad_token == "!"
+
+
+def test_sdxl_text_is_both_encoders_penultimate_states_concatenated(sdxl):
+    """Independent of the pipeline's encode_prompt: run each encoder and concatenate."""
+    b = sdxl
+    ids = [tok("a photograph of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids for tok in (b.tokenizer, b.tokenizer_2)]
+    first = b.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
+    second = b.text_encoder_2(ids[1], output_hidden_states=True)
+    embeds = b.encode_prompts(["a photograph of a dog"])
+    torch.testing.assert_close(embeds.hidden, torch.cat([first, second.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(embeds.pooled, second.text_embeds)
+    assert not b.unconditional_embeds(1).hidden.any()  # SDXL zeroes the empty negative prompt
+
+
+def test_ddim_inversion_runs_for_v_prediction_and_sdxl(other_backbone):
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = other_backbone.encode_prompts(["a dog", "a cat"])
+    inverted = other_backbone.latents_at_capture_step(latents, embeds, mode="ddim_inversion")
+    assert inverted.shape == latents.shape and torch.isfinite(inverted).all()

@@ -11,8 +11,11 @@ from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
 
 ABLATIONS = REPO / "experiments" / "ablations"
+BACKBONES = REPO / "experiments" / "backbones"  # overlays too
 EXPERIMENTS = sorted(
-    str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml") if ABLATIONS not in p.parents
+    str(p.relative_to(REPO))
+    for p in (REPO / "experiments").rglob("*.yaml")
+    if ABLATIONS not in p.parents and BACKBONES not in p.parents
 )
 OVERLAYS = sorted(str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml"))
 
@@ -38,6 +41,29 @@ def test_ablation_overlays_parse_after_an_experiment(overlay, capsys):
     assert "default_root_dir: outputs/" in printed
     if "seen" in overlay:
         assert f"split: {Path(overlay).stem.split('_')[1]}" in printed
+
+
+@pytest.mark.parametrize("overlay", ["sd2", "sdxl"])
+def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", str(BACKBONES / f"{overlay}.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "stabilityai/stable-diffusion-" in printed and f"data/pascal_sim/{overlay}-split1-t5" in printed
+
+
+@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl"])
+def test_grounding_runs_end_to_end_on_sd2_and_sdxl(overlay, tmp_path, capsys):
+    """Feature capture, training and evaluation (ours and DAAM-free trivial baselines) on the tiny
+    SD-2.x (v-prediction) and SDXL (two text encoders, 3 resolution groups)."""
+    args = [*scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"), "--config", str(BACKBONES / f"{overlay}.yaml"),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]  # fmt: skip
+    for stage in (["predict"], ["fit"], ["test", "--ckpt_path", "last"]):
+        main([stage[0], *args, *stage[1:]])
+    cache = json.loads(next(tmp_path.glob("cache-*/cache.json")).read_text())
+    assert cache["backbone"]["model_id"] == f"embedded/{overlay.replace('_', '-')}"
+    assert len(cache["feature_groups"]) == (3 if overlay == "tiny_sdxl" else 4)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert 0 <= metrics["seen_miou"] <= 100 and 0 <= metrics["baselines"]["daam"]["seen_miou"] <= 100
 
 
 def test_predict_fit_test_end_to_end(scene_cache, capsys):

@@ -6,6 +6,10 @@ In diffusers terms the input blocks are the skip connections (``conv_in`` plus e
 layer and downsampler), and an output block is one up-block layer, the last one of a level taken
 after its upsampler, exactly as CompVis groups them. Features are grouped by spatial resolution,
 coarse to fine, and concatenated on channels within a group.
+
+SD-1.x, SD-2.x (v-prediction too: the scheduler config carries it) and SDXL load alike; SDXL's two
+text encoders enter through its pipeline's own ``encode_prompt`` (concatenated hidden states plus a
+pooled embedding), and its UNet gets the pooled text and size conditioning with every call.
 """
 
 from __future__ import annotations
@@ -16,15 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.models.daam import DAAMTracer
-from grounded_diffusion.models.tiny_sd import TINY_SD_ID, ensure_tiny_stable_diffusion
+from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BRANCHES = ("cond", "uncond+cond")
+PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
 
@@ -37,8 +48,10 @@ class BackboneConfig:
     """What the frozen diffusion model is and where its features come from.
 
     Args:
-        model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local folder in
-            diffusers format, or ``embedded/tiny-sd`` for the offline tiny model.
+        model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+            ``stabilityai/stable-diffusion-2-1``, ``stabilityai/stable-diffusion-xl-base-1.0``), a
+            local folder in diffusers format, or an offline tiny model: ``embedded/tiny-sd``
+            (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
         blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x).
         branches: ``cond`` (the prompt's branch) or ``uncond+cond`` (both classifier-free
@@ -57,6 +70,25 @@ class BackboneConfig:
 
 
 @dataclass
+class PromptEmbeds:
+    """What the UNet is conditioned on: cross-attention states [B, 77, D] and, for SDXL, the
+    pooled text embedding [B, P] (``None`` for SD-1.x/2.x)."""
+
+    hidden: Tensor
+    pooled: Tensor | None = None
+
+    def __getitem__(self, index) -> PromptEmbeds:
+        return PromptEmbeds(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def cat(self, other: PromptEmbeds) -> PromptEmbeds:
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return PromptEmbeds(torch.cat([self.hidden, other.hidden]), pooled)
+
+
+@dataclass
 class Generation:
     """One batch of generated samples and what was captured on the way.
 
@@ -71,23 +103,28 @@ class Generation:
     heat_maps: Tensor | None
 
 
-def load_pipeline(model_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it."""
-    source = str(ensure_tiny_stable_diffusion()) if model_id == TINY_SD_ID else model_id
+def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
+    pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
+    source = str(ensure_tiny_stable_diffusion(model_id)) if model_id in TINY_BUILDERS else model_id
     if Path(source).exists() and not (Path(source) / "model_index.json").exists():
         raise MissingWeightsError(
             f"'{model_id}' is a folder but holds no diffusers pipeline (no model_index.json). "
             "Point model_id at a folder saved with `pipeline.save_pretrained(...)`."
         )
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     errors = []
     for local_only in (True, False):
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                source, local_files_only=local_only, **kwargs
-            )
+            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, dtype=dtype)
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        if not isinstance(pipe, PIPELINES):
+            raise ConfigError(
+                f"'{model_id}' is a {type(pipe).__name__}; the backbone supports "
+                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL)."
+            )
+        return pipe
     raise MissingWeightsError(
         f"Could not load Stable Diffusion weights for model_id '{model_id}': they are not in the "
         "local Hugging Face cache and the Hub could not be reached.\n"
@@ -116,7 +153,7 @@ def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_s
 class StableDiffusionBackbone(nn.Module):
     """Frozen SD: text embeddings, VAE encoding, and UNet features grouped by resolution."""
 
-    def __init__(self, config: BackboneConfig | None = None, pipeline: StableDiffusionPipeline | None = None) -> None:
+    def __init__(self, config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None) -> None:
         """``pipeline``: an already loaded pipeline to use instead of ``config.model_id``."""
         super().__init__()
         self.config = config = config or BackboneConfig()
@@ -130,6 +167,10 @@ class StableDiffusionBackbone(nn.Module):
             pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         self.tokenizer, self.scheduler_config = pipe.tokenizer, dict(pipe.scheduler.config)
+        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+        if self.is_xl:  # SDXL's second text encoder (it also gives the pooled embedding)
+            self.text_encoder_2, self.tokenizer_2 = pipe.text_encoder_2, pipe.tokenizer_2
+            self.force_zeros_for_empty_prompt = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
         self.requires_grad_(False)
         self.eval()
         self.timestep = capture_timestep(
@@ -149,6 +190,11 @@ class StableDiffusionBackbone(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text states the UNet reads (SDXL: both encoders' concatenated)."""
+        return self.unet.config.cross_attention_dim
 
     @property
     def vae_scale_factor(self) -> int:
@@ -192,21 +238,31 @@ class StableDiffusionBackbone(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    def _unet(self, latents: Tensor, timesteps: Tensor, embeds: PromptEmbeds) -> Tensor:
+        """One UNet call as the pipelines make it (SDXL: plus pooled text and size conditioning)."""
+        added = None
+        if self.is_xl:
+            height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+            # original size, crop top-left, target size: the pipeline's defaults, no crop
+            time_ids = torch.tensor([height, width, 0, 0, height, width], device=latents.device)
+            added = {"text_embeds": embeds.pooled.to(self.dtype), "time_ids": time_ids.expand(len(latents), 6).to(self.dtype)}
+        return self.unet(
+            latents.to(self.dtype), timesteps, encoder_hidden_states=embeds.hidden.to(self.dtype), added_cond_kwargs=added
+        ).sample
+
     @torch.no_grad()
-    def unet_features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> list[Tensor]:
+    def unet_features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds) -> list[Tensor]:
         """Run the UNet once and return the captured blocks grouped by resolution, coarse first.
 
         With ``branches='uncond+cond'`` each block is [unconditional ‖ conditional] on channels.
         """
-        latents = latents.to(self.dtype)
-        prompt_embeds = prompt_embeds.to(self.dtype)
         if self.config.branches == "uncond+cond":
-            uncond = self.encode_prompts([""]).expand_as(prompt_embeds)
+            uncond = self.unconditional_embeds(len(prompt_embeds))
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
-            prompt_embeds = torch.cat([uncond, prompt_embeds])
+            prompt_embeds = uncond.cat(prompt_embeds)
         with self._capturing() as captured:
-            self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds)
+            self._unet(latents, timesteps, prompt_embeds)
         return self._grouped_features(captured, guidance_batch=self.config.branches == "uncond+cond")
 
     def _grouped_features(self, captured: dict[str, Tensor], guidance_batch: bool) -> list[Tensor]:
@@ -227,25 +283,30 @@ class StableDiffusionBackbone(nn.Module):
         """Channels of each resolution group (coarse first), read off one dummy forward."""
         size = self.unet.config.sample_size
         latents = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.unet.device)
-        embeds = self.encode_prompts([""])
-        groups = self.unet_features(latents, torch.tensor([self.timestep]), embeds)
+        groups = self.unet_features(latents, torch.tensor([self.timestep]), self.encode_prompts([""]))
         return [g.shape[1] for g in groups]
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _tokenize(self, texts: Sequence[str]) -> Tensor:
-        return self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """CLIP's last hidden states [B, 77, D], as the UNet's cross-attention reads them."""
-        return self.text_encoder(self._tokenize(prompts))[0]
+    def _encode(self, prompts: Sequence[str], unconditional: bool = False) -> PromptEmbeds:
+        """The pipeline's own text encoding (SD: CLIP's last hidden states; SDXL: both encoders'
+        penultimate states concatenated, plus the pooled embedding); ``unconditional``: what the
+        pipeline puts in the guidance batch for an empty negative prompt."""
+        pipe, device = self.pipeline(), self.text_encoder.device
+        out = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=unconditional)
+        if self.is_xl:
+            hidden, uncond, pooled, uncond_pooled = out
+            return PromptEmbeds(uncond, uncond_pooled) if unconditional else PromptEmbeds(hidden, pooled)
+        return PromptEmbeds(out[1] if unconditional else out[0])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """What the UNet's cross-attention reads (and SDXL's pooled text), one row per prompt."""
+        return self._encode(prompts)
+
+    def unconditional_embeds(self, batch: int) -> PromptEmbeds:
+        """The guidance batch's unconditional half (SDXL zeroes it, SD encodes "")."""
+        return self._encode([""] * batch, unconditional=True)
 
     @torch.no_grad()
     def category_embeddings(self, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> Tensor:
@@ -258,7 +319,7 @@ class StableDiffusionBackbone(nn.Module):
         lengths = torch.tensor(
             [len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in categories]
         )
-        hidden = self.text_encoder(self._tokenize([template.format(c) for c in categories]))[0]
+        hidden = self.encode_prompts([template.format(c) for c in categories]).hidden
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         span = (positions >= start) & (positions < start + lengths[:, None].to(hidden.device))
         span = span.to(hidden.dtype).unsqueeze(-1)
@@ -274,7 +335,7 @@ class StableDiffusionBackbone(nn.Module):
 
     @torch.no_grad()
     def latents_at_capture_step(
-        self, latents: Tensor, prompt_embeds: Tensor, noise: Tensor | None = None, mode: str = "noise"
+        self, latents: Tensor, prompt_embeds: PromptEmbeds, noise: Tensor | None = None, mode: str = "noise"
     ) -> Tensor:
         """Bring clean latents to the capture timestep (paper §4.1, real images).
 
@@ -293,25 +354,32 @@ class StableDiffusionBackbone(nn.Module):
             inverse.set_timesteps(self.config.num_inference_steps)
             for t in inverse.timesteps[inverse.timesteps <= self.timestep]:
                 t_batch = t.expand(latents.shape[0]).to(latents.device)
-                eps = self.unet(latents.to(self.dtype), t_batch, encoder_hidden_states=prompt_embeds.to(self.dtype)).sample
-                latents = inverse.step(eps, int(t), latents).prev_sample
+                prediction = self._unet(latents, t_batch, prompt_embeds)
+                latents = inverse.step(prediction, int(t), latents).prev_sample
             return latents
         raise ConfigError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
 
     # -- generation -----------------------------------------------------------------------------
 
-    def pipeline(self) -> StableDiffusionPipeline:
+    def pipeline(self) -> DiffusionPipeline:
         """A diffusers pipeline over these (shared) modules, sampling with DDIM."""
-        pipe = StableDiffusionPipeline(
+        modules = dict(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=self.unet,
             scheduler=DDIMScheduler.from_config(self.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
+        if self.is_xl:
+            pipe = StableDiffusionXLPipeline(
+                **modules,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_2=self.tokenizer_2,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
+        else:
+            pipe = StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -44,8 +44,11 @@ def open_clip_vocab_file() -> Path:
     return Path(str(path))
 
 
-def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` (and the tokenizer config) into ``out_dir``."""
+def write_clip_tokenizer_files(out_dir: str | Path, pad_token: str | None = None) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` (and the tokenizer config) into ``out_dir``.
+
+    ``pad_token``: default ``<|endoftext|>`` (OpenAI CLIP, SD-1.x); SD-2.x's OpenCLIP pads with "!".
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(open_clip_vocab_file()).read().decode("utf-8").split("\n")
@@ -54,7 +57,8 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    extra = {"pad_token": pad_token} if pad_token else {}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH, **extra)
     tokenizer.save_pretrained(out_dir)
     # Recent transformers save tokenizer.json only; older readers need vocab.json + merges.txt.
     (out_dir / "vocab.json").write_text(json.dumps(vocab))
@@ -64,5 +68,6 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=MODEL_MAX_LENGTH)
+def load_clip_tokenizer(folder: str | Path, pad_token: str | None = None) -> CLIPTokenizer:
+    extra = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=MODEL_MAX_LENGTH, **extra)
