@@ -62,17 +62,18 @@ class TripletCacheWriter(BasePredictionWriter):
             }
             self.cache.write(record, tensors, metadata)
         self.written += len(prediction["id"])
-        self._show_speed(trainer)
+        show_speed(trainer, self.written, self.started)
 
-    def _show_speed(self, trainer: Trainer) -> None:
-        """samples/s of this rank on the progress bar (Lightning's own counts batches)."""
-        rate = self.written / max(time.perf_counter() - self.started, 1e-9)
-        text = f"{rate:.2f} samples/s, {self.written} written"
-        bar = trainer.progress_bar_callback
-        if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
-            bar.progress.update(bar.predict_progress_bar_id, description=f"{bar.predict_description} ({text})")
-        elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
-            bar.predict_progress_bar.set_postfix_str(text)
+
+def show_speed(trainer: Trainer, written: int, started: float) -> None:
+    """samples/s of this rank on the progress bar (Lightning's own counts batches)."""
+    rate = written / max(time.perf_counter() - started, 1e-9)
+    text = f"{rate:.2f} samples/s, {written} written"
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
+        bar.progress.update(bar.predict_progress_bar_id, description=f"{bar.predict_description} ({text})")
+    elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
+        bar.predict_progress_bar.set_postfix_str(text)
 
 
 def sample_tensors(prediction: dict, i: int, storage: str, timestep: int) -> tuple[dict, dict]:

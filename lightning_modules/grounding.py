@@ -114,6 +114,7 @@ class GroundingModule(LightningModule):
         datamodule = self.trainer.datamodule
         if stage == "predict":
             self.check_datamodule(datamodule)
+            self.predict_mode = getattr(datamodule, "predict_mode", "triplets")
             return
         if not hasattr(datamodule, "category_split"):
             raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
@@ -238,13 +239,38 @@ class GroundingModule(LightningModule):
             }
         self.results["test"] = results
 
-    # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1) -----
+    # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1), ----
+    # -- or grounded images (generation + the trained head's masks) ---------------------------
+
+    def on_predict_start(self) -> None:
+        # (The checkpoint is restored after setup: here is the first place that knows of it.)
+        if self.predict_mode == "ground" and self.trainer.ckpt_path is None:
+            raise ConfigError(
+                "Grounded generation needs a trained head: add --ckpt_path PATH (a checkpoint of "
+                "`fit` with the same model config, e.g. outputs/scenes/checkpoints/last.ckpt)."
+            )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """A batch of the source -> triplets with features and replay latents, for the cache."""
+        """A batch of the source -> triplets with features and replay latents, for the cache; or,
+        for a grounded-image datamodule, images with one mask probability map per category."""
+        if getattr(self, "predict_mode", "triplets") == "ground":
+            return self._ground(batch)
         if "image" in batch:
             return self._convert_images(batch)
         return self._synthesise(batch)
+
+    def _ground(self, batch: dict) -> dict:
+        """Generate, then segment every named category with the head (open vocabulary: any
+        name is embedded by the text encoder). probs: [B, O, H, W] at image size, 0 in empty slots."""
+        generation = self.backbone.generate(batch["prompt"], batch["seed"], self.hparams.guidance_scale)
+        names = list(dict.fromkeys(c for cs in batch["categories"] for c in cs))
+        embeds = self.backbone.category_embeddings(names).float()
+        slots = max(len(cs) for cs in batch["categories"])
+        index = torch.tensor([[names.index(c) for c in cs] + [-1] * (slots - len(cs)) for cs in batch["categories"]])
+        index = index.to(embeds.device)
+        logits = self.head([f.float() for f in generation.features], embeds[index.clamp(min=0)], index >= 0, generation.images.shape[-2:])
+        probs = logits.sigmoid().masked_fill((index < 0)[..., None, None], 0)
+        return {**batch, "image": generation.images, "probs": probs.half()}
 
     def _synthesise(self, batch: dict) -> dict:
         generation = self.backbone.generate(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from grounded_diffusion.data.manifest import JsonlManifest
 from grounded_diffusion.errors import UserError
 
 FORMAT_VERSION = 2
@@ -60,6 +60,7 @@ class TripletCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.jsonl"
+        self.manifest_file = JsonlManifest(self.manifest_path)
         self.metadata_path = self.root / "cache.json"
         self.samples_dir = self.root / "samples"
 
@@ -105,45 +106,21 @@ class TripletCache:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         os.replace(tmp, path)
-        line = (json.dumps(dict(record), separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        self.manifest_file.append(record)
 
     def repair(self) -> None:
         """Clear what an interrupted build left: temporary sample files, and a torn last manifest
         line (so that appends start on a fresh line). Call it from one process before a build."""
         for leftover in self.samples_dir.glob(".*.tmp*"):
             leftover.unlink(missing_ok=True)
-        if not self.manifest_path.exists():
-            return
-        data = self.manifest_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            warnings.warn(f"{self.manifest_path}: removed a torn last line ({data[keep:][:60]!r})")
-            with open(self.manifest_path, "r+b") as handle:
-                handle.truncate(keep)
+        self.manifest_file.repair()
 
     def manifest(self) -> list[dict]:
         """Finished samples in order of completion, one per id (a rewrite replaces the earlier)."""
-        if not self.manifest_path.exists():
-            return []
-        records: dict[str, dict] = {}
-        for number, line in enumerate(self.manifest_path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.warn(f"{self.manifest_path}:{number}: unreadable line skipped")
-                continue
-            records[record["id"]] = record
-        return list(records.values())
+        return self.manifest_file.records()
 
     def done_ids(self) -> set[str]:
-        return {r["id"] for r in self.manifest()}
+        return self.manifest_file.done_ids()
 
     def load(self, sample_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path = self.sample_path(sample_id)

@@ -153,3 +153,80 @@ class PromptSamples(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.prompts.sample(*self.items[index], self.split)
+
+
+class PromptList:
+    """Prompts given one by one, each with the category names to ground in it (grounded
+    generation). Any names: the head is open-vocabulary.
+
+    Args:
+        prompts: ``[{prompt: "a photograph of a dog on a sofa", categories: [dog, sofa]}, ...]``.
+        file: a text file instead, one sample per line: ``prompt | category, category``.
+        seed: changes every sample's initial noise at once (a sample's noise depends on its
+            seed and position only).
+    """
+
+    split = "images"
+
+    def __init__(self, prompts: Sequence[Mapping] = (), file: str | None = None, seed: int = 0) -> None:
+        self.entries = [{"prompt": p["prompt"], "categories": list(p["categories"])} for p in prompts]
+        self.file, self.seed = file, seed
+        if file is not None:
+            self.entries += read_prompt_file(file)
+        if not self.entries:
+            raise ConfigError("PromptList needs `prompts` or a `file` of 'prompt | category, category' lines")
+
+    def prepare(self) -> None:
+        pass  # read at config time, so that a bad line fails before any work
+
+    @property
+    def classes(self) -> list[str]:
+        """Every category name, in order of first appearance (their label ids, from 1)."""
+        return list(dict.fromkeys(c for e in self.entries for c in e["categories"]))
+
+    def check(self, split: CategorySplit) -> None:
+        for number, entry in enumerate(self.entries):
+            if not entry["categories"]:
+                raise ConfigError(f"Prompt {number} ({entry['prompt']!r}) names no category to ground")
+
+    def sample(self, index: int) -> dict:
+        sample_id = f"{index:06d}"
+        return {
+            "id": sample_id,
+            "split": self.split,
+            "prompt": self.entries[index]["prompt"],
+            "categories": self.entries[index]["categories"],
+            "seed": sample_seed(f"{self.seed}/{sample_id}"),
+        }
+
+    def dataset(self, category_split: CategorySplit, exclude: set[str] = frozenset(), max_per_group: int | None = None) -> Dataset:
+        items = select_items([(f"{i:06d}",) for i in range(len(self.entries))], exclude, max_per_group)
+        return ListedPrompts(self, [int(sample_id) for sample_id, in items])
+
+
+class ListedPrompts(Dataset):
+    def __init__(self, prompts: PromptList, indices: list[int]) -> None:
+        self.prompts, self.indices = prompts, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.prompts.sample(self.indices[index])
+
+
+def read_prompt_file(file: str) -> list[dict]:
+    """Lines ``prompt | category, category`` (blank lines and ``#`` comments skipped)."""
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"Prompt file '{path}' does not exist")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt, sep, names = line.partition("|")
+        categories = [c.strip() for c in names.split(",") if c.strip()]
+        if not sep or not categories:
+            raise ConfigError(f"{path}:{number}: expected 'prompt | category, category', got {line!r}")
+        entries.append({"prompt": prompt.strip(), "categories": categories})
+    return entries

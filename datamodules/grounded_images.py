@@ -1,0 +1,81 @@
+"""Prompts in, grounded images out: the ``predict`` data of grounded generation and of Protocol II
+synthetic datasets (paper §5.2). The GroundingModule generates each image, its trained head
+segments every named category, and ``callbacks.grounded_writer.GroundedImageWriter`` writes the
+folder (``grounded_diffusion.data.grounded_folder``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from grounded_diffusion.data.grounded_folder import GroundedImageFolder
+from grounded_diffusion.data.prompts import PromptList, PromptSet
+from grounded_diffusion.data.sources import collate_samples
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.errors import ConfigError
+
+
+class GroundedImageDataModule(LightningDataModule):
+    """
+    Args:
+        out_dir: the folder the images and masks go to; a rerun resumes it.
+        prompts: ``PromptList`` (given prompts and category names) or ``PromptSet`` (prompts
+            sampled over a vocabulary: a synthetic segmentation dataset; ``one_seen`` /
+            ``two_seen`` counts give one / two objects, both a mixture).
+        vocabulary: with a ``PromptSet``, the categories to sample (``pascal``: VOC's 20,
+            ``coco``: 80); its order gives the label ids. Every category counts as seen here.
+        batch_size / num_workers: per process.
+        max_per_group: build at most this many samples per split and group (smoke runs).
+    """
+
+    predict_mode = "ground"  # what GroundingModule.predict_step makes of these batches
+
+    def __init__(
+        self,
+        out_dir: str,
+        prompts: PromptList | PromptSet,
+        vocabulary: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_objects: int = 2,
+        max_per_group: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.prepare_data_per_node = False
+        if isinstance(prompts, PromptSet):
+            if vocabulary is None:
+                raise ConfigError("A PromptSet samples categories from a vocabulary: set data.init_args.vocabulary (pascal, coco)")
+            self.category_split = CategorySplit.named(vocabulary)
+        else:
+            self.category_split = CategorySplit(tuple(prompts.classes))
+        prompts.check(self.category_split)
+        self.prompts, self.folder = prompts, GroundedImageFolder(out_dir)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.max_objects, self.max_per_group = max_objects, max_per_group
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.category_split.categories
+
+    def prepare_data(self) -> None:
+        self.prompts.prepare()
+        self.folder.repair()
+
+    def setup(self, stage: str) -> None:
+        if stage != "predict":
+            raise ConfigError(
+                "GroundedImageDataModule feeds `predict` only. To train a segmenter on the folder it "
+                "wrote, use datamodules.segmentation.SegmentationDataModule with a SegmentationFolder source."
+            )
+        done = self.folder.manifest.done_ids()
+        self.predict_set = self.prompts.dataset(self.category_split, done, self.max_per_group)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.predict_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_samples, max_objects=self.max_objects),
+        )
