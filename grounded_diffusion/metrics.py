@@ -137,3 +137,33 @@ def summarize_iou(iou: Tensor, split: CategorySplit) -> dict:
         "harmonic_miou": harmonic_mean(seen, unseen),
         "per_category": per_category,
     }
+
+
+class SemanticIoU(Metric):
+    """Per-class IoU of label maps from a confusion matrix summed over the whole set (Σ∩/Σ∪),
+    the ZS3 protocol's number; pixels labelled 255 are ignored. ``update(preds, target)``:
+    long [B, H, W]. ``compute()``: IoU per class [K] (NaN for a class absent from both)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        keep = target != self.ignore_index
+        index = target[keep].long() * self.num_classes + preds[keep].long()
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def compute(self) -> Tensor:
+        confusion = self.confusion.double()
+        intersection = confusion.diagonal()
+        union = confusion.sum(0) + confusion.sum(1) - intersection
+        return torch.where(union > 0, intersection / union.clamp(min=1), math.nan)
+
+
+def zs3_summary(iou: Tensor, split: CategorySplit) -> dict:
+    """Seen / unseen / harmonic mIoU (%) of a ``SemanticIoU`` over background + the split's
+    vocabulary; background counts as a seen class (the ZS3 convention)."""
+    return summarize_iou(iou, CategorySplit(("background", *split.categories), split.unseen))

@@ -1,4 +1,6 @@
-"""Paper Tab. 1 from test runs: one row per method, one column per group, splits averaged.
+"""Paper Tab. 1 and Tab. 2 from test runs.
+
+Tab. 1 (Protocol I): one row per method, one column per group, splits averaged::
 
     python -m grounded_diffusion.reports --name PASCAL-sim --out outputs/table1_pascal \
         outputs/pascal_split1/report/metrics.json outputs/pascal_split2/report/metrics.json \
@@ -6,6 +8,13 @@
 
 writes ``report.json`` and ``report.md`` (per split and the average over splits, ours vs DAAM,
 class-averaged mIoU, with DAAM's own image-noun mIoU alongside).
+
+Tab. 2 (Protocol II, ZS3 on real images): one row per segmenter run, the training data it saw
+(real images of seen classes, synthetic one / two / mixture), then seen / unseen / harmonic mIoU
+per dataset::
+
+    python -m grounded_diffusion.reports --table 2 --out outputs/table2 \
+        outputs/protocol2/voc_synthetic/zs3/report.json outputs/protocol2/voc_mixture/zs3/report.json
 """
 
 from __future__ import annotations
@@ -79,12 +88,55 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+DATASETS = {"pascal": "PASCAL VOC", "coco": "COCO"}
+
+
+def table2(rows: list[dict]) -> dict:
+    """ZS3 runs (each a ``ZS3Report`` report.json) grouped by dataset, in the given order."""
+    datasets: dict[str, list[dict]] = {}
+    for row in rows:
+        datasets.setdefault(DATASETS.get(row["vocabulary"], row["vocabulary"]), []).append(row)
+    return {"table": 2, "datasets": datasets}
+
+
+def table2_markdown(report: dict) -> str:
+    lines = ["# Protocol II: zero-shot segmentation of real images (paper Tab. 2)", ""]
+    for dataset, rows in report["datasets"].items():
+        first = rows[0]
+        seen, unseen = first["num_seen"], first["num_unseen"]
+        columns = ["run", "segmenter", f"Real / {seen}", f"Synthetic / {seen}+{unseen} (# objects)", "seen", "unseen", "harmonic"]
+        cells = [
+            [r["name"], r["architecture"], "✓" if r["real_seen"] else "✗", r["synthetic"] or "✗",
+             r["seen_miou"], r["unseen_miou"], r["harmonic_miou"]]
+            for r in rows
+        ]  # fmt: skip
+        lines += [f"## {dataset} (mIoU %, background counted as seen; unseen: {', '.join(first['unseen'])})", ""]
+        lines += [markdown_table(columns, cells), ""]
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, report: dict, text: str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(text)
+    return out / "report.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics", nargs="+", help="metrics.json of each split's test run, in split order")
-    parser.add_argument("--name", default="PASCAL-sim")
+    parser.add_argument("metrics", nargs="+", help="Tab. 1: metrics.json of each split's test run, in split order; "
+                        "Tab. 2: report.json of each ZS3 run, in row order")  # fmt: skip
+    parser.add_argument("--table", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--name", default="PASCAL-sim", help="Tab. 1: the test set's name")
     parser.add_argument("--out", required=True, help="folder for report.json and report.md")
     args = parser.parse_args(argv)
+    if args.table == 2:
+        report = table2([json.loads(Path(p).read_text()) for p in args.metrics])
+        text = table2_markdown(report)
+        print(text)
+        print(f"report: {write_report(args.out, report, text)}")
+        return
     runs = {}
     for number, path in enumerate(args.metrics, 1):
         run = json.loads(Path(path).read_text())
@@ -92,13 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{path} has no per-group results; rerun its `test` with this version")
         runs[f"split {number}"] = run
     report = table1(args.name, runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
-    (out / "report.md").write_text(text)
     print(text)
-    print(f"report: {out / 'report.json'}")
+    print(f"report: {write_report(args.out, report, text)}")
 
 
 if __name__ == "__main__":

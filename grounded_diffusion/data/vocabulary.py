@@ -87,6 +87,10 @@ SCENES = ("disc", "square", "triangle", "ring", "cross", "star", "diamond", "bar
 SCENES_UNSEEN = {1: ("ring", "star", "bar")}
 
 VOCABULARIES = {"pascal": PASCAL_VOC, "coco": COCO, "scenes": SCENES}
+# Zero-shot semantic segmentation of real images (ZS3, Protocol II): the standard splits.
+PASCAL_UNSEEN["zs3"] = ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
+COCO_UNSEEN["zs3"] = COCO_UNSEEN[1]  # the standard 65/15
+
 UNSEEN_SPLITS = {"pascal": PASCAL_UNSEEN, "coco": COCO_UNSEEN, "scenes": SCENES_UNSEEN}
 
 

@@ -1,0 +1,126 @@
+"""Images with label maps for a standard semantic segmenter (Protocol II): synthetic grounded
+images, real PASCAL VOC / COCO, or their mixture (synthetic + real images of seen classes only)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from grounded_diffusion.data.segmentation_sets import IGNORE_LABEL, SegmentationSet
+from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
+from grounded_diffusion.errors import ConfigError
+
+
+class SegmentationSamples(Dataset):
+    """A set's images at ``size`` x ``size`` with labels in the target vocabulary (0 background,
+    k = vocabulary[k - 1], 255 ignore); horizontal flips when training."""
+
+    def __init__(self, dataset: SegmentationSet, indices: list[int], lookup: torch.Tensor, size: int, train: bool) -> None:
+        self.dataset, self.indices, self.lookup, self.size, self.train = dataset, indices, lookup, size, train
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        image, labels = self.dataset[self.indices[index]]
+        size = (self.size, self.size)
+        image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        labels = F.interpolate(self.lookup[labels.long()][None, None].float(), size=size, mode="nearest")[0, 0]
+        if self.train and torch.rand(()) < 0.5:
+            image, labels = image.flip(-1), labels.flip(-1)
+        return {"image": image.clamp(0, 255).round().to(torch.uint8), "labels": labels.to(torch.uint8)}
+
+
+class SegmentationDataModule(LightningDataModule):
+    """
+    Args:
+        vocabulary: ``pascal`` (20 classes) or ``coco`` (80); the segmenter predicts these plus
+            background (label 0).
+        split: the seen/unseen split scored by ZS3 (``zs3``: the standard one, VOC 15/5 with
+            unseen pottedplant, sheep, sofa, train, tvmonitor; COCO 65/15).
+        train: the training sets, concatenated: e.g. a synthetic folder, plus real images with
+            ``seen_only: true`` for the mixture.
+        val: the evaluation set (real VOC val / COCO val); ``test`` defaults to it.
+        image_size: images and labels are resized to this square size (paper: 224).
+    """
+
+    def __init__(
+        self,
+        vocabulary: str = "pascal",
+        split: int | str = "zs3",
+        train: list[SegmentationSet] | None = None,
+        val: SegmentationSet | None = None,
+        test: SegmentationSet | None = None,
+        image_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__()
+        self.category_split = CategorySplit.named(vocabulary, split)
+        self.vocabulary = vocabulary
+        self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        for dataset in [*self.train_sets, val, test]:
+            if dataset is not None:
+                check_categories(dataset.classes, self.category_split.categories, f"class of {type(dataset).__name__}")
+
+    @property
+    def num_classes(self) -> int:
+        return 1 + len(self.category_split.categories)
+
+    def training_sets(self) -> list[str]:
+        """What the segmenter learns from, for the report: ``real (seen only)``, ``synthetic (mixture)``..."""
+        return [s.describe() + (" (seen only)" if s.seen_only else "") for s in self.train_sets]
+
+    def _lookup(self, dataset: SegmentationSet) -> torch.Tensor:
+        lookup = torch.full((256,), IGNORE_LABEL, dtype=torch.long)
+        lookup[0] = 0
+        for label, name in enumerate(dataset.classes, 1):
+            lookup[label] = self.category_split.categories.index(name) + 1
+        return lookup
+
+    def _samples(self, dataset: SegmentationSet, train: bool) -> SegmentationSamples:
+        lookup = self._lookup(dataset)
+        indices = list(range(len(dataset)))
+        if dataset.seen_only:
+            unseen = {self.category_split.categories.index(c) + 1 for c in self.category_split.unseen}
+            indices = [i for i in indices if not {int(lookup[k]) for k in dataset.labels_present(i)} & unseen]
+            if not indices:
+                raise ConfigError(f"{type(dataset).__name__} has no image without unseen classes")
+        return SegmentationSamples(dataset, indices, lookup, self.image_size, train)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            if not self.train_sets:
+                raise ConfigError("fit needs data.init_args.train: at least one segmentation set")
+            self.train_set = ConcatDataset([self._samples(s, train=True) for s in self.train_sets])
+        if stage in ("fit", "validate"):
+            if self.val_set_source is None:
+                raise ConfigError("set data.init_args.val: the real images to evaluate on")
+            self.val_set = self._samples(self.val_set_source, train=False)
+        if stage == "test":
+            if self.test_set_source is None:
+                raise ConfigError("set data.init_args.test (or val): the real images to evaluate on")
+            self.test_set = self._samples(self.test_set_source, train=False)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not train and world > 1:  # exact evaluation: no padding duplicates
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=train, sampler=sampler, num_workers=self.num_workers,
+            drop_last=train, persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,111 @@
+"""Protocol II (paper §5.2): a standard semantic segmenter trained on synthetic grounded images
+(optionally + real images of seen classes), scored zero-shot on real images (ZS3)."""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from grounded_diffusion.data.vocabulary import VOCABULARIES
+from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.metrics import SemanticIoU, zs3_summary
+from grounded_diffusion.models.segmenters import DeepLabV3, MaskFormer, Segmenter
+
+ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3")
+
+
+class SemanticSegmentationModule(LightningModule):
+    """
+    Args:
+        vocabulary: ``pascal`` or ``coco``: the classes (plus background) the segmenter predicts;
+            must be the datamodule's.
+        architecture: ``maskformer`` (the paper's), ``mask2former`` (both from transformers) or
+            ``deeplabv3`` (torchvision, lighter).
+        backbone: MaskFormer/Mask2Former: a transformers checkpoint (``microsoft/resnet-101``,
+            the paper's) or ``null`` for a tiny random one (offline); DeepLabV3: ``resnet50``,
+            ``resnet101`` or ``mobilenet_v3_large`` (also what ``null`` means).
+        pretrained_backbone: start from the backbone's ImageNet weights.
+        num_queries: MaskFormer/Mask2Former queries.
+        lr / weight_decay: AdamW (paper: 1e-4 / 1e-4).
+    """
+
+    def __init__(
+        self,
+        vocabulary: str = "pascal",
+        architecture: str = "maskformer",
+        backbone: str | None = "microsoft/resnet-101",
+        pretrained_backbone: bool = True,
+        num_queries: int = 100,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
+        if vocabulary not in VOCABULARIES:
+            raise ConfigError(f"vocabulary '{vocabulary}' is not one of {sorted(VOCABULARIES)}")
+        self.save_hyperparameters()
+        self.num_classes = 1 + len(VOCABULARIES[vocabulary])
+        self.configure_models()
+        self.results: dict[str, dict] = {}
+
+    def configure_models(self) -> None:
+        h = self.hparams
+        if h.architecture == "deeplabv3":
+            weights = "DEFAULT" if h.pretrained_backbone else None
+            self.segmenter: Segmenter = DeepLabV3(self.num_classes, h.backbone or "mobilenet_v3_large", weights)
+        else:
+            self.segmenter = MaskFormer(self.num_classes, h.architecture, h.backbone, h.pretrained_backbone, h.num_queries)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if getattr(datamodule, "vocabulary", self.hparams.vocabulary) != self.hparams.vocabulary:
+            raise ConfigError(
+                f"The model predicts the '{self.hparams.vocabulary}' classes but the data is labelled with "
+                f"'{datamodule.vocabulary}': set model.init_args.vocabulary and data.init_args.vocabulary alike."
+            )
+        self.category_split = datamodule.category_split
+        self.val_iou, self.test_iou = SemanticIoU(self.num_classes), SemanticIoU(self.num_classes)
+
+    @staticmethod
+    def _images(batch: dict) -> Tensor:
+        return batch["image"].float() / 255
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] -> class scores [B, K, H, W] (background = class 0)."""
+        return self.segmenter.scores(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.segmenter.loss(self._images(batch), batch["labels"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The loss is {loss.item()} at step {self.global_step}; nothing was updated with it. "
+                "Lower model.init_args.lr or train in float32, and resume with --ckpt_path last."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _predict_labels(self, batch: dict) -> Tensor:
+        return self(self._images(batch)).argmax(1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_iou.update(self._predict_labels(batch), batch["labels"])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_iou.update(self._predict_labels(batch), batch["labels"])
+
+    def _summarise(self, stage: str, metric: SemanticIoU) -> None:
+        summary = zs3_summary(metric.compute(), self.category_split)  # every rank: compute() syncs
+        metric.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "per_category"})
+        self.results[stage] = summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._summarise("val", self.val_iou)
+
+    def on_test_epoch_end(self) -> None:
+        self._summarise("test", self.test_iou)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
