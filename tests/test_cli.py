@@ -12,18 +12,28 @@ from grounded_diffusion.data.cache import TripletCache
 
 ABLATIONS = REPO / "experiments" / "ablations"
 BACKBONES = REPO / "experiments" / "backbones"  # overlays too
+PROTOCOL2 = REPO / "experiments" / "protocol2"
+# Overlays go after an experiment; every other YAML is a complete experiment.
+P2_OVERLAYS = {"zs3_split", "with_real_seen", "with_real_seen_coco", "deeplabv3", "offline"}
 EXPERIMENTS = sorted(
     str(p.relative_to(REPO))
     for p in (REPO / "experiments").rglob("*.yaml")
-    if ABLATIONS not in p.parents and BACKBONES not in p.parents
+    if ABLATIONS not in p.parents and BACKBONES not in p.parents and p.name != "offline.yaml"
+    and not (p.parent == PROTOCOL2 and p.stem in P2_OVERLAYS)
 )
+
+
+def offline_overlay(config: str) -> str:
+    """Segmenter experiments have their own offline overlay; everything else takes offline.yaml."""
+    return "experiments/protocol2/offline.yaml" if config.endswith("_maskformer.yaml") else "experiments/offline.yaml"
+
 OVERLAYS = sorted(str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml"))
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS)
 @pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
 def test_every_experiment_parses_alone_and_offline(config, subcommand, capsys):
-    for configs in ([config], [config, "experiments/offline.yaml"]):
+    for configs in ([config], [config, offline_overlay(config)]):
         args = [subcommand] + [a for c in configs for a in ("--config", str(REPO / c))]
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--print_config"])
@@ -43,12 +53,25 @@ def test_ablation_overlays_parse_after_an_experiment(overlay, capsys):
         assert f"split: {Path(overlay).stem.split('_')[1]}" in printed
 
 
+@pytest.mark.parametrize(
+    "base, overlay",
+    [("pascal_split1.yaml", "zs3_split"), ("synth/pascal_split1_train.yaml", "zs3_split"), ("protocol2/pascal_maskformer.yaml", "with_real_seen"),
+     ("protocol2/coco_maskformer.yaml", "with_real_seen_coco"), ("protocol2/pascal_maskformer.yaml", "deeplabv3")],
+)  # fmt: skip
+def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments" / base), "--config", str(PROTOCOL2 / f"{overlay}.yaml"), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert {"zs3_split": "split: zs3", "deeplabv3": "architecture: deeplabv3"}.get(overlay, "seen_only: true") in printed
+
+
 @pytest.mark.parametrize("overlay", ["sd2", "sdxl"])
 def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", str(BACKBONES / f"{overlay}.yaml"), "--print_config"])
     printed = capsys.readouterr().out
-    assert "stabilityai/stable-diffusion-" in printed and f"_sim/{overlay}-split" in printed  # (printed unresolved)
+    assert "stabilityai/stable-diffusion-" in printed and "_sim/${model.init_args.backbone.model_id}/split" in printed  # (unresolved)
 
 
 @pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl"])
