@@ -285,3 +285,9 @@ def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_p
     assert report["vocabulary"] == "coco" and report["num_seen"] == 65 and report["num_unseen"] == 15
     assert report["per_category"]["dog"] is not None and len(report["per_category"]) == 81
     assert os.path.exists(tmp_path / "zs3" / "report.md")
+
+
+def test_two_process_generation_writes_every_prompt_once(head_checkpoint, tmp_path):
+    generate(tmp_path, head_checkpoint, "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--data.init_args.batch_size", "1")
+    assert sorted(json.loads(line)["id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()) == [f"{i:06d}" for i in range(4)]
+    assert len(COCOApi(str(tmp_path / "annotations.json")).getImgIds()) == 4  # written once, after both ranks

@@ -32,6 +32,7 @@ def synth_args(root: Path, config: str = "pascal_split1_test", per_group: int = 
         "--model.init_args.backbone.num_inference_steps", "6",
         "--model.init_args.backbone.capture_step", "2",
         "--trainer.default_root_dir", str(root),
+        "--data.init_args.cache_dir", str(root / "cache-synth"),  # (offline: data/<vocab>_sim/embedded/tiny-sd/...)
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
 
