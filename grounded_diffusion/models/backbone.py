@@ -115,7 +115,10 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     errors = []
     for local_only in (True, False):
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, dtype=dtype)
+            # (SDXL has no safety checker: diffusers notes that it ignores these two)
+            pipe = DiffusionPipeline.from_pretrained(
+                source, local_files_only=local_only, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
             continue
