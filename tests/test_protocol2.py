@@ -291,3 +291,19 @@ def test_two_process_generation_writes_every_prompt_once(head_checkpoint, tmp_pa
     generate(tmp_path, head_checkpoint, "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--data.init_args.batch_size", "1")
     assert sorted(json.loads(line)["id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()) == [f"{i:06d}" for i in range(4)]
     assert len(COCOApi(str(tmp_path / "annotations.json")).getImgIds()) == 4  # written once, after both ranks
+
+
+def test_missing_backbone_weights_name_the_file_and_the_switch(monkeypatch, tmp_path):
+    from urllib.error import URLError
+
+    from grounded_diffusion.models.segmenters import DeepLabV3, MaskFormer, MissingBackboneWeightsError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(MissingBackboneWeightsError, match=r"resnet50-.*\.pth.*pretrained_backbone: false"):
+        DeepLabV3(21, "resnet50", "DEFAULT")
+    with pytest.raises(MissingBackboneWeightsError, match="hf download microsoft/resnet-101"):
+        MaskFormer(21, "maskformer", "microsoft/resnet-101")  # HF_HUB_OFFLINE=1 in the tests

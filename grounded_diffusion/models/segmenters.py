@@ -68,7 +68,7 @@ class DeepLabV3(Segmenter):
             file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
             raise MissingBackboneWeightsError(
                 f"Cannot download the ImageNet weights {weights} of {builder}'s backbone ({err}). Put the file at "
-                f"{file} (from {weights.url}), or set model.init_args.segmenter.init_args.weights_backbone: null."
+                f"{file} (from {weights.url}), or set model.init_args.pretrained_backbone: false (random weights)."
             ) from None
 
     def scores(self, images: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ class MaskFormer(Segmenter):
             raise MissingBackboneWeightsError(
                 f"Cannot load the backbone '{backbone}' ({str(err).splitlines()[0]}). Download it where the Hub is "
                 f"reachable (`hf download {backbone}`) and copy the HF cache here, or set "
-                "model.init_args.segmenter.init_args.backbone: null for a tiny random one."
+                "model.init_args.backbone: null for a tiny random one (or pretrained_backbone: false)."
             ) from None
         self.num_classes = num_classes
 
