@@ -11,17 +11,15 @@ from lightning import Callback, LightningModule, Trainer
 from PIL import Image
 
 from grounded_diffusion.data.prompts import GROUPS
-from grounded_diffusion.data.voc import voc_palette
+from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.reports import table1_header, table1_row, table1_rule
-
-PALETTE = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """Tint each object slot's mask with its own colour over an [H, W, 3] uint8 image."""
     out = image.astype(np.float32)
     for k, mask in enumerate(masks):
-        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[k + 1]
+        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE_RGB[k + 1]
     return out.astype(np.uint8)
 
 

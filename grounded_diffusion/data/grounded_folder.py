@@ -31,7 +31,7 @@ from pycocotools import mask as coco_mask
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
-from grounded_diffusion.data.voc import voc_palette
+from grounded_diffusion.data.voc import PALETTE_RGB, voc_palette
 from grounded_diffusion.errors import ConfigError, UserError
 
 IGNORE_LABEL = 255
@@ -71,9 +71,8 @@ def rle_annotations(masks: np.ndarray) -> list[dict]:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with each label painted in its VOC palette colour (ignore pixels in white)."""
-    palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
-    colours = palette[labels]
+    """The image with each label painted in its VOC palette colour (ignore pixels in the palette's 255 colour)."""
+    colours = PALETTE_RGB[labels]
     painted = labels > 0
     out = image.astype(np.float32)
     out[painted] = (1 - alpha) * out[painted] + alpha * colours[painted]
@@ -97,6 +96,7 @@ class GroundedImageFolder:
         self.root = Path(root)
         self.manifest = JsonlManifest(self.root / "manifest.jsonl")
         self.classes_path = self.root / "classes.txt"
+        self.palette = voc_palette()
 
     def classes(self) -> list[str]:
         if not self.classes_path.exists():
@@ -128,7 +128,7 @@ class GroundedImageFolder:
         sample_id = record["id"]
         _atomic_write(self.root / "JPEGImages" / f"{sample_id}.jpg", lambda t: Image.fromarray(image).save(t, format="JPEG", quality=95))
         label_png = Image.fromarray(labels, mode="P")
-        label_png.putpalette(voc_palette())
+        label_png.putpalette(self.palette)
         _atomic_write(self.root / "SegmentationClass" / f"{sample_id}.png", lambda t: label_png.save(t, format="PNG"))
         if overlay_image is not None:
             _atomic_write(self.root / "overlays" / f"{sample_id}.png", lambda t: Image.fromarray(overlay_image).save(t, format="PNG"))

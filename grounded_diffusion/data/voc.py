@@ -39,6 +39,10 @@ def voc_palette() -> list[int]:
     return palette
 
 
+# The colour map as a [256, 3] float table, for painting label maps over images.
+PALETTE_RGB = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
+
+
 def write_voc_folder(
     root: str | Path, classes: Sequence[str], samples: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]
 ) -> Path:
