@@ -67,7 +67,7 @@ class GroundedImageDataModule(LightningDataModule):
         if stage != "predict":
             raise ConfigError(
                 "GroundedImageDataModule feeds `predict` only. To train a segmenter on the folder it "
-                "wrote, use datamodules.segmentation.SegmentationDataModule with a SegmentationFolder source."
+                "wrote, use datamodules.segmentation.SegmentationDataModule with a FolderSegmentationSet in `train`."
             )
         done = self.folder.manifest.done_ids()
         self.predict_set = self.prompts.dataset(self.category_split, done, self.max_per_group)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from grounded_diffusion.data.segmentation_sets import IGNORE_LABEL, SegmentationSet
+from grounded_diffusion.data.sources import evaluation_sampler
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError
 
@@ -67,10 +67,6 @@ class SegmentationDataModule(LightningDataModule):
             if dataset is not None:
                 check_categories(dataset.classes, self.category_split.categories, f"class of {type(dataset).__name__}")
 
-    @property
-    def num_classes(self) -> int:
-        return 1 + len(self.category_split.categories)
-
     def training_sets(self) -> list[str]:
         """What the segmenter learns from, for the report: ``real (seen only)``, ``synthetic (mixture)``..."""
         return [s.describe() + (" (seen only)" if s.seen_only else "") for s in self.train_sets]
@@ -107,10 +103,7 @@ class SegmentationDataModule(LightningDataModule):
             self.test_set = self._samples(self.test_set_source, train=False)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = None
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if not train and world > 1:  # exact evaluation: no padding duplicates
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        sampler = None if train else evaluation_sampler(self.trainer, dataset)
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=train, sampler=sampler, num_workers=self.num_workers,
             drop_last=train, persistent_workers=self.num_workers > 0,

@@ -12,12 +12,11 @@ from functools import partial
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.cache import TripletCache, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
-from grounded_diffusion.data.sources import collate_samples, pad_objects
+from grounded_diffusion.data.sources import collate_samples, evaluation_sampler, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.errors import ConfigError
@@ -160,14 +159,7 @@ class TripletDataModule(LightningDataModule):
         )
 
     def _unrepeated_loader(self, dataset: Dataset) -> DataLoader:
-        # Lightning's default DistributedSampler pads with duplicates; evaluation must not.
-        world = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None
-        if world > 1:
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
-            )
-        return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, sampler=evaluation_sampler(self.trainer, dataset))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

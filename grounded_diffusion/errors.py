@@ -1,5 +1,8 @@
 """Errors caused by input or set-up that the user fixes: the CLI prints their message alone."""
 
+from pathlib import Path
+from urllib.parse import urlparse
+
 
 class UserError(Exception):
     """Bad input or missing set-up; the message names the bad value and the fix."""
@@ -19,3 +22,11 @@ def find_user_error(error: BaseException | None) -> UserError | None:
 
 class ConfigError(UserError, ValueError):
     """A configured value is invalid or inconsistent."""
+
+
+def torchvision_weights_file(weights) -> Path:
+    """Where torchvision looks for a weights enum's file ($TORCH_HOME/hub/checkpoints/<name>), for
+    messages that tell an offline user where to put it."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name

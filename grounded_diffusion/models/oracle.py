@@ -8,15 +8,13 @@ Mask R-CNN, as in the paper; any other segmenter can take its place through the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, torchvision_weights_file
 from grounded_diffusion.models.backbone import MissingWeightsError
 
 INSTANCE_MODES = ("union", "top1")
@@ -94,7 +92,7 @@ class MaskRCNNOracle(Oracle):
         self.eval()
 
     def _load_pretrained(self, architecture: str, kwargs: dict) -> nn.Module:
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(self.weights.url).path).name
+        file = torchvision_weights_file(self.weights)
         try:
             return torchvision.models.get_model(architecture, weights=self.weights, **kwargs)
         except OSError as err:  # URLError when offline; a partial download

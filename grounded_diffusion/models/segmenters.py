@@ -8,15 +8,12 @@ Each takes images in [0, 1] (normalised inside with ImageNet statistics) and giv
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import urlparse
-
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.errors import ConfigError, UserError, torchvision_weights_file
 
 # Where the errors of an unreachable Hub come from (huggingface_hub's own subclass OSError).
 NETWORK_MODULES = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"}
@@ -65,7 +62,7 @@ class DeepLabV3(Segmenter):
         try:
             self.model = torchvision.models.get_model(builder, weights=None, weights_backbone=weights, num_classes=num_classes, aux_loss=False)
         except OSError as err:  # offline: the download failed
-            file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+            file = torchvision_weights_file(weights)
             raise MissingBackboneWeightsError(
                 f"Cannot download the ImageNet weights {weights} of {builder}'s backbone ({err}). Put the file at "
                 f"{file} (from {weights.url}), or set model.init_args.pretrained_backbone: false (random weights)."
