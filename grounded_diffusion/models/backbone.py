@@ -83,6 +83,11 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def expand(self, batch: int) -> PromptEmbeds:
+        """One row repeated ``batch`` times (a view, no copy)."""
+        pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
+        return PromptEmbeds(self.hidden.expand(batch, -1, -1), pooled)
+
     def cat(self, other: PromptEmbeds) -> PromptEmbeds:
         pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
         return PromptEmbeds(torch.cat([self.hidden, other.hidden]), pooled)
@@ -308,8 +313,9 @@ class StableDiffusionBackbone(nn.Module):
         return self._encode(prompts)
 
     def unconditional_embeds(self, batch: int) -> PromptEmbeds:
-        """The guidance batch's unconditional half (SDXL zeroes it, SD encodes "")."""
-        return self._encode([""] * batch, unconditional=True)
+        """The guidance batch's unconditional half (SDXL zeroes it, SD encodes ""): the same row
+        for every sample, encoded once."""
+        return self._encode([""], unconditional=True).expand(batch)
 
     @torch.no_grad()
     def category_embeddings(self, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> Tensor:
