@@ -41,10 +41,15 @@ class SegmentationSet:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def label_file(self, index: int) -> Path:
+        """The label PNG of image ``index`` (sets stored as label PNGs)."""
+        raise NotImplementedError
+
     def labels_present(self, index: int) -> set[int]:
-        """Labels of the classes in image ``index`` (1-based; background and ignore left out)."""
-        _, labels = self[index]
-        return {int(v) for v in labels.unique() if 0 < v < IGNORE_LABEL}
+        """Labels of the classes in image ``index`` (1-based; background and ignore left out),
+        read from the label PNG alone."""
+        labels = np.array(Image.open(self.label_file(index)))
+        return {int(v) for v in np.unique(labels) if 0 < v < IGNORE_LABEL}
 
 
 class VOCSegmentationSet(SegmentationSet):
@@ -76,9 +81,8 @@ class VOCSegmentationSet(SegmentationSet):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return _pil_to_tensors(*self.dataset[index])
 
-    def labels_present(self, index: int) -> set[int]:
-        labels = np.array(Image.open(self.dataset.masks[index]))
-        return {int(v) for v in np.unique(labels) if 0 < v < IGNORE_LABEL}
+    def label_file(self, index: int) -> Path:
+        return Path(self.dataset.masks[index])
 
 
 class COCOSegmentationSet(SegmentationSet):
@@ -158,6 +162,8 @@ class FolderSegmentationSet(SegmentationSet):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        sample_id = self.ids[index]
-        image = Image.open(self.root / "JPEGImages" / f"{sample_id}.jpg")
-        return _pil_to_tensors(image, Image.open(self.root / "SegmentationClass" / f"{sample_id}.png"))
+        image = Image.open(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
+        return _pil_to_tensors(image, Image.open(self.label_file(index)))
+
+    def label_file(self, index: int) -> Path:
+        return self.root / "SegmentationClass" / f"{self.ids[index]}.png"
