@@ -101,6 +101,8 @@ def test_prompt_file_parsing(tmp_path):
     bad.write_text("a dog without categories\n")
     with pytest.raises(ConfigError, match="bad.txt:1"):
         PromptList(file=str(bad))
+    with pytest.raises(ConfigError, match=r"prompts\[0\].*needs both `prompt` and `categories`"):
+        PromptList(prompts=[{"prompt": "a dog"}])
 
 
 # -- real-format readers ----------------------------------------------------------------------------

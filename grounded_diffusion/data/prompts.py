@@ -169,6 +169,9 @@ class PromptList:
     split = "images"
 
     def __init__(self, prompts: Sequence[Mapping] = (), file: str | None = None, seed: int = 0) -> None:
+        for number, entry in enumerate(prompts):
+            if not {"prompt", "categories"} <= set(entry):
+                raise ConfigError(f"prompts[{number}] = {dict(entry)} needs both `prompt` and `categories` (a list of names)")
         self.entries = [{"prompt": p["prompt"], "categories": list(p["categories"])} for p in prompts]
         self.file, self.seed = file, seed
         if file is not None:
