@@ -16,7 +16,7 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
-from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
+from grounded_diffusion.models.daam import WORD_MATCHING, DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 
@@ -40,6 +40,9 @@ class GroundingModule(LightningModule):
         daam_thresholds: a grid of τ to choose DAAM's threshold on seen categories only; the test
             then also reports DAAM at the τ with the best seen mIoU (``daam_tuned``).
         real_image_mode: how images reach the capture step: ``noise`` or ``ddim_inversion``.
+        daam_word_matching: which occurrences of a category's words make its DAAM map when
+            triplets are made: ``whole`` (not those inside a longer category of the prompt: the
+            "dog" of "hot dog") or ``reference`` (all, as the ``daam`` package).
     """
 
     def __init__(
@@ -56,10 +59,13 @@ class GroundingModule(LightningModule):
         daam_threshold: float = 0.4,
         daam_thresholds: list[float] | None = None,
         real_image_mode: str = "noise",
+        daam_word_matching: str = "whole",
     ) -> None:
         super().__init__()
         if real_image_mode not in REAL_IMAGE_MODES:
             raise ConfigError(f"real_image_mode '{real_image_mode}' is not one of {REAL_IMAGE_MODES}")
+        if daam_word_matching not in WORD_MATCHING:
+            raise ConfigError(f"daam_word_matching '{daam_word_matching}' is not one of {WORD_MATCHING}")
         self.save_hyperparameters(ignore=["oracle"])
         # hparams may hold the CLI's raw config (dicts); the models are built from typed configs.
         self.backbone_config, self.head_config, self.oracle = backbone, head, oracle
@@ -103,6 +109,7 @@ class GroundingModule(LightningModule):
             "backbone": asdict(backbone.config),
             "capture_timestep": backbone.timestep,
             "feature_groups": backbone.feature_channels(),
+            "daam_word_matching": self.hparams.daam_word_matching,
         }
         if prompts:
             metadata.update(guidance_scale=self.hparams.guidance_scale, oracle=self.oracle.describe())
@@ -273,8 +280,9 @@ class GroundingModule(LightningModule):
         return {**batch, "image": generation.images, "probs": probs.half()}
 
     def _synthesise(self, batch: dict) -> dict:
+        h = self.hparams
         generation = self.backbone.generate(
-            batch["prompt"], batch["seed"], self.hparams.guidance_scale, words=batch["categories"]
+            batch["prompt"], batch["seed"], h.guidance_scale, batch["categories"], h.daam_word_matching
         )
         masks, scores = self.oracle(generation.images, batch["categories"])
         return {
@@ -297,7 +305,8 @@ class GroundingModule(LightningModule):
         timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
         # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
         tracer = DAAMTracer(backbone.unet)
-        with tracer.trace(backbone.tokenizer, batch["prompt"], batch["categories"], latents.shape[-1]):
+        matching = self.hparams.daam_word_matching
+        with tracer.trace(backbone.tokenizer, batch["prompt"], batch["categories"], latents.shape[-1], matching):
             features = backbone.unet_features(latents, timesteps, prompt_embeds)
         return {**batch, "latents": latents.float(), "features": features, "daam": tracer.word_maps()}
 

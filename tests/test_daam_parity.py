@@ -35,7 +35,8 @@ def reference_maps(backbone, prompt, seed, words):
 
 
 def test_heat_maps_and_masks_match_the_reference_package(backbone):
-    ours = backbone.generate(PROMPTS, [3, 4], guidance_scale=7.5, words=WORDS)  # one batch of two
+    # The reference pools every occurrence of a word ("dog" takes the "dog" of "hot dog").
+    ours = backbone.generate(PROMPTS, [3, 4], guidance_scale=7.5, words=WORDS, word_matching="reference")
     ours_masks = daam_masks(ours.heat_maps, (128, 128), threshold=0.4)
     for b, (prompt, seed, words) in enumerate(zip(PROMPTS, [3, 4], WORDS)):
         heat, masks = reference_maps(backbone, prompt, seed, words)

@@ -44,10 +44,38 @@ def test_normalisation_is_the_same_in_train_and_eval():
     torch.testing.assert_close(block.train()(x[:1]), train_out[:1])
 
 
-def test_paper_widths():
-    head = GroundingHead([15360, 14080, 8320, 5120], 768)  # SD-1.5, both branches, 512^2
+# The authors' Segmodule (Lipurple/Grounded-Diffusion, ldm/models/seg_module.py), parameter by
+# parameter from its layer definitions, at SD-1.5's group channels (both branches, 512²).
+AUTHORS_PARAMETERS = {
+    "1x1 convs, no bias (8²: 16, 16²: 32, 32²: 64, 64²: 128)": 15360 * 16 + 14080 * 32 + 8320 * 64 + 5120 * 128,
+    "Mix-Conv blocks: two 3x3 convs with bias at widths 48, 112, 240": sum(2 * (w * w * 9 + w) for w in (48, 112, 240)),
+    "to_k: 4x4 patches of the 240-ch map -> 512, no bias": 240 * 16 * 512,
+    "to_q: 768 -> 512, no bias": 768 * 512,
+    "3 decoder layers: 2 bias-free attentions, FFN 2048, 3 LayerNorms": 3 * (2 * 4 * 512 * 512 + 2 * 512 * 2048 + 2048 + 512 + 3 * 2 * 512),
+    "MLP 512 -> 512 -> 512 -> 240": 2 * (512 * 512 + 512) + 512 * 240 + 240,
+}
+# What ours adds: biases on the 1x1 convs, the patch and text projections and the attentions
+# (torch's defaults), GroupNorm's affine weights (the authors' BN is parameter-free), and the
+# decoder's final LayerNorm.
+OUR_EXTRA_PARAMETERS = {
+    "1x1 conv biases": 16 + 32 + 64 + 128,
+    "GroupNorm weight + bias, two per Mix-Conv": sum(2 * 2 * w for w in (48, 112, 240)),
+    "patch and text projection biases": 512 + 512,
+    "attention in/out projection biases": 3 * 2 * (3 * 512 + 512),
+    "final LayerNorm": 2 * 512,
+}
+
+
+def test_paper_widths_and_parameters_match_the_authors_head():
+    head = GroundingHead([15360, 14080, 8320, 5120], 768)  # SD-1.5 groups 8², 16², 32², 64²
+    widths = {conv.in_channels: conv.out_channels for conv in head.visual_encoder.reduce}
+    assert widths == {15360: 16, 14080: 32, 8320: 64, 5120: 128}  # the finest group gets the most
+    assert [mix.body[2].in_channels for mix in head.visual_encoder.mix] == [48, 112, 240]
     assert head.visual_encoder.out_channels == 240
-    assert 15e6 < sum(p.numel() for p in head.parameters()) < 25e6  # authors' head: ~18.8 M
+    authors = sum(AUTHORS_PARAMETERS.values())
+    assert authors == 18_796_560  # "~18.8 M"
+    ours = sum(p.numel() for p in head.parameters())
+    assert ours == authors + sum(OUR_EXTRA_PARAMETERS.values())  # 18,812,736: +16,176 (0.09 %)
 
 
 def test_group_count_mismatch_is_named():

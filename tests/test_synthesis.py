@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.daam import word_token_indices, word_token_table
+from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
 
 PROMPTS = ["a photograph of a dog and a hot dog", "a photograph of a cat"]
 WORDS = [["dog", "hot dog"], ["cat"]]
@@ -23,14 +25,20 @@ def short_backbone(request):
 
 @pytest.fixture(scope="module")
 def generation(short_backbone):
-    return short_backbone.generate(PROMPTS, SEEDS, guidance_scale=7.5, words=WORDS)
+    return short_backbone.generate(PROMPTS, SEEDS, guidance_scale=7.5, words=WORDS)  # whole-word matching
 
 
-def reference_daam(backbone, prompt, seed, word, monkeypatch):
+@pytest.fixture(scope="module")
+def reference_matching(short_backbone):
+    return short_backbone.generate(PROMPTS, SEEDS, guidance_scale=7.5, words=WORDS, word_matching="reference")
+
+
+def reference_daam(backbone, prompt, seed, word, monkeypatch, whole_in=()):
     """DAAM as the reference package computes it, one prompt at a time, written out plainly:
     explicit attention probabilities of every down/up ``attn2``, conditional half, summed over
     steps per (layer, head, token), bicubic to the latent size, clamped, averaged over (layer,
-    head), then over the word's tokens."""
+    head), then over the word's tokens. With ``whole_in`` (the prompt's categories), the word's
+    occurrences inside a longer one of them are left out."""
     unet = backbone.unet
     names = {m: n for n, m in unet.named_modules() if n.endswith("attn2") and n.startswith(("down_blocks", "up_blocks"))}
     sums = defaultdict(float)
@@ -64,18 +72,28 @@ def reference_daam(backbone, prompt, seed, word, monkeypatch):
     ids = backbone.tokenizer(prompt).input_ids
     word_ids = backbone.tokenizer(word, add_special_tokens=False).input_ids
     starts = [i for i in range(len(ids)) if ids[i : i + len(word_ids)] == word_ids]
+    for longer in [w for w in whole_in if w != word and word in w]:
+        longer_ids = backbone.tokenizer(longer, add_special_tokens=False).input_ids
+        inside = {i + k for i in range(len(ids)) if ids[i : i + len(longer_ids)] == longer_ids for k in range(len(longer_ids))}
+        starts = [s for s in starts if s not in inside]
     positions = [s + k for s in starts for k in range(len(word_ids))]
     return token_maps[positions].mean(0)
 
 
-def test_batched_daam_matches_a_per_prompt_reference(short_backbone, generation, monkeypatch):
+@pytest.mark.parametrize("matching", ["whole", "reference"])
+def test_batched_daam_matches_a_per_prompt_reference(short_backbone, generation, reference_matching, matching, monkeypatch):
+    traced = generation if matching == "whole" else reference_matching
     size = short_backbone.unet.config.sample_size
-    assert generation.heat_maps.shape == (2, 2, size, size)
+    assert traced.heat_maps.shape == (2, 2, size, size)
     for b, (prompt, seed, words) in enumerate(zip(PROMPTS, SEEDS, WORDS)):
         for o, word in enumerate(words):
-            expected = reference_daam(short_backbone, prompt, seed, word, monkeypatch)
-            torch.testing.assert_close(generation.heat_maps[b, o], expected, rtol=1e-4, atol=1e-5)
-    assert not generation.heat_maps[1, 1].any()  # the empty word slot of the one-object prompt
+            whole_in = words if matching == "whole" else ()
+            expected = reference_daam(short_backbone, prompt, seed, word, monkeypatch, whole_in)
+            torch.testing.assert_close(traced.heat_maps[b, o], expected, rtol=1e-4, atol=1e-5)
+    assert not traced.heat_maps[1, 1].any()  # the empty word slot of the one-object prompt
+    # "hot dog" is the same either way; "dog" differs: the reference also pools the "dog" of "hot dog".
+    torch.testing.assert_close(generation.heat_maps[0, 1], reference_matching.heat_maps[0, 1])
+    assert not torch.allclose(generation.heat_maps[0, 0], reference_matching.heat_maps[0, 0])
 
 
 def test_dog_and_hot_dog_are_different_words(generation):
@@ -121,3 +139,19 @@ def test_both_branches_need_guidance(short_backbone):
 
     with pytest.raises(ConfigError, match="guidance_scale > 1"):
         short_backbone.generate(PROMPTS, SEEDS, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("short_name, long_name", [("dog", "hot dog"), ("bear", "teddy bear")])
+def test_whole_category_matching_leaves_out_the_word_inside_a_longer_category(tmp_path, short_name, long_name):
+    """Token positions counted by hand: [BOS] a(1) photograph(2) of(3) a(4) <long: 5, 6> and(7) a(8) <short: 9>."""
+    tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp_path))
+    prompt, words = f"a photograph of a {long_name} and a {short_name}", [long_name, short_name]
+    assert word_token_indices(tokenizer, prompt, short_name) == [6, 9]  # the reference: every occurrence
+    assert word_token_indices(tokenizer, prompt, short_name, words) == [9]
+    assert word_token_indices(tokenizer, prompt, long_name, words) == [5, 6]
+    # Only inside the longer name: that is all there is, so it is kept.
+    assert word_token_indices(tokenizer, f"a photograph of a {long_name}", short_name, words) == [6]
+    _, weights = word_token_table(tokenizer, [prompt], [words], matching="whole")
+    assert weights[0].tolist() == [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]  # tokens traced: 5, 6, 9
+    with pytest.raises(ValueError, match="'exact' is not one of"):
+        word_token_table(tokenizer, [prompt], [words], matching="exact")

@@ -408,10 +408,11 @@ class StableDiffusionBackbone(nn.Module):
         seeds: Sequence[int],
         guidance_scale: float = 7.5,
         words: Sequence[Sequence[str]] | None = None,
+        word_matching: str = "whole",
     ) -> Generation:
         """Sample images with classifier-free guidance (DDIM, ``num_inference_steps``), capturing
         the UNet features and the latent at the capture step, and DAAM maps of ``words`` (one list
-        of words per prompt) accumulated over all steps."""
+        of words per prompt) accumulated over all steps (``word_matching``: see models.daam)."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:
             raise ConfigError("branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)")
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
@@ -427,7 +428,7 @@ class StableDiffusionBackbone(nn.Module):
             return {}
 
         tracer = DAAMTracer(self.unet)
-        tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1]) if words else contextlib.nullcontext()
+        tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1], word_matching) if words else contextlib.nullcontext()
         with self._capturing() as captured, tracing:
             images = pipe(
                 list(prompts),

@@ -12,6 +12,12 @@ What the reference ``daam`` package computes, per word of the prompt:
 
 Here a batch of prompts is traced at once, only the tokens of the requested words are kept, and
 the latent size is read from the model (the reference assumes 64² or 96²).
+
+Word matching: the reference pools a word's tokens wherever they occur, so in "a photograph of a
+hot dog and a dog" the map of "dog" also takes the "dog" of "hot dog" (COCO: "bear" / "teddy
+bear", "dog" / "hot dog"). ``whole`` matching (our default for the reported baseline) leaves out
+the occurrences that lie inside an occurrence of a longer category named in the same prompt;
+``reference`` keeps them all, as the package does.
 """
 
 from __future__ import annotations
@@ -25,16 +31,29 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
 
-def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+WORD_MATCHING = ("whole", "reference")
+
+
+def _bpe_words(tokenizer, text: str) -> list[str]:
+    return [t.replace("</w>", "") for t in tokenizer.tokenize(text.lower())]
+
+
+def word_token_indices(tokenizer, prompt: str, word: str, others: Sequence[str] = ()) -> list[int]:
     """Positions of ``word``'s BPE tokens in the encoded prompt (BOS = 0), every occurrence, as
-    the reference's ``compute_token_merge_indices``."""
-    strip = lambda tokens: [t.replace("</w>", "") for t in tokens]  # noqa: E731
-    tokens = strip(tokenizer.tokenize(prompt.lower()))
-    search = strip(tokenizer.tokenize(word.lower()))
-    starts = [i for i in range(len(tokens)) if tokens[i : i + len(search)] == search]
-    if not starts:
+    the reference's ``compute_token_merge_indices``. With ``others`` (the other categories named
+    in the prompt), occurrences inside an occurrence of a longer one are left out (whole-category
+    matching), unless that would leave none."""
+    tokens, search = _bpe_words(tokenizer, prompt), _bpe_words(tokenizer, word)
+
+    def spans(words: list[str]) -> list[range]:
+        return [range(i, i + len(words)) for i in range(len(tokens)) if tokens[i : i + len(words)] == words]
+
+    found = spans(search)
+    if not found:
         raise ValueError(f"The word {word!r} is not in the prompt {prompt!r}")
-    positions = [1 + start + k for start in starts for k in range(len(search))]
+    longer = [span for other in others for span in spans(_bpe_words(tokenizer, other)) if len(span) > len(search)]
+    whole = [s for s in found if not any(s.start >= o.start and s.stop <= o.stop for o in longer)]
+    positions = [1 + k for span in (whole or found) for k in span]
     if max(positions) >= tokenizer.model_max_length:
         raise ValueError(f"The word {word!r} lies beyond the {tokenizer.model_max_length} tokens of {prompt!r}")
     return positions
@@ -76,11 +95,17 @@ class DAAMTracer:
 
     @contextlib.contextmanager
     def trace(
-        self, tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], latent_size: int | None = None
+        self,
+        tokenizer,
+        prompts: Sequence[str],
+        words: Sequence[Sequence[str]],
+        latent_size: int | None = None,
+        matching: str = "whole",
     ) -> Iterator[DAAMTracer]:
         """Trace ``words`` (one list per prompt) of the B ``prompts`` (the conditional branch is
-        the last B samples of each UNet call, as in diffusers' guidance batches)."""
-        self.token_index, self.word_weights = word_token_table(tokenizer, prompts, words)
+        the last B samples of each UNet call, as in diffusers' guidance batches); ``matching``:
+        ``whole`` or ``reference`` (see the module's docstring)."""
+        self.token_index, self.word_weights = word_token_table(tokenizer, prompts, words, matching)
         self.sums = {}
         self.latent_size = latent_size or self.unet.config.sample_size
         originals = [layer.processor for layer in self.layers]
@@ -123,10 +148,17 @@ class DAAMTracer:
         return torch.einsum("bok,bkhw->bohw", self.word_weights.to(token_maps.device), token_maps)
 
 
-def word_token_table(tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+def word_token_table(
+    tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: str = "whole"
+) -> tuple[Tensor, Tensor]:
     """The tokens to trace and how they make words: ``token_index`` [B, K] and ``word_weights``
     [B, O, K] (O = the most words of a prompt; empty slots weigh nothing)."""
-    positions = [[word_token_indices(tokenizer, p, w) for w in ws] for p, ws in zip(prompts, words)]
+    if matching not in WORD_MATCHING:
+        raise ValueError(f"DAAM word matching '{matching}' is not one of {WORD_MATCHING}")
+    positions = [
+        [word_token_indices(tokenizer, p, w, ws if matching == "whole" else ()) for w in ws]
+        for p, ws in zip(prompts, words)
+    ]
     num_tokens = max(1, max(sum(len(p) for p in ps) for ps in positions))
     num_words = max(1, max(len(ws) for ws in words))
     token_index = torch.zeros(len(prompts), num_tokens, dtype=torch.long)
