@@ -69,6 +69,26 @@ def format_groups(results: dict) -> str:
     return "\n".join(rows)
 
 
+def format_test_filter(results: dict) -> str:
+    """How many objects each group scored and dropped, and Tab. 1 without the filter (markdown);
+    empty when the test scored every object."""
+    if "test_filter" not in results:
+        return ""
+    counts, min_score = results["test_filter"]["objects"], results["test_filter"]["min_oracle_score"]
+    rows = [
+        f"Objects scored / dropped (empty oracle mask, or oracle score < {min_score:g}):",
+        "",
+        table1_header("objects"),
+        table1_rule(),
+        "| scored / dropped | " + " | ".join(f"{counts[g]['scored']} / {counts[g]['dropped']}" for g in GROUPS) + " |",
+        "",
+        "mIoU (%) per group with every object scored (no filter):",
+        "",
+        format_groups(results["unfiltered"]),
+    ]
+    return "\n".join(rows)
+
+
 def to_json(value):
     """NaN (an empty group) becomes null, so the file is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -112,14 +132,17 @@ class EvaluationReport(Callback):
         path = self.out_dir / "metrics.json"
         path.write_text(json.dumps(to_json(results), indent=2))
         per_category = format_table(results, set(pl_module.category_split.unseen))
-        groups = format_groups(results)
+        groups, test_filter = format_groups(results), format_test_filter(results)
         (self.out_dir / "report.md").write_text(
             f"# Test results\n\nmIoU (%) per group, class-averaged (paper Tab. 1):\n\n{groups}\n\n"
-            f"IoU (%) per category:\n\n```\n{per_category}\n```\n"
+            + (f"{test_filter}\n\n" if test_filter else "")
+            + f"IoU (%) per category:\n\n```\n{per_category}\n```\n"
         )
         print("\nIoU (%) per category, ours vs. DAAM and trivial predictors:")
         print(per_category)
         print("\nmIoU (%) per group (paper Tab. 1):")
         print(groups)
+        if test_filter:
+            print("\n" + test_filter)
         print(f"\noverlays (image | truth | prediction): {self.out_dir / 'overlays'}")
         print(f"metrics: {path}")

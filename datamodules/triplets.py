@@ -24,7 +24,7 @@ from grounded_diffusion.errors import ConfigError
 
 class TripletSamples(Dataset):
     """Cached triplets: features (fp16 groups) or replay latents, masks, category indices
-    (-1 = empty slot), the image, and DAAM heat maps where the cache has them."""
+    (-1 = empty slot), the image, and DAAM heat maps and oracle scores where the cache has them."""
 
     def __init__(self, cache: TripletCache, records: list[dict], split: CategorySplit, max_objects: int) -> None:
         self.cache, self.records, self.split, self.max_objects = cache, records, split, max_objects
@@ -52,6 +52,8 @@ class TripletSamples(Dataset):
             sample["features"] = [tensors[f"features.{g}"] for g in range(num_groups)]
         if "daam" in tensors:
             sample["daam"] = pad_objects(tensors["daam"], self.max_objects)
+        if "oracle_scores" in tensors:  # synthesis: how sure the oracle was of each mask
+            sample["oracle_scores"] = pad_objects(tensors["oracle_scores"], self.max_objects)
         return sample
 
 

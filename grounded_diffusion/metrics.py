@@ -96,7 +96,8 @@ class GroupedIoU(nn.Module):
             self.image_noun_iou[key].update(preds[rows], target[rows], categories[rows])
 
     def compute(self, split: CategorySplit) -> dict[str, dict[str, dict]]:
-        """{method: {group: summarize_iou(...) + image_noun_miou}}; every rank must call it."""
+        """{method: {group: summarize_iou(...) + image_noun_miou + objects (how many were
+        scored)}}; every rank must call it."""
         results: dict[str, dict[str, dict]] = {}
         with warnings.catch_warnings():  # a group no sample belongs to is expected, and NaN
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
@@ -105,6 +106,8 @@ class GroupedIoU(nn.Module):
                     key = self._key(method, group)
                     summary = summarize_iou(self.category_iou[key].compute(), split)
                     summary["image_noun_miou"] = float(self.image_noun_iou[key].compute()) * 100
+                    with self.image_noun_iou[key].sync_context():  # summed over ranks, as compute() sees it
+                        summary["objects"] = int(self.image_noun_iou[key].count)
                     results.setdefault(method, {})[group] = summary
         return results
 

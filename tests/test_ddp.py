@@ -45,7 +45,7 @@ def test_two_process_test_equals_one_process_per_group_with_daam(scene_cache):
     single = evaluate(cache_dir, devices=1, stage="test")
     double = evaluate(cache_dir, devices=2, stage="test")
     keys = [k for k in single if k.startswith(("test/ours/", "test/daam/"))]
-    assert len(keys) == 2 * 6 * 2  # methods x (5 groups + all) x (miou, image_noun_miou)
+    assert len(keys) == 2 * 6 * 3  # methods x (5 groups + all) x (miou, image_noun_miou, objects scored)
     assert not math.isnan(single["test/daam/all/miou"])
     for key in keys:
         a, b = single[key], double[key]

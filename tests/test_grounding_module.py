@@ -1,6 +1,10 @@
+import math
+
 import pytest
 import torch
 
+from callbacks.evaluation_report import format_test_filter
+from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.grounding_head import HeadConfig
 from lightning_modules.grounding import GroundingModule
 
@@ -24,3 +28,54 @@ def test_nan_loss_stops_with_the_samples_named():
 def test_unknown_real_image_mode_fails_at_construction():
     with pytest.raises(ValueError, match="real_image_mode 'inversion'"):
         GroundingModule(head=SMALL, real_image_mode="inversion")
+
+
+def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(monkeypatch):
+    """Hand case, 4-pixel masks; categories a (seen), b (unseen); minimum oracle score 0.7.
+    s0 one_seen:        a truth 1100 score .9,  ours 1000 (I1 U2)
+    s1 two_seen_unseen: a truth 0000 score 0 (empty), ours 1000 (I0 U1); b truth 0011 score .95, ours 0011 (I2 U2)
+    s2 one_unseen:      b truth 1111 score .5 (low), ours 1000 (I1 U4)
+    Filtered: a 1/2, b 2/2.  Unfiltered: a 1/3, b 3/6.  All-foreground, filtered: a 2/4, b 2/4."""
+    module = GroundingModule(head=SMALL, test_min_oracle_score=0.7)
+    module.category_split = CategorySplit(("a", "b", "c"), unseen=("b",))
+    module.configure_metrics()
+    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    bits = lambda rows: torch.tensor([[[[int(v) for v in r]] if r else [[0] * 4] for r in s] for s in rows], dtype=torch.bool)  # noqa: E731
+    batch = {
+        "masks": bits([["1100", ""], ["0000", "0011"], ["1111", ""]]),
+        "categories": torch.tensor([[0, -1], [0, 1], [1, -1]]),
+        "oracle_scores": torch.tensor([[0.9, 0], [0.0, 0.95], [0.5, 0]]),
+        "group": ["one_seen", "two_seen_unseen", "one_unseen"],
+    }
+    ours = bits([["1000", ""], ["1000", "0011"], ["1000", ""]])
+    monkeypatch.setattr(module, "_evaluate", lambda batch, stage: ours)
+    module.test_step(batch, 0)
+    module.on_test_epoch_end()
+    results = module.results["test"]
+    assert (results["seen_miou"], results["unseen_miou"]) == (50, 100)
+    assert results["baselines"]["all_foreground"]["per_category"]["a"] == 50
+    assert results["baselines"]["all_foreground"]["per_category"]["b"] == 50
+    unfiltered = results["unfiltered"]
+    assert unfiltered["seen_miou"] == pytest.approx(100 / 3) and unfiltered["unseen_miou"] == 50
+    objects = results["test_filter"]["objects"]
+    assert objects["one_seen"] == {"scored": 1, "dropped": 0}
+    assert objects["two_seen_unseen"] == {"scored": 1, "dropped": 1}
+    assert objects["one_unseen"] == {"scored": 0, "dropped": 1}
+    assert objects["all"] == {"scored": 2, "dropped": 2}
+    assert math.isnan(results["groups"]["ours"]["one_unseen"]["miou"])  # nothing left to score there
+    assert results["groups"]["ours"]["two_seen_unseen"]["per_category"]["b"] == 100
+
+    report = format_test_filter(results)
+    assert "| scored / dropped | 1 / 0 | 0 / 1 | 0 / 0 | 1 / 1 | 0 / 0 |" in report  # Tab. 1's group order
+    assert "oracle score < 0.7" in report
+
+    unfiltered_only = GroundingModule(head=SMALL, test_min_oracle_score=None)
+    unfiltered_only.category_split = module.category_split
+    unfiltered_only.configure_metrics()
+    monkeypatch.setattr(unfiltered_only, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(unfiltered_only, "_evaluate", lambda batch, stage: ours)
+    unfiltered_only.test_step(batch, 0)
+    unfiltered_only.on_test_epoch_end()
+    everything = unfiltered_only.results["test"]
+    assert "test_filter" not in everything and "unfiltered" not in everything
+    assert everything["seen_miou"] == pytest.approx(100 / 3) and everything["unseen_miou"] == 50
