@@ -8,15 +8,17 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from grounded_diffusion.data.segmentation_sets import IGNORE_LABEL, SegmentationSet
+from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
 from grounded_diffusion.data.sources import evaluation_sampler
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError
 
 
 class SegmentationSamples(Dataset):
-    """A set's images at ``size`` x ``size`` with labels in the target vocabulary (0 background,
-    k = vocabulary[k - 1], 255 ignore); horizontal flips when training."""
+    """A set's images at ``size`` x ``size`` with labels in the target vocabulary (see
+    ``SegmentationDataModule.background``; 255 ignore). Training: labels resized with the image,
+    horizontal flips. Evaluation: labels at the image's original resolution, untouched (the
+    segmenter's scores are upsampled to them), so the scores are the ZS3 literature's."""
 
     def __init__(self, dataset: SegmentationSet, indices: list[int], lookup: torch.Tensor, size: int, train: bool) -> None:
         self.dataset, self.indices, self.lookup, self.size, self.train = dataset, indices, lookup, size, train
@@ -28,10 +30,17 @@ class SegmentationSamples(Dataset):
         image, labels = self.dataset[self.indices[index]]
         size = (self.size, self.size)
         image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        labels = F.interpolate(self.lookup[labels.long()][None, None].float(), size=size, mode="nearest")[0, 0]
-        if self.train and torch.rand(()) < 0.5:
-            image, labels = image.flip(-1), labels.flip(-1)
+        labels = self.lookup[labels.long()]
+        if self.train:
+            labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0]
+            if torch.rand(()) < 0.5:
+                image, labels = image.flip(-1), labels.flip(-1)
         return {"image": image.clamp(0, 255).round().to(torch.uint8), "labels": labels.to(torch.uint8)}
+
+
+def collate_evaluation(samples: list[dict]) -> dict:
+    """Images stacked (all ``image_size``); labels a list, each at its image's own resolution."""
+    return {"image": torch.stack([s["image"] for s in samples]), "labels": [s["labels"] for s in samples]}
 
 
 class SegmentationDataModule(LightningDataModule):
@@ -44,7 +53,12 @@ class SegmentationDataModule(LightningDataModule):
         train: the training sets, concatenated: e.g. a synthetic folder, plus real images with
             ``seen_only: true`` for the mixture.
         val: the evaluation set (real VOC val / COCO val); ``test`` defaults to it.
-        image_size: images and labels are resized to this square size (paper: 224).
+        image_size: the segmenter sees images at this square size (paper: 224); training labels
+            are resized with them, evaluation labels stay at each image's original resolution.
+        background: ``ignore`` (the ZS3 convention on PASCAL VOC, as ZegFormer: background
+            pixels are 255 in training and evaluation, and the segmenter predicts the
+            vocabulary's classes only, label k = vocabulary[k]) or ``class`` (background is class
+            0 and label k = vocabulary[k - 1]: VOC's 21-class variant; COCO's 80 thing classes).
     """
 
     def __init__(
@@ -57,10 +71,13 @@ class SegmentationDataModule(LightningDataModule):
         image_size: int = 224,
         batch_size: int = 8,
         num_workers: int = 4,
+        background: str = "ignore",
     ) -> None:
         super().__init__()
+        if background not in BACKGROUND_MODES:
+            raise ConfigError(f"data.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
         self.category_split = CategorySplit.named(vocabulary, split)
-        self.vocabulary = vocabulary
+        self.vocabulary, self.background = vocabulary, background
         self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         for dataset in [*self.train_sets, val, test]:
@@ -71,18 +88,23 @@ class SegmentationDataModule(LightningDataModule):
         """What the segmenter learns from, for the report: ``real (seen only)``, ``synthetic (mixture)``..."""
         return [s.describe() + (" (seen only)" if s.seen_only else "") for s in self.train_sets]
 
+    def label_of(self, category: str) -> int:
+        """The segmenter's label of a category of the vocabulary."""
+        return self.category_split.categories.index(category) + (self.background == "class")
+
     def _lookup(self, dataset: SegmentationSet) -> torch.Tensor:
+        """The set's labels (0 background, k = its classes[k - 1]) -> the segmenter's."""
         lookup = torch.full((256,), IGNORE_LABEL, dtype=torch.long)
-        lookup[0] = 0
+        lookup[0] = 0 if self.background == "class" else IGNORE_LABEL
         for label, name in enumerate(dataset.classes, 1):
-            lookup[label] = self.category_split.categories.index(name) + 1
+            lookup[label] = self.label_of(name)
         return lookup
 
     def _samples(self, dataset: SegmentationSet, train: bool) -> SegmentationSamples:
         lookup = self._lookup(dataset)
         indices = list(range(len(dataset)))
         if dataset.seen_only:
-            unseen = {self.category_split.categories.index(c) + 1 for c in self.category_split.unseen}
+            unseen = {self.label_of(c) for c in self.category_split.unseen}
             indices = [i for i in indices if not {int(lookup[k]) for k in dataset.labels_present(i)} & unseen]
             if not indices:
                 raise ConfigError(f"{type(dataset).__name__} has no image without unseen classes")
@@ -106,7 +128,7 @@ class SegmentationDataModule(LightningDataModule):
         sampler = None if train else evaluation_sampler(self.trainer, dataset)
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=train, sampler=sampler, num_workers=self.num_workers,
-            drop_last=train, persistent_workers=self.num_workers > 0,
+            drop_last=train, persistent_workers=self.num_workers > 0, collate_fn=None if train else collate_evaluation,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:

@@ -166,7 +166,8 @@ class SemanticIoU(Metric):
         return torch.where(union > 0, intersection / union.clamp(min=1), math.nan)
 
 
-def zs3_summary(iou: Tensor, split: CategorySplit) -> dict:
-    """Seen / unseen / harmonic mIoU (%) of a ``SemanticIoU`` over background + the split's
-    vocabulary; background counts as a seen class (the ZS3 convention)."""
-    return summarize_iou(iou, CategorySplit(("background", *split.categories), split.unseen))
+def zs3_summary(iou: Tensor, split: CategorySplit, background: bool = False) -> dict:
+    """Seen / unseen / harmonic mIoU (%) of a ``SemanticIoU`` over the split's vocabulary, and
+    background first when it is a class (it then counts as a seen class)."""
+    categories = ("background", *split.categories) if background else split.categories
+    return summarize_iou(iou, CategorySplit(categories, split.unseen))

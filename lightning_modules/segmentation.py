@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor
 
+from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES
 from grounded_diffusion.data.vocabulary import VOCABULARIES
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
@@ -18,8 +20,10 @@ ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3")
 class SemanticSegmentationModule(LightningModule):
     """
     Args:
-        vocabulary: ``pascal`` or ``coco``: the classes (plus background) the segmenter predicts;
-            must be the datamodule's.
+        vocabulary: ``pascal`` or ``coco``: the classes the segmenter predicts; must be the
+            datamodule's.
+        background: ``ignore`` (no background class: the ZS3 convention on VOC) or ``class``
+            (background is class 0); must be the datamodule's.
         architecture: ``maskformer`` (the paper's), ``mask2former`` (both from transformers) or
             ``deeplabv3`` (torchvision, lighter).
         backbone: MaskFormer/Mask2Former: a transformers checkpoint (``microsoft/resnet-101``,
@@ -39,14 +43,17 @@ class SemanticSegmentationModule(LightningModule):
         num_queries: int = 100,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
+        background: str = "ignore",
     ) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
         if vocabulary not in VOCABULARIES:
             raise ConfigError(f"vocabulary '{vocabulary}' is not one of {sorted(VOCABULARIES)}")
+        if background not in BACKGROUND_MODES:
+            raise ConfigError(f"model.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
         self.save_hyperparameters()
-        self.num_classes = 1 + len(VOCABULARIES[vocabulary])
+        self.num_classes = len(VOCABULARIES[vocabulary]) + (background == "class")
         self.configure_models()
         self.results: dict[str, dict] = {}
 
@@ -65,6 +72,11 @@ class SemanticSegmentationModule(LightningModule):
                 f"The model predicts the '{self.hparams.vocabulary}' classes but the data is labelled with "
                 f"'{datamodule.vocabulary}': set model.init_args.vocabulary and data.init_args.vocabulary alike."
             )
+        if getattr(datamodule, "background", self.hparams.background) != self.hparams.background:
+            raise ConfigError(
+                f"The model treats background as '{self.hparams.background}' but the data as '{datamodule.background}': "
+                "set model.init_args.background and data.init_args.background alike."
+            )
         self.category_split = datamodule.category_split
         self.val_iou, self.test_iou = SemanticIoU(self.num_classes), SemanticIoU(self.num_classes)
 
@@ -73,7 +85,7 @@ class SemanticSegmentationModule(LightningModule):
         return batch["image"].float() / 255
 
     def forward(self, images: Tensor) -> Tensor:
-        """Images in [0, 1] -> class scores [B, K, H, W] (background = class 0)."""
+        """Images in [0, 1] -> class scores [B, K, H, W] (background = class 0 when it is a class)."""
         return self.segmenter.scores(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -86,17 +98,23 @@ class SemanticSegmentationModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
-    def _predict_labels(self, batch: dict) -> Tensor:
-        return self(self._images(batch)).argmax(1)
+    def _score_at_original_resolution(self, metric: SemanticIoU, batch: dict) -> None:
+        """Each image's scores upsampled (bilinear) to its label map's own size, then the argmax:
+        mIoU at original resolution, labels untouched, as the ZS3 literature scores."""
+        scores = self(self._images(batch))
+        for image_scores, labels in zip(scores, batch["labels"]):
+            full = F.interpolate(image_scores[None], size=labels.shape, mode="bilinear", align_corners=False)
+            metric.update(full.argmax(1)[0], labels)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_iou.update(self._predict_labels(batch), batch["labels"])
+        self._score_at_original_resolution(self.val_iou, batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_iou.update(self._predict_labels(batch), batch["labels"])
+        self._score_at_original_resolution(self.test_iou, batch)
 
     def _summarise(self, stage: str, metric: SemanticIoU) -> None:
-        summary = zs3_summary(metric.compute(), self.category_split)  # every rank: compute() syncs
+        # every rank: compute() syncs
+        summary = zs3_summary(metric.compute(), self.category_split, self.hparams.background == "class")
         metric.reset()
         self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "per_category"})
         self.results[stage] = summary

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO as COCOApi
@@ -17,7 +18,7 @@ from grounded_diffusion.cli import main
 from grounded_diffusion.data.grounded_folder import rle_annotations, semantic_labels
 from grounded_diffusion.data.prompts import PromptList
 from grounded_diffusion.data.segmentation_sets import COCOSegmentationSet, FolderSegmentationSet, VOCSegmentationSet
-from grounded_diffusion.data.voc import VOCFolder, voc_palette
+from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, CategorySplit
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
@@ -65,10 +66,12 @@ def test_semantic_iou_matches_torchmetrics_jaccard():
 
 def test_zs3_summary_counts_background_as_seen_and_takes_the_harmonic_mean():
     split = CategorySplit(("a", "b", "c"), unseen=("c",))
-    summary = zs3_summary(torch.tensor([0.9, 0.5, float("nan"), 0.2]), split)  # background, a, b (absent), c
+    summary = zs3_summary(torch.tensor([0.9, 0.5, float("nan"), 0.2]), split, background=True)  # background, a, b (absent), c
     assert summary["seen_miou"] == pytest.approx(70.0)  # (90 + 50) / 2, b left out
     assert summary["unseen_miou"] == pytest.approx(20.0)
     assert summary["harmonic_miou"] == pytest.approx(2 * 70 * 20 / 90)
+    ignored = zs3_summary(torch.tensor([0.5, float("nan"), 0.2]), split)  # a, b (absent), c; no background class
+    assert ignored["seen_miou"] == pytest.approx(50.0) and list(ignored["per_category"]) == ["a", "b", "c"]
 
 
 def test_maskformer_semantic_scores_match_transformers_post_processing():
@@ -147,8 +150,9 @@ def test_mixture_keeps_real_images_of_seen_classes_only(voc_root):
     data.setup("fit")
     assert len(data.train_set) == len(VOC_IMAGES["train"]) - 1  # the image with a sheep is out
     assert data.training_sets() == ["real (seen only)"]
-    sample = data.val_set[1]
-    assert sample["image"].shape == (3, 32, 32) and set(sample["labels"].unique().tolist()) <= {0, 20, 255}
+    sample = data.val_set[1]  # evaluation: labels at the original resolution, background ignored
+    assert sample["image"].shape == (3, 32, 32) and sample["labels"].shape == (48, 48)
+    assert set(sample["labels"].unique().tolist()) == {PASCAL_VOC.index("tvmonitor"), 255}
 
 
 # -- grounded generation and synthetic sets through the CLI --------------------------------------
@@ -309,3 +313,70 @@ def test_missing_backbone_weights_name_the_file_and_the_switch(monkeypatch, tmp_
         DeepLabV3(21, "resnet50", "DEFAULT")
     with pytest.raises(MissingBackboneWeightsError, match="hf download microsoft/resnet-101"):
         MaskFormer(21, "maskformer", "microsoft/resnet-101")  # HF_HUB_OFFLINE=1 in the tests
+
+
+@pytest.mark.parametrize("background", ["ignore", "class"])
+def test_zs3_scores_at_original_resolution_with_background_ignored_or_a_class(background, tmp_path):
+    """A hand-made VOC val set of two sizes (5x9 and 6x4, thin structures that resizing to 8 px
+    would distort); the segmenter says "aeroplane" everywhere on the red image and "bicycle" on the
+    green one. The module's IoUs equal a plain numpy count over the original label maps."""
+    from lightning import Trainer
+
+    from datamodules.segmentation import SegmentationDataModule
+    from lightning_modules.segmentation import SemanticSegmentationModule
+
+    aeroplane, bicycle = PASCAL_VOC.index("aeroplane") + 1, PASCAL_VOC.index("bicycle") + 1  # VOC labels 1, 2
+    red, green = np.zeros((5, 9, 3), np.uint8), np.zeros((6, 4, 3), np.uint8)
+    red[..., 0], green[..., 1] = 255, 255
+    labels_red, labels_green = np.zeros((5, 9), np.uint8), np.zeros((6, 4), np.uint8)
+    labels_red[:, :2], labels_red[:, 2], labels_red[0, 8] = aeroplane, bicycle, 255
+    labels_green[:2] = bicycle
+    write_voc_folder(tmp_path / "VOCdevkit" / "VOC2012", PASCAL_VOC, {"val": [("red", red, labels_red), ("green", green, labels_green)]})
+
+    module = SemanticSegmentationModule("pascal", backbone=None, pretrained_backbone=False, num_queries=4, background=background)
+    offset = background == "class"  # the segmenter's label of VOC label k: k - 1 with background ignored
+
+    def constant_scores(images):
+        label = torch.where(images[:, 0].mean((1, 2)) > 0.5, aeroplane, bicycle) - 1 + offset
+        return F.one_hot(label, module.num_classes).float()[:, :, None, None].expand(-1, -1, 8, 8)
+
+    module.forward = constant_scores
+    data = SegmentationDataModule("pascal", "zs3", val=VOCSegmentationSet(str(tmp_path), "val"), image_size=8, batch_size=2,
+                                  num_workers=0, background=background)  # fmt: skip
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(module, data)
+    results = module.results["test"]
+
+    # Plain computation at original resolution: VOC labels -> the segmenter's, then Σ∩/Σ∪ per class.
+    def segmenter_labels(labels):
+        out = labels.astype(np.int64) - 1 + offset
+        out[labels == 255] = 255
+        out[labels == 0] = 0 if offset else 255
+        return out
+
+    truth = [segmenter_labels(labels_red), segmenter_labels(labels_green)]
+    preds = [np.full(labels_red.shape, aeroplane - 1 + offset), np.full(labels_green.shape, bicycle - 1 + offset)]
+    names = (["background"] if offset else []) + list(PASCAL_VOC)
+    for k, name in enumerate(names):
+        if name not in ("background", "aeroplane", "bicycle"):
+            continue
+        inter = sum(int(((t == k) & (p == k) & (t != 255)).sum()) for t, p in zip(truth, preds))
+        union = sum(int((((t == k) | (p == k)) & (t != 255)).sum()) for t, p in zip(truth, preds))
+        assert results["per_category"][name] == pytest.approx(100 * inter / union), name
+    # By hand: background ignored -> aeroplane 10/15, bicycle 8/13; a class -> 10/44, 8/29, background 0.
+    expected = {"aeroplane": 10 / 15, "bicycle": 8 / 13} if background == "ignore" else {"aeroplane": 10 / 44, "bicycle": 8 / 29, "background": 0}
+    for name, iou in expected.items():
+        assert results["per_category"][name] == pytest.approx(100 * iou)
+    assert ("background" in results["per_category"]) == (background == "class")
+
+
+def test_deeplabv3_loss_is_the_mean_over_labelled_pixels_and_zero_without_any():
+    from grounded_diffusion.models.segmenters import DeepLabV3
+
+    torch.manual_seed(0)
+    segmenter = DeepLabV3(3, "mobilenet_v3_large", None).eval()  # no dropout: two calls, the same scores
+    images, labels = torch.rand(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    labels[0, :16] = 255
+    expected = F.cross_entropy(segmenter.scores(images), labels, ignore_index=255)  # torch's own mean
+    torch.testing.assert_close(segmenter.loss(images, labels), expected)
+    nothing = segmenter.loss(images, torch.full((2, 32, 32), 255))
+    assert nothing.item() == 0 and nothing.requires_grad

@@ -18,6 +18,8 @@ from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
 from grounded_diffusion.errors import ConfigError
 
 IGNORE_LABEL = 255
+# How a segmenter treats background: ``ignore`` (255, the ZS3 convention on VOC) or ``class`` (0).
+BACKGROUND_MODES = ("ignore", "class")
 
 
 def _pil_to_tensors(image: Image.Image, labels: Image.Image) -> tuple[Tensor, Tensor]:

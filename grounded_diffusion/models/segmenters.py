@@ -72,7 +72,11 @@ class DeepLabV3(Segmenter):
         return self.model(self.normalise(images))["out"]
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(self.scores(images), labels.long(), ignore_index=IGNORE_INDEX)
+        """Mean cross-entropy over labelled pixels; 0 for a batch with none (with background
+        ignored, an image may hold no class at all), where the plain mean would be NaN."""
+        labels = labels.long()
+        total = F.cross_entropy(self.scores(images), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class MaskFormer(Segmenter):
