@@ -428,7 +428,9 @@ class StableDiffusionBackbone(nn.Module):
             return {}
 
         tracer = DAAMTracer(self.unet)
-        tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1], word_matching) if words else contextlib.nullcontext()
+        tracing = contextlib.nullcontext()
+        if words:
+            tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1], word_matching)
         with self._capturing() as captured, tracing:
             images = pipe(
                 list(prompts),

@@ -2,7 +2,8 @@
 evaluated zero-shot on real VOC/COCO.
 
 Each takes images in [0, 1] (normalised inside with ImageNet statistics) and gives
-``scores(images)`` [B, K, H, W] at the input size (K classes, background = 0) and
+``scores(images)`` [B, K, H, W] at the input size (K classes; background is class 0 when it is a
+class, see ``SegmentationDataModule.background``) and
 ``loss(images, labels)`` for label maps [B, H, W] (255 = ignore). Pure ``nn.Module``s.
 """
 
@@ -47,7 +48,7 @@ class DeepLabV3(Segmenter):
     """torchvision's DeepLabV3, the light option.
 
     Args:
-        num_classes: classes including background.
+        num_classes: classes, background included when it is a class.
         backbone: ``resnet50``, ``resnet101`` or ``mobilenet_v3_large``.
         weights_backbone: ImageNet weights of the backbone (``DEFAULT`` or an enum name), or
             ``null`` for random weights (offline runs).
@@ -85,7 +86,7 @@ class MaskFormer(Segmenter):
     ``post_process_semantic_segmentation`` computes them (here batched, before the argmax).
 
     Args:
-        num_classes: classes including background (background is an ordinary class here).
+        num_classes: classes, background included when it is a class (an ordinary one here).
         architecture: ``maskformer`` or ``mask2former``.
         backbone: a transformers backbone checkpoint, e.g. ``microsoft/resnet-101`` (the paper's
             ResNet-101); ``null`` builds a tiny random ResNet (offline runs and tests).
