@@ -36,10 +36,6 @@ def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(mon
     s1 two_seen_unseen: a truth 0000 score 0 (empty), ours 1000 (I0 U1); b truth 0011 score .95, ours 0011 (I2 U2)
     s2 one_unseen:      b truth 1111 score .5 (low), ours 1000 (I1 U4)
     Filtered: a 1/2, b 2/2.  Unfiltered: a 1/3, b 3/6.  All-foreground, filtered: a 2/4, b 2/4."""
-    module = GroundingModule(head=SMALL, test_min_oracle_score=0.7)
-    module.category_split = CategorySplit(("a", "b", "c"), unseen=("b",))
-    module.configure_metrics()
-    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
     bits = lambda rows: torch.tensor([[[[int(v) for v in r]] if r else [[0] * 4] for r in s] for s in rows], dtype=torch.bool)  # noqa: E731
     batch = {
         "masks": bits([["1100", ""], ["0000", "0011"], ["1111", ""]]),
@@ -48,10 +44,18 @@ def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(mon
         "group": ["one_seen", "two_seen_unseen", "one_unseen"],
     }
     ours = bits([["1000", ""], ["1000", "0011"], ["1000", ""]])
-    monkeypatch.setattr(module, "_evaluate", lambda batch, stage: ours)
-    module.test_step(batch, 0)
-    module.on_test_epoch_end()
-    results = module.results["test"]
+
+    def test_results(min_score: float | None) -> dict:
+        module = GroundingModule(head=SMALL, test_min_oracle_score=min_score)
+        module.category_split = CategorySplit(("a", "b", "c"), unseen=("b",))
+        module.configure_metrics()
+        monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+        monkeypatch.setattr(module, "_evaluate", lambda batch, stage: ours)
+        module.test_step(batch, 0)
+        module.on_test_epoch_end()
+        return module.results["test"]
+
+    results = test_results(0.7)
     assert (results["seen_miou"], results["unseen_miou"]) == (50, 100)
     assert results["baselines"]["all_foreground"]["per_category"]["a"] == 50
     assert results["baselines"]["all_foreground"]["per_category"]["b"] == 50
@@ -69,13 +73,6 @@ def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(mon
     assert "| scored / dropped | 1 / 0 | 0 / 1 | 0 / 0 | 1 / 1 | 0 / 0 |" in report  # Tab. 1's group order
     assert "oracle score < 0.7" in report
 
-    unfiltered_only = GroundingModule(head=SMALL, test_min_oracle_score=None)
-    unfiltered_only.category_split = module.category_split
-    unfiltered_only.configure_metrics()
-    monkeypatch.setattr(unfiltered_only, "log_dict", lambda *args, **kwargs: None)
-    monkeypatch.setattr(unfiltered_only, "_evaluate", lambda batch, stage: ours)
-    unfiltered_only.test_step(batch, 0)
-    unfiltered_only.on_test_epoch_end()
-    everything = unfiltered_only.results["test"]
+    everything = test_results(None)
     assert "test_filter" not in everything and "unfiltered" not in everything
     assert everything["seen_miou"] == pytest.approx(100 / 3) and everything["unseen_miou"] == 50
