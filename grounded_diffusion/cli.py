@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
-from grounded_diffusion.errors import find_user_error
+from grounded_diffusion.errors import ConfigError, find_user_error
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
@@ -39,6 +39,19 @@ class GroundedDiffusionCLI(LightningCLI):
         check = getattr(self.model, "check_datamodule", None)
         if check is not None and self.datamodule is not None:
             check(self.datamodule)
+        self._check_last_checkpoint_exists()
+
+    def _check_last_checkpoint_exists(self) -> None:
+        # Lightning only warns and then evaluates an untrained model; fit may start fresh.
+        if self.subcommand in (None, "fit") or self.config[self.subcommand].get("ckpt_path") != "last":
+            return
+        callbacks = self.trainer.checkpoint_callbacks
+        if not any(callback._find_last_checkpoints(self.trainer) for callback in callbacks):
+            folders = ", ".join(sorted({str(c.dirpath) for c in callbacks})) or "(no ModelCheckpoint configured)"
+            raise ConfigError(
+                f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
+                "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
+            )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,108 @@
+"""``last.ckpt`` is always the newest state: after fit, after a kill -9, and for ``test``."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, scenes_args
+from grounded_diffusion.cli import main
+
+
+def saved_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+
+
+def fresh_run(scene_cache: Path, root: Path, steps: int) -> list[str]:
+    """Arguments for a fit in an empty ``root`` on the session's scene cache."""
+    cache = next(scene_cache.glob("cache-*"))
+    return [*scenes_args(root, steps=steps), "--data.init_args.cache_dir", str(cache)]
+
+
+def newest_last(root: Path) -> Path:
+    """The newest ``last*.ckpt`` (a fresh fit in a used folder writes last-v1.ckpt, and so on,
+    never overwriting an earlier run's)."""
+    return max((root / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def test_last_checkpoint_is_written_at_the_end_of_fit_after_the_last_validation(tmp_path, scene_cache):
+    # Validations at steps 2 and 4 and the end at 5: a monitored ModelCheckpoint(save_last=True)
+    # leaves last.ckpt at step 2 or 4.
+    main(["fit", *fresh_run(scene_cache, tmp_path, 5), "--trainer.val_check_interval", "2", "--trainer.logger", "false"])
+    assert saved_step(tmp_path / "checkpoints" / "last.ckpt") == 5
+    best = list((tmp_path / "checkpoints").glob("best-step=*.ckpt"))
+    assert len(best) == 1 and saved_step(best[0]) in (2, 4)
+
+
+def test_test_with_ckpt_path_last_scores_the_newest_weights(scene_cache, caplog):
+    root = scene_cache
+    main(["fit", *scenes_args(root, steps=3), "--trainer.logger", "false"])
+    newest = newest_last(root)
+    assert saved_step(newest) == 3
+    with caplog.at_level("INFO"):
+        main(["test", *scenes_args(root), "--ckpt_path", "last", "--verbose", "false", "--trainer.logger", "false"])
+    assert f"Restoring states from the checkpoint path at {newest}" in caplog.text
+
+
+def test_test_with_ckpt_path_last_and_no_checkpoint_stops(tmp_path, scene_cache):
+    args = scenes_args(scene_cache)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *args, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(exit_info.value.code)
+
+
+def logged_steps(log_dir: Path) -> list[int]:
+    """The training steps the newest CSVLogger version logged (a killed run may never flush its
+    log, so only the resumed one is read)."""
+    version = max((log_dir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(version / "metrics.csv") as handle:
+        return sorted({int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")})
+
+
+def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step(scene_cache, tmp_path):
+    root = tmp_path / "run"
+    config = tmp_path / "resume.yaml"
+    # The scenes experiment's callbacks, with last.ckpt every 10 steps and a CSV log every step.
+    config.write_text(
+        "trainer:\n  log_every_n_steps: 1\n  logger:\n"
+        f"    - class_path: lightning.pytorch.loggers.CSVLogger\n      init_args: {{save_dir: {tmp_path}}}\n"
+        "  callbacks:\n    - class_path: callbacks.last_checkpoint.LastCheckpoint\n"
+        f"      init_args: {{dirpath: {root}/checkpoints, every_n_train_steps: 10}}\n"
+    )
+    args = [*fresh_run(scene_cache, root, 100000), "--config", str(config), "--trainer.val_check_interval", "100000"]
+    last = root / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "grounded_diffusion", "fit", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (last.exists() and saved_step(last) >= 20):
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the fit saved no checkpoint at step 20 in 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = saved_step(last)
+    assert killed_at % 10 == 0 and killed_at >= 20
+
+    main(["fit", *fresh_run(scene_cache, root, killed_at + 3), "--config", str(config), "--ckpt_path", "last"])
+    assert saved_step(last) == killed_at + 3
+    assert logged_steps(tmp_path) == [killed_at, killed_at + 1, killed_at + 2]
+
+
+def test_every_allowed_torch_loads_checkpoints_weights_only():
+    """torch.load (which Lightning calls for --ckpt_path) is weights-only by default from torch
+    2.6: no pickle code runs from a checkpoint on any version pyproject.toml allows."""
+    import re
+
+    from packaging.version import Version
+
+    floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text())[1]
+    assert Version(floor) >= Version("2.6")
