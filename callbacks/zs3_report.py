@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
 
+from grounded_diffusion.data.vocabulary import vocabulary_label
 from grounded_diffusion.reports import markdown_table, table2, table2_markdown, write_report
 
 
@@ -30,7 +31,7 @@ class ZS3Report(Callback):
         split = datamodule.category_split
         row = {
             "name": self.name or self.out_dir.parent.name,
-            "vocabulary": datamodule.vocabulary,
+            "vocabulary": vocabulary_label(datamodule.vocabulary),
             "architecture": pl_module.hparams.architecture,
             "trained_on": trained_on,
             "real_seen": any(t.startswith("real") for t in trained_on),

@@ -25,7 +25,8 @@ class GroundedImageDataModule(LightningDataModule):
             sampled over a vocabulary: a synthetic segmentation dataset; ``one_seen`` /
             ``two_seen`` counts give one / two objects, both a mixture).
         vocabulary: with a ``PromptSet``, the categories to sample (``pascal``: VOC's 20,
-            ``coco``: 80); its order gives the label ids. Every category counts as seen here.
+            ``coco``: 80, a classes file or a list of names); its order gives the label ids.
+            Every category counts as seen here.
         batch_size / num_workers: per process.
         max_per_group: build at most this many samples per split and group (smoke runs).
     """
@@ -36,7 +37,7 @@ class GroundedImageDataModule(LightningDataModule):
         self,
         out_dir: str,
         prompts: PromptList | PromptSet,
-        vocabulary: str | None = None,
+        vocabulary: str | list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         max_objects: int = 2,

@@ -46,10 +46,11 @@ def collate_evaluation(samples: list[dict]) -> dict:
 class SegmentationDataModule(LightningDataModule):
     """
     Args:
-        vocabulary: ``pascal`` (20 classes) or ``coco`` (80); the segmenter predicts these plus
-            background (label 0).
+        vocabulary: ``pascal`` (20 classes), ``coco`` (80), a classes file (one name per line;
+            a first line ``background`` is skipped) or a list of names: what the segmenter predicts.
         split: the seen/unseen split scored by ZS3 (``zs3``: the standard one, VOC 15/5 with
-            unseen pottedplant, sheep, sofa, train, tvmonitor; COCO 65/15).
+            unseen pottedplant, sheep, sofa, train, tvmonitor; COCO 65/15), or
+        unseen / seen: the unseen (or seen) classes listed; none of the three: all seen.
         train: the training sets, concatenated: e.g. a synthetic folder, plus real images with
             ``seen_only: true`` for the mixture.
         val: the evaluation set (real VOC val / COCO val); ``test`` defaults to it.
@@ -59,12 +60,17 @@ class SegmentationDataModule(LightningDataModule):
             pixels are 255 in training and evaluation, and the segmenter predicts the
             vocabulary's classes only, label k = vocabulary[k]) or ``class`` (background is class
             0 and label k = vocabulary[k - 1]: VOC's 21-class variant; COCO's 80 thing classes).
+        check_data: before fit / validate / test, check every file the stage reads (exists,
+            image and label map of one size, labels within the class list); a bad file stops
+            the run at once, naming it.
     """
 
     def __init__(
         self,
-        vocabulary: str = "pascal",
-        split: int | str = "zs3",
+        vocabulary: str | list[str] = "pascal",
+        split: int | str | None = None,
+        unseen: list[str] | None = None,
+        seen: list[str] | None = None,
         train: list[SegmentationSet] | None = None,
         val: SegmentationSet | None = None,
         test: SegmentationSet | None = None,
@@ -72,14 +78,16 @@ class SegmentationDataModule(LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 4,
         background: str = "ignore",
+        check_data: bool = True,
     ) -> None:
         super().__init__()
         if background not in BACKGROUND_MODES:
             raise ConfigError(f"data.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
-        self.category_split = CategorySplit.named(vocabulary, split)
+        self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
         self.vocabulary, self.background = vocabulary, background
         self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.check_data = check_data
         for dataset in [*self.train_sets, val, test]:
             if dataset is not None:
                 check_categories(dataset.classes, self.category_split.categories, f"class of {type(dataset).__name__}")
@@ -110,11 +118,25 @@ class SegmentationDataModule(LightningDataModule):
                 raise ConfigError(f"{type(dataset).__name__} has no image without unseen classes")
         return SegmentationSamples(dataset, indices, lookup, self.image_size, train)
 
+    def prepare_data(self) -> None:
+        # Every file the run will read is checked now, not at the first validation.
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        sets = {"fit": [*self.train_sets, self.val_set_source], "validate": [self.val_set_source], "test": [self.test_set_source]}
+        if self.check_data:
+            for dataset in sets.get(stage, []):
+                if dataset is not None:
+                    dataset.validate()
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             if not self.train_sets:
                 raise ConfigError("fit needs data.init_args.train: at least one segmentation set")
             self.train_set = ConcatDataset([self._samples(s, train=True) for s in self.train_sets])
+            if len(self.train_set) < self.batch_size:  # drop_last would leave no training step
+                raise ConfigError(
+                    f"The training sets hold {len(self.train_set)} usable images, fewer than one batch "
+                    f"(data.init_args.batch_size: {self.batch_size}); lower batch_size or add images"
+                )
         if stage in ("fit", "validate"):
             if self.val_set_source is None:
                 raise ConfigError("set data.init_args.val: the real images to evaluate on")

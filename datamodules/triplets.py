@@ -14,7 +14,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from grounded_diffusion.data.cache import TripletCache, unpack_masks
+from grounded_diffusion.data.cache import CacheError, TripletCache, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.data.sources import collate_samples, evaluation_sampler, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
@@ -61,14 +61,16 @@ class TripletDataModule(LightningDataModule):
     """
     Args:
         cache_dir: the triplet cache (built by ``predict`` with a ``source``).
-        vocabulary: ``pascal`` or ``scenes`` (grounded_diffusion.data.vocabulary).
-        split: numbered seen/unseen split of the vocabulary, or
-        unseen: the unseen categories listed explicitly.
+        vocabulary: a built-in name (``pascal``, ``coco``, ``scenes``), a classes file (one
+            name per line; a first line ``background`` is skipped) or a list of names.
+        split: numbered seen/unseen split of a built-in vocabulary, or
+        unseen / seen: the unseen (or seen) categories listed; none of the three: all seen.
         source: what the ``predict`` run turns into triplets: images + masks (a VOC-format folder,
             the procedural scenes) or prompts to synthesise (``PromptSet``); not needed once the
             cache is built.
         batch_size / num_workers: per process.
-        train_split / val_split / test_split: which image sets of the cache each stage reads.
+        train_split / val_split / test_split: which image sets of the cache each stage reads
+            (``test_split: null``: ``test`` if the cache has it, else the validation split).
         max_objects: object slots per sample (the paper uses one or two objects).
         max_per_group: ``predict`` builds at most this many samples of each split and group
             (a smoke run of a large config; ``experiments/offline.yaml`` sets it).
@@ -77,15 +79,16 @@ class TripletDataModule(LightningDataModule):
     def __init__(
         self,
         cache_dir: str,
-        vocabulary: str = "pascal",
-        split: int | str | None = 1,
+        vocabulary: str | list[str] = "pascal",
+        split: int | str | None = None,
         unseen: list[str] | None = None,
+        seen: list[str] | None = None,
         source: VOCFolder | PromptSet | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         train_split: str = "train",
         val_split: str = "val",
-        test_split: str = "test",
+        test_split: str | None = None,
         max_objects: int = 2,
         max_per_group: int | None = None,
     ) -> None:
@@ -93,7 +96,7 @@ class TripletDataModule(LightningDataModule):
         # One process in the whole job prepares the source and repairs the cache (both live on a
         # filesystem every node sees); the others wait at Lightning's pre-setup barrier.
         self.prepare_data_per_node = False
-        self.category_split = CategorySplit.named(vocabulary, split, unseen)
+        self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
         self.cache = TripletCache(cache_dir)
         self.source = source
         self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
@@ -125,8 +128,11 @@ class TripletDataModule(LightningDataModule):
             done = self.cache.done_ids()
             self.predict_set = self.source.dataset(self.category_split, done, self.max_per_group)
             return
-        self.cache.metadata()  # a clear error if there is no cache
+        if not self.cache.metadata_path.exists():
+            raise CacheError(self._missing_cache_message())
+        self.cache.metadata()  # a clear error if it is unreadable
         records = self.cache.manifest()
+        self.cache.check_files(records)
         for record in records:
             check_categories(record["categories"], self.categories, f"category of sample {record['id']}")
         if stage == "fit":
@@ -136,7 +142,20 @@ class TripletDataModule(LightningDataModule):
         if stage in ("fit", "validate"):
             self.val_set = self._split_samples(records, self.stage_splits["validate"])
         if stage == "test":
-            self.test_set = self._split_samples(records, self.stage_splits["test"])
+            test_split = self.stage_splits["test"]
+            if test_split is None:  # a VOC folder often has train and val image sets only
+                test_split = "test" if any(r["split"] == "test" for r in records) else self.stage_splits["validate"]
+            self.test_set = self._split_samples(records, test_split)
+
+    def _missing_cache_message(self) -> str:
+        where = f"No triplet cache at '{self.cache.root}' (no cache.json). "
+        if self.source is not None:
+            return where + "Build it first: `lightning predict` with these same --config files and overrides."
+        return where + (
+            "This config reads a cache that other configs build (it has no data.init_args.source): for "
+            "experiments/<name>.yaml run `lightning predict --config experiments/synth/<name>_train.yaml` and "
+            "`..._test.yaml`, with the same overlays (e.g. --config experiments/offline.yaml)."
+        )
 
     def _split_samples(self, records: list[dict], split: str) -> TripletSamples:
         return self._samples([r for r in records if r["split"] == split], split)

@@ -9,10 +9,11 @@ from lightning import LightningModule
 from torch import Tensor
 
 from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES
-from grounded_diffusion.data.vocabulary import VOCABULARIES
+from grounded_diffusion.data.vocabulary import resolve_vocabulary
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
 from grounded_diffusion.models.segmenters import DeepLabV3, MaskFormer, Segmenter
+from grounded_diffusion.quiet import quiet_known_noise
 
 ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3")
 
@@ -20,8 +21,8 @@ ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3")
 class SemanticSegmentationModule(LightningModule):
     """
     Args:
-        vocabulary: ``pascal`` or ``coco``: the classes the segmenter predicts; must be the
-            datamodule's.
+        vocabulary: ``pascal``, ``coco``, a classes file or a list of names: the classes the
+            segmenter predicts; must be the datamodule's.
         background: ``ignore`` (no background class: the ZS3 convention on VOC) or ``class``
             (background is class 0); must be the datamodule's.
         architecture: ``maskformer`` (the paper's), ``mask2former`` (both from transformers) or
@@ -48,12 +49,11 @@ class SemanticSegmentationModule(LightningModule):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
-        if vocabulary not in VOCABULARIES:
-            raise ConfigError(f"vocabulary '{vocabulary}' is not one of {sorted(VOCABULARIES)}")
         if background not in BACKGROUND_MODES:
             raise ConfigError(f"model.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
         self.save_hyperparameters()
-        self.num_classes = len(VOCABULARIES[vocabulary]) + (background == "class")
+        self.classes = resolve_vocabulary(vocabulary)
+        self.num_classes = len(self.classes) + (background == "class")
         self.configure_models()
         self.results: dict[str, dict] = {}
 
@@ -66,11 +66,12 @@ class SemanticSegmentationModule(LightningModule):
             self.segmenter = MaskFormer(self.num_classes, h.architecture, h.backbone, h.pretrained_backbone, h.num_queries)
 
     def setup(self, stage: str) -> None:
+        quiet_known_noise(evaluating=stage != "fit")
         datamodule = self.trainer.datamodule
-        if getattr(datamodule, "vocabulary", self.hparams.vocabulary) != self.hparams.vocabulary:
+        if datamodule.category_split.categories != self.classes:
             raise ConfigError(
-                f"The model predicts the '{self.hparams.vocabulary}' classes but the data is labelled with "
-                f"'{datamodule.vocabulary}': set model.init_args.vocabulary and data.init_args.vocabulary alike."
+                f"The model predicts the classes of vocabulary {self.hparams.vocabulary!r} but the data is labelled "
+                f"with {datamodule.vocabulary!r}: set model.init_args.vocabulary and data.init_args.vocabulary alike."
             )
         if getattr(datamodule, "background", self.hparams.background) != self.hparams.background:
             raise ConfigError(
@@ -116,7 +117,8 @@ class SemanticSegmentationModule(LightningModule):
         # every rank: compute() syncs
         summary = zs3_summary(metric.compute(), self.category_split, self.hparams.background == "class")
         metric.reset()
-        self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "per_category"})
+        # equal on every rank (compute() synced them): sync_dist is a no-op mean, and no advice
+        self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "per_category"}, sync_dist=True)
         self.results[stage] = summary
 
     def on_validation_epoch_end(self) -> None:

@@ -9,6 +9,7 @@ from datamodules.triplets import TripletDataModule
 from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
 from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
+from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 
 
@@ -63,7 +64,7 @@ def test_missing_voc_folder_is_named(tmp_path):
 def test_unknown_categories_name_the_nearest():
     with pytest.raises(UnknownCategoryError, match="'tvmonitr' \\(did you mean 'tvmonitor'"):
         CategorySplit.named("pascal", unseen=["tvmonitr"])
-    with pytest.raises(UnknownCategoryError, match="'scene' \\(did you mean 'scenes'"):
+    with pytest.raises(ConfigError, match="Unknown vocabulary 'scene' \\(did you mean 'scenes'"):
         CategorySplit.named("scene")
     split = CategorySplit.named("pascal", split=2)
     assert len(split.seen) == 15 and "sheep" in split.unseen
@@ -145,5 +146,5 @@ def test_datamodule_names_an_empty_split(tmp_path):
     cache.initialise({"storage": "features"})
     write_sample(cache, "t0", "train", ["disc"])
     dm = TripletDataModule(str(tmp_path), vocabulary="scenes", split=1)
-    with pytest.raises(ValueError, match="no samples for split test; it has splits \\['train'\\]"):
+    with pytest.raises(ValueError, match="no samples for split val; it has splits \\['train'\\]"):
         dm.setup("test")

@@ -145,7 +145,7 @@ def test_mixture_keeps_real_images_of_seen_classes_only(voc_root):
     from datamodules.segmentation import SegmentationDataModule
 
     data = SegmentationDataModule(
-        "pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train", seen_only=True)], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32
+        "pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train", seen_only=True)], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32, batch_size=1
     )
     data.setup("fit")
     assert len(data.train_set) == len(VOC_IMAGES["train"]) - 1  # the image with a sheep is out
@@ -240,8 +240,9 @@ def folder_sets(*roots: Path) -> str:
     return json.dumps(sets)
 
 
-def segmenter_run(config: Path, out: Path, *extra: str) -> dict:
+def segmenter_run(config: Path, out: Path, *extra: str, batch_size: int = 4) -> dict:
     args = ["--config", str(config), *extra, "--config", str(P2 / "offline.yaml"), "--trainer.default_root_dir", str(out),
+            "--data.init_args.batch_size", str(batch_size),
             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
     main(["fit", *args])
@@ -287,6 +288,7 @@ def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_p
         json.dumps([{"class_path": "grounded_diffusion.data.segmentation_sets.COCOSegmentationSet",
                      "init_args": {"images": str(images), "annotations": str(annotations), "seen_only": True}}]),
         "--data.init_args.val.init_args.images", str(images), "--data.init_args.val.init_args.annotations", str(annotations),
+        batch_size=2,  # two seen-only images: one full batch
     )  # fmt: skip
     assert report["vocabulary"] == "coco" and report["num_seen"] == 65 and report["num_unseen"] == 15
     assert report["per_category"]["dog"] is not None and len(report["per_category"]) == 81

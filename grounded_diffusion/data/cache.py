@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -72,7 +73,13 @@ class TripletCache:
                 f"No cache at '{self.root}' (missing cache.json). Build it first with "
                 "`grounded-diffusion predict --config <the same experiment configs>`."
             )
-        return json.loads(self.metadata_path.read_text())
+        try:
+            return json.loads(self.metadata_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CacheError(
+                f"{self.metadata_path} is not valid JSON ({error.msg} at line {error.lineno}): the file is truncated "
+                "or edited. Rerunning the cache's predict command rewrites it only if it is gone: delete it, then rerun."
+            ) from error
 
     def initialise(self, metadata: Mapping) -> None:
         """Create the cache, or check that an existing one was made the same way."""
@@ -114,6 +121,20 @@ class TripletCache:
         for leftover in self.samples_dir.glob(".*.tmp*"):
             leftover.unlink(missing_ok=True)
         self.manifest_file.repair()
+        records = self.manifest()
+        kept = [r for r in records if self.sample_path(r["id"]).exists()]
+        if len(kept) < len(records):  # listed but their files are gone: build them again
+            warnings.warn(f"{self.manifest_path}: {len(records) - len(kept)} listed samples have no file; rebuilding them")
+            self.manifest_file.rewrite(kept)
+
+    def check_files(self, records: list[dict]) -> None:
+        """Every listed sample has its file (a cheap stat each), before any training step."""
+        missing = [r["id"] for r in records if not self.sample_path(r["id"]).exists()]
+        if missing:
+            raise CacheError(
+                f"The cache at '{self.root}' lists {len(missing)} samples without a file (first: "
+                f"{self.sample_path(missing[0])}). Rerun its predict command: it rebuilds them."
+            )
 
     def manifest(self) -> list[dict]:
         """Finished samples in order of completion, one per id (a rewrite replaces the earlier)."""

@@ -31,10 +31,9 @@ from pycocotools import mask as coco_mask
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
+from grounded_diffusion.data.validation import IGNORE_LABEL
 from grounded_diffusion.data.voc import PALETTE_RGB, voc_palette
 from grounded_diffusion.errors import ConfigError, UserError
-
-IGNORE_LABEL = 255
 
 
 def semantic_labels(probs: Tensor, labels: Tensor, threshold: float = 0.5, ignore_band: float = 0.0) -> Tensor:

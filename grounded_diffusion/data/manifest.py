@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from grounded_diffusion.errors import UserError
+
 
 class JsonlManifest:
     def __init__(self, path: str | Path) -> None:
@@ -50,8 +52,19 @@ class JsonlManifest:
             except json.JSONDecodeError:
                 warnings.warn(f"{self.path}:{number}: unreadable line skipped")
                 continue
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise UserError(
+                    f"{self.path}:{number}: the line has no sample id ({line[:60]!r}); delete that line "
+                    "(rerunning the build that wrote this list remakes the sample)"
+                )
             records[record["id"]] = record
         return list(records.values())
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the list with ``records``, atomically."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        os.replace(tmp, self.path)
 
     def done_ids(self) -> set[str]:
         return {r["id"] for r in self.records()}

@@ -14,10 +14,10 @@ from PIL import Image
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
-from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
+from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs
+from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
-IGNORE_LABEL = 255
 # How a segmenter treats background: ``ignore`` (255, the ZS3 convention on VOC) or ``class`` (0).
 BACKGROUND_MODES = ("ignore", "class")
 
@@ -43,9 +43,20 @@ class SegmentationSet:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def label_file(self, index: int) -> Path:
-        """The label PNG of image ``index`` (sets stored as label PNGs)."""
+    def files(self, index: int) -> tuple[Path, Path]:
+        """The image and label PNG of image ``index`` (sets stored as label PNGs)."""
         raise NotImplementedError
+
+    def label_file(self, index: int) -> Path:
+        return self.files(index)[1]
+
+    def validate(self) -> None:
+        """Raise ``DataError`` on the first missing or unfit file, before any training step."""
+        pairs = [self.files(i) for i in range(len(self))]
+        check_image_label_pairs(pairs, len(self.classes), self.describe_source())
+
+    def describe_source(self) -> str:
+        return type(self).__name__
 
     def labels_present(self, index: int) -> set[int]:
         """Labels of the classes in image ``index`` (1-based; background and ignore left out),
@@ -83,8 +94,11 @@ class VOCSegmentationSet(SegmentationSet):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return _pil_to_tensors(*self.dataset[index])
 
-    def label_file(self, index: int) -> Path:
-        return Path(self.dataset.masks[index])
+    def files(self, index: int) -> tuple[Path, Path]:
+        return Path(self.dataset.images[index]), Path(self.dataset.masks[index])
+
+    def describe_source(self) -> str:
+        return f"PASCAL VOC at {self.dataset.root}"
 
 
 class COCOSegmentationSet(SegmentationSet):
@@ -131,31 +145,51 @@ class COCOSegmentationSet(SegmentationSet):
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
         return {self.label_of[a["category_id"]] for a in annotations if not a.get("iscrowd")}
 
+    def validate(self) -> None:
+        """Every image exists at the size its annotations give (labels are drawn from them)."""
+        for info in self.coco.loadImgs(self.ids):
+            path = self.images / info["file_name"]
+            if not path.is_file():
+                raise DataError(f"COCO image {path} (listed in the annotation file) does not exist; point `images` at its folder")
+            with Image.open(path) as image:
+                if image.size != (info["width"], info["height"]):
+                    raise DataError(
+                        f"COCO image {path} is {image.size[0]}x{image.size[1]} but its annotations say "
+                        f"{info['width']}x{info['height']}; use the annotation file of these images"
+                    )
+
 
 class FolderSegmentationSet(SegmentationSet):
     """A VOC-style folder with ``classes.txt``, as grounded generation writes it
-    (``JPEGImages/``, ``SegmentationClass/``, ``ImageSets/Segmentation/<split>.txt``).
+    (``JPEGImages/``, ``SegmentationClass/``, ``ImageSets/Segmentation/<split>.txt``), or
+    your own (``classes.txt`` one name per line in label order; a first line ``background`` is
+    label 0 and skipped).
 
     Args:
         root: the folder.
         split: the image-set list to read (a synthetic build writes ``train``).
-    """
 
-    kind = "synthetic"
+    A folder with a build's ``manifest.jsonl`` is synthetic, any other real.
+    """
 
     def __init__(self, root: str, split: str = "train", seen_only: bool = False) -> None:
         self.root, self.seen_only = Path(root), seen_only
         listing = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if not listing.is_file() or not (self.root / "classes.txt").is_file():
+        missing = [str(p.relative_to(self.root)) for p in (listing, self.root / "classes.txt") if not p.is_file()]
+        if missing:
             raise ConfigError(
-                f"'{root}' is not a finished VOC-style folder with classes.txt (missing {listing.name} or classes.txt). "
-                "Build it with `predict` (experiments/protocol2/*_build.yaml); rerunning finishes an interrupted build."
+                f"'{root}' is not a finished VOC-style folder: missing {' and '.join(missing)}. A synthetic set is built "
+                "by `predict` (experiments/protocol2/*_build.yaml; rerunning finishes an interrupted build); your own "
+                "needs JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt and classes.txt."
             )
         self.ids = listing.read_text().split()
-        self.classes = (self.root / "classes.txt").read_text().split("\n")[:-1]
+        self.classes = list(read_classes_file(self.root / "classes.txt"))
+        self.kind = "synthetic" if (self.root / "manifest.jsonl").is_file() else "real"
 
     def describe(self) -> str:
-        """``synthetic (one|two|mixture)``: objects per prompt, from the build's manifest."""
+        """``synthetic (one|two|mixture)`` (objects per prompt, from the build's manifest) or ``real``."""
+        if self.kind == "real":
+            return "real"
         counts = {len(r["categories"]) for r in JsonlManifest(self.root / "manifest.jsonl").records()}
         objects = {frozenset({1}): "one", frozenset({2}): "two"}.get(frozenset(counts), "mixture")
         return f"synthetic ({objects})"
@@ -164,8 +198,12 @@ class FolderSegmentationSet(SegmentationSet):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = Image.open(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
-        return _pil_to_tensors(image, Image.open(self.label_file(index)))
+        image, labels = self.files(index)
+        return _pil_to_tensors(Image.open(image), Image.open(labels))
 
-    def label_file(self, index: int) -> Path:
-        return self.root / "SegmentationClass" / f"{self.ids[index]}.png"
+    def files(self, index: int) -> tuple[Path, Path]:
+        sample_id = self.ids[index]
+        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
+
+    def describe_source(self) -> str:
+        return f"segmentation folder {self.root}"

@@ -2,8 +2,8 @@
 
 Layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG, value k = class k,
 0 = background, 255 = ignore), ``ImageSets/Segmentation/<split>.txt``. The class list is PASCAL
-VOC's 20 classes unless the folder has a ``classes.txt`` (one name per line, in label order) or the
-caller names them.
+VOC's 20 classes unless the folder has a ``classes.txt`` (one name per line, in label order; a
+first line ``background``, as many VOC tools write, is label 0 and skipped) or the caller names them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE
 from grounded_diffusion.data.sources import select_items
-from grounded_diffusion.data.vocabulary import PASCAL_VOC, CategorySplit, check_categories
+from grounded_diffusion.data.validation import check_image_label_pairs
+from grounded_diffusion.data.vocabulary import PASCAL_VOC, CategorySplit, check_categories, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
 
@@ -78,7 +79,7 @@ class VOCFolder:
         root: the folder (``VOCdevkit/VOC2012`` for PASCAL VOC itself).
         classes: class names in label order; default: ``classes.txt`` in the folder, else VOC's 20.
         image_size: images are resized to a square of this size (masks with nearest neighbour).
-        splits: image sets to read.
+        splits: image sets to read; default: those of ``train``, ``val``, ``test`` the folder has.
         max_objects: at most this many classes per image (the paper never uses more than two);
             images with more keep their largest ones.
     """
@@ -94,23 +95,38 @@ class VOCFolder:
         self.root = Path(root)
         self._classes = classes
         self.image_size = image_size
-        self.splits = list(splits or ["train", "val"])
+        self._splits = list(splits) if splits else None
         self.max_objects = max_objects
 
     def prepare(self) -> None:
-        """Make the folder available (nothing to do for an existing folder)."""
+        """Check the folder before a build: every listed image and label map exists, they agree
+        in size, labels name listed classes, and each image holds an object."""
         if not (self.root / "ImageSets" / "Segmentation").is_dir():
             raise ConfigError(
                 f"'{self.root}' is not a VOC-format folder (no ImageSets/Segmentation). Point root at "
                 "a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt."
             )
+        pairs = [self.files(i) for s in self.splits for i in self.ids(s)]
+        check_image_label_pairs(pairs, len(self.classes), f"VOC folder {self.root}", need_object=True)
+
+    def files(self, sample_id: str) -> tuple[Path, Path]:
+        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
 
     @property
     def classes(self) -> list[str]:
         if self._classes is not None:
             return list(self._classes)
         listed = self.root / "classes.txt"
-        return listed.read_text().split() if listed.exists() else list(PASCAL_VOC)
+        return list(read_classes_file(listed)) if listed.exists() else list(PASCAL_VOC)
+
+    @property
+    def splits(self) -> list[str]:
+        if self._splits is not None:
+            return self._splits
+        found = [s for s in ("train", "val", "test") if (self.root / "ImageSets" / "Segmentation" / f"{s}.txt").is_file()]
+        if not found:
+            raise ConfigError(f"{self.root} has no ImageSets/Segmentation/{{train,val,test}}.txt; list its image sets in `splits`")
+        return found
 
     def ids(self, split: str) -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -144,8 +160,9 @@ class VOCSamples(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample_id, split = self.items[index]
         root, size = self.folder.root, self.folder.image_size
-        image = Image.open(root / "JPEGImages" / f"{sample_id}.jpg").convert("RGB")
-        labels = np.array(Image.open(root / "SegmentationClass" / f"{sample_id}.png"))
+        image_file, label_file = self.folder.files(sample_id)
+        image = Image.open(image_file).convert("RGB")
+        labels = np.array(Image.open(label_file))
         image = np.array(image.resize((size, size), Image.BICUBIC))
         labels = np.array(Image.fromarray(labels).resize((size, size), Image.NEAREST))
         values, counts = np.unique(labels[(labels > 0) & (labels < 255)], return_counts=True)

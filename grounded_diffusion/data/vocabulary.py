@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from grounded_diffusion.errors import ConfigError, UserError
 
@@ -132,18 +133,79 @@ class CategorySplit:
 
     @classmethod
     def named(
-        cls, vocabulary: str, split: int | str | None = None, unseen: Sequence[str] | None = None
+        cls,
+        vocabulary: Vocabulary,
+        split: int | str | None = None,
+        unseen: Sequence[str] | None = None,
+        seen: Sequence[str] | None = None,
     ) -> CategorySplit:
-        """``vocabulary`` by name; unseen categories from ``split`` (1, 2, 3; on COCO also the
-        seen-count sets ``seen5`` … ``seen65``) or listed in ``unseen``."""
-        if vocabulary not in VOCABULARIES:
-            check_categories([vocabulary], list(VOCABULARIES), "vocabulary")
-        if split is not None and unseen is not None:
-            raise ConfigError("Give either split or unseen, not both")
+        """``vocabulary`` (see ``resolve_vocabulary``) with unseen categories from ``split``
+        (built-in vocabularies: 1, 2, 3; on COCO also the seen-count sets ``seen5`` … ``seen65``),
+        listed in ``unseen``, or everything but ``seen``; none of them: every category is seen."""
+        categories = resolve_vocabulary(vocabulary)
+        given = [name for name, value in (("split", split), ("unseen", unseen), ("seen", seen)) if value is not None]
+        if len(given) > 1:
+            raise ConfigError(f"Give one of split, unseen or seen (the others null), not {' and '.join(given)}")
         if split is not None:
-            splits = UNSEEN_SPLITS[vocabulary]
+            splits = UNSEEN_SPLITS.get(vocabulary, {}) if isinstance(vocabulary, str) else {}
             if split not in splits:
-                names = ", ".join(repr(k) for k in splits)
-                raise ConfigError(f"Vocabulary '{vocabulary}' has splits {names}, not {split!r}")
+                names = ", ".join(repr(k) for k in splits) or "none (list the unseen categories in `unseen` or the seen ones in `seen`)"
+                raise ConfigError(f"Vocabulary {vocabulary!r} has splits {names}, not {split!r}")
             unseen = splits[split]
-        return cls(VOCABULARIES[vocabulary], tuple(unseen or ()))
+        if seen is not None:
+            check_categories(seen, categories, "seen category")
+            unseen = [c for c in categories if c not in seen]
+        return cls(categories, tuple(unseen or ()))
+
+
+# A vocabulary: a built-in name, a classes file, or the class names themselves.
+Vocabulary = str | Sequence[str]
+# First lines of a VOC tool's class list that name the background, not a class.
+BACKGROUND_NAMES = ("background", "__background__", "_background_")
+
+
+def read_classes_file(path: str | Path) -> tuple[str, ...]:
+    """Class names from a text file, one per line in label order (label k = line k, 1-based).
+    Blank lines and surrounding spaces are ignored and names keep their inner spaces
+    ("traffic light"). A first line ``background`` (as many VOC tools write; also
+    ``__background__``) is label 0, not a class, and is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Classes file '{path}' does not exist (one class name per line, in label order)")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if names and names[0].lower() in BACKGROUND_NAMES:
+        names = names[1:]
+    if not names:
+        raise ConfigError(f"Classes file '{path}' names no class (one class name per line, in label order)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"Classes file '{path}' names {duplicates} more than once")
+    return tuple(names)
+
+
+def resolve_vocabulary(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """The category names of ``vocabulary``: a built-in name (``pascal``, ``coco``, ``scenes``),
+    the path of a classes file (``read_classes_file``), or a list of names."""
+    if isinstance(vocabulary, str):
+        if vocabulary in VOCABULARIES:
+            return VOCABULARIES[vocabulary]
+        if Path(vocabulary).suffix or "/" in vocabulary:
+            return read_classes_file(vocabulary)
+        near = difflib.get_close_matches(vocabulary, list(VOCABULARIES), n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(
+            f"Unknown vocabulary '{vocabulary}' ({hint}built-in: {', '.join(VOCABULARIES)}); give a built-in "
+            "name, a classes file (data/my/classes.txt, one name per line) or a list of names"
+        )
+    names = tuple(str(n).strip() for n in vocabulary)
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"A vocabulary list needs distinct, non-empty names; got {list(vocabulary)}")
+    return names
+
+
+def vocabulary_label(vocabulary: Vocabulary) -> str:
+    """A short name for reports and folders: the built-in name, the classes file's folder
+    (``data/flowers/classes.txt`` -> ``flowers``), or ``custom`` for a list."""
+    if not isinstance(vocabulary, str):
+        return "custom"
+    return vocabulary if vocabulary in VOCABULARIES else Path(vocabulary).resolve().parent.name
