@@ -4,7 +4,8 @@
     grounded-diffusion fit --config experiments/pascal_split1.yaml --config experiments/offline.yaml
 
 Several ``--config`` files merge left to right; omegaconf interpolation (``${...}``) is resolved
-after merging ("omegaconf+" mode), so a later file or a CLI override can feed an earlier one.
+after merging ("omegaconf+" mode), so a later file or a CLI override can feed an earlier one;
+``--print_config`` prints the merged config resolved.
 """
 
 from __future__ import annotations
@@ -12,27 +13,61 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
+from grounded_diffusion.config_errors import one_line_config_error
+from grounded_diffusion.data.vocabulary import vocabulary_label
 from grounded_diffusion.errors import ConfigError, find_user_error
+from grounded_diffusion.quiet import quiet_known_noise
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
+PRINT_CONFIG = "--print_config"
+
+
+def run_name(vocabulary, split) -> str:
+    """``<vocabulary>-split<split>`` for output folders: ``pascal-split1``, ``flowers-splitall``
+    (a classes file's folder, no numbered split), ``prompts-splitall`` (no vocabulary)."""
+    name = "prompts" if vocabulary is None else vocabulary_label(vocabulary)
+    return f"{name}-split{'all' if split is None else split}"
+
+
+# Folder names in the configs: ${run_name:<vocabulary>,<split>}, ${vocabulary_label:<vocabulary>}.
+OmegaConf.register_resolver("run_name", run_name, replace=True)
+OmegaConf.register_resolver("vocabulary_label", vocabulary_label, replace=True)
 
 
 class GroundedDiffusionCLI(LightningCLI):
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
+        # Our own args go to the parser as given (LightningCLI warns when a script passes sys.argv
+        # on), and --print_config prints the config after interpolation, which jsonargparse's
+        # own action cannot (it prints before the subcommand's interpolations are resolved).
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+            return
+        argv = list(sys.argv[1:] if args is None else args)
+        printing = [a for a in argv if a.split("=")[0] == PRINT_CONFIG]
+        self.config = parser.parse_args([a for a in argv if a not in printing])
+        if printing:
+            subcommand = self.config["subcommand"]
+            self.config[subcommand] = self._resolved(subcommand)
+            print(self._parser(subcommand).dump(self.config[subcommand], skip_none=False), end="")
+            sys.exit(0)
+
+    def _resolved(self, subcommand: str):
         # jsonargparse's "omegaconf+" resolves interpolation in the root parser only, where a
         # subcommand's keys carry its name as prefix; resolve the subcommand's merged config here.
-        if self.subcommand is None:
-            return
-        parser = self._parser(self.subcommand)
-        config = self.config[self.subcommand]
-        if "${" in str(config):
-            dumped = parser.dump(config, format="yaml", skip_unset=False, skip_validation=True)
-            resolved = OmegaConf.to_container(OmegaConf.create(dumped), resolve=True)
-            self.config[self.subcommand] = parser.parse_object(resolved)
+        parser, config = self._parser(subcommand), self.config[subcommand]
+        if "${" not in str(config):
+            return config
+        dumped = parser.dump(config, format="yaml", skip_unset=False, skip_validation=True)
+        return parser.parse_object(OmegaConf.to_container(OmegaConf.create(dumped), resolve=True))
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.config[self.subcommand] = self._resolved(self.subcommand)
 
     def after_instantiate_classes(self) -> None:
         # Config-time checks that need both objects (e.g. can the oracle label the categories?).
@@ -54,8 +89,22 @@ class GroundedDiffusionCLI(LightningCLI):
             )
 
 
+def version() -> str:
+    from importlib.metadata import version as installed
+
+    packages = ("lightning", "torch", "diffusers", "transformers")
+    return f"grounded-diffusion {installed('grounded-diffusion')} ({', '.join(f'{p} {installed(p)}' for p in packages)})"
+
+
 def main(args: list[str] | None = None) -> None:
-    parser_kwargs = {sub: {"parser_mode": "omegaconf+"} for sub in SUBCOMMANDS}
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["--version"]:
+        print(version())
+        return
+    quiet_known_noise(evaluating=bool(argv) and argv[0] != "fit")
+    # exit_on_error=False: a bad option or key raises, and is printed as one line below
+    # instead of the full usage text.
+    parser_kwargs = {"exit_on_error": False, **{sub: {"parser_mode": "omegaconf+", "exit_on_error": False} for sub in SUBCOMMANDS}}
     parser_kwargs["predict"]["default_config_files"] = [str(PREDICT_DEFAULTS)]
     try:
         GroundedDiffusionCLI(
@@ -64,6 +113,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
+    except ArgumentError as error:
+        sys.exit(f"error: {one_line_config_error(error, argv)}")
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:

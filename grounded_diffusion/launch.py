@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from grounded_diffusion.data.prompts import GROUPS
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.cli import SUBCOMMANDS
+from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.reports import markdown_table
 
 COLUMNS = ["value", "x", "seen_miou", "unseen_miou", "harmonic_miou"] + [
@@ -39,10 +40,24 @@ COLUMNS = ["value", "x", "seen_miou", "unseen_miou", "harmonic_miou"] + [
 
 
 def load_grid(path: Path) -> dict:
-    grid = yaml.safe_load(path.read_text())
+    """The grid file, checked: name, parameter, a list of values, stages as lists of arguments."""
+    example = "see experiments/ablations/*.grid.yaml"
+    if not path.is_file():
+        raise ConfigError(f"Grid file '{path}' does not exist; {example}")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path} must be a mapping with name, parameter, values and stages; {example}")
     missing = {"name", "parameter", "values", "stages"} - set(grid)
     if missing:
-        raise ConfigError(f"{path} lacks {sorted(missing)}; see experiments/ablations/*.grid.yaml")
+        raise ConfigError(f"{path} lacks {sorted(missing)}; {example}")
+    if not isinstance(grid["values"], list) or not grid["values"]:
+        raise ConfigError(f"{path}: values must be a non-empty list, not {grid['values']!r}")
+    stages = grid["stages"]
+    if not isinstance(stages, list) or not all(isinstance(s, list) and s and s[0] in SUBCOMMANDS for s in stages):
+        raise ConfigError(f"{path}: each stage must be a list starting with one of {SUBCOMMANDS}, e.g. [fit, --config, X.yaml]; got {stages!r}")
     return grid
 
 
@@ -141,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun values that have results")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
-    grid = load_grid(args.grid)
+    try:
+        grid = load_grid(args.grid)
+    except UserError as error:
+        sys.exit(f"error: {error}")
     out = args.out or Path("outputs") / "ablations" / grid["name"]
     out.mkdir(parents=True, exist_ok=True)
 

@@ -47,7 +47,12 @@ class AutoWandbLogger(WandbLogger):
         offline = offline or mode == "offline" or (mode == "auto" and not wandb_server_reachable())
         kwargs.setdefault("save_dir", ".")
         os.makedirs(kwargs["save_dir"], exist_ok=True)
+        # Processes started by ddp_spawn attach to the run without our save_dir: the environment
+        # is what reaches them, so their media and files land in the run's folder, not ./wandb.
+        os.environ["WANDB_DIR"] = os.path.abspath(kwargs["save_dir"])
         super().__init__(offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting does nothing
+            self._wandb_init.pop("anonymous", None)
         self.mode = "offline" if offline else "online"
 
     def finalize(self, status: str) -> None:

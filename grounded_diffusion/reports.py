@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from grounded_diffusion.data.prompts import GROUPS
@@ -123,6 +124,28 @@ def write_report(out: str | Path, report: dict, text: str) -> Path:
     return out / "report.json"
 
 
+# What each table reads, and a key only that file has.
+TABLE_INPUTS = {1: ("metrics.json of a Protocol I test run (<run>/report/metrics.json)", "groups"),
+                2: ("report.json of a Protocol II test run (<run>/zs3/report.json)", "architecture")}  # fmt: skip
+
+
+def read_run(path: str, table: int) -> dict:
+    """One run's results, or exit with one line saying what is wrong with the file."""
+    wanted, key = TABLE_INPUTS[table]
+    try:
+        run = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        sys.exit(f"error: {path} does not exist; --table {table} reads the {wanted}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        sys.exit(f"error: {path} is not a JSON file ({error}); --table {table} reads the {wanted}")
+    if not isinstance(run, dict) or key not in run:
+        other = 3 - table
+        if isinstance(run, dict) and TABLE_INPUTS[other][1] in run:
+            sys.exit(f"error: {path} is the input of --table {other}, not the {wanted}")
+        sys.exit(f"error: {path} is not the {wanted} (or it is from an older version: rerun its `test`)")
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+", help="Tab. 1: metrics.json of each split's test run, in split order; "
@@ -131,19 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="PASCAL-sim", help="Tab. 1: the test set's name")
     parser.add_argument("--out", required=True, help="folder for report.json and report.md")
     args = parser.parse_args(argv)
+    runs = [read_run(p, args.table) for p in args.metrics]
     if args.table == 2:
-        report = table2([json.loads(Path(p).read_text()) for p in args.metrics])
+        report = table2(runs)
         text = table2_markdown(report)
         print(text)
         print(f"report: {write_report(args.out, report, text)}")
         return
-    runs = {}
-    for number, path in enumerate(args.metrics, 1):
-        run = json.loads(Path(path).read_text())
-        if "groups" not in run:
-            parser.error(f"{path} has no per-group results; rerun its `test` with this version")
-        runs[f"split {number}"] = run
-    report = table1(args.name, runs)
+    report = table1(args.name, {f"split {number}": run for number, run in enumerate(runs, 1)})
     text = markdown(report)
     print(text)
     print(f"report: {write_report(args.out, report, text)}")

@@ -18,6 +18,7 @@ from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBa
 from grounded_diffusion.models.daam import WORD_MATCHING, DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
+from grounded_diffusion.quiet import quiet_known_noise
 
 TRIVIAL = ("all_foreground", "all_background")
 REAL_IMAGE_MODES = ("noise", "ddim_inversion")
@@ -125,10 +126,13 @@ class GroundingModule(LightningModule):
         return metadata
 
     def setup(self, stage: str) -> None:
+        quiet_known_noise(evaluating=stage != "fit")
         datamodule = self.trainer.datamodule
         if stage == "predict":
             self.check_datamodule(datamodule)
             self.predict_mode = getattr(datamodule, "predict_mode", "triplets")
+            if self.oracle is not None and isinstance(getattr(datamodule, "source", None), PromptSet):
+                self.oracle.build()  # before Lightning moves the module to its device
             return
         if not hasattr(datamodule, "category_split"):
             raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
@@ -232,7 +236,7 @@ class GroundingModule(LightningModule):
     def _log_summary(self, prefix: str, summary: dict) -> None:
         logged = {f"{prefix}/{k}": v for k, v in summary.items() if k != "per_category"}
         logged.update({f"{prefix}/iou/{c}": v for c, v in summary["per_category"].items()})
-        self.log_dict(logged)
+        self.log_dict(logged, sync_dist=True)  # equal on every rank (the metric synced them): a no-op mean
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the summed states across ranks: every rank must call it.
@@ -248,7 +252,7 @@ class GroundingModule(LightningModule):
         for method in ("ours", "daam"):
             for group, summary in table[method].items():
                 keys = ("miou", "image_noun_miou", "objects")
-                self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in keys})
+                self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in keys}, sync_dist=True)
         results = self._table1_results(table)
         if self.test_iou_unfiltered is not None:
             unfiltered = self.test_iou_unfiltered.compute(self.category_split)

@@ -25,7 +25,8 @@ EXPERIMENTS = sorted(
 
 def offline_overlay(config: str) -> str:
     """Segmenter experiments have their own offline overlay; everything else takes offline.yaml."""
-    return "experiments/protocol2/offline.yaml" if config.endswith("_maskformer.yaml") else "experiments/offline.yaml"
+    segmenter = config.endswith("_maskformer.yaml") or config == "experiments/protocol2/own_data.yaml"
+    return "experiments/protocol2/offline.yaml" if segmenter else "experiments/offline.yaml"
 
 OVERLAYS = sorted(str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml"))
 
@@ -71,7 +72,7 @@ def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", str(BACKBONES / f"{overlay}.yaml"), "--print_config"])
     printed = capsys.readouterr().out
-    assert "stabilityai/stable-diffusion-" in printed and "_sim/${model.init_args.backbone.model_id}/split" in printed  # (unresolved)
+    assert "cache_dir: data/pascal_sim/stabilityai/stable-diffusion-" in printed  # (resolved)
 
 
 @pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl"])

@@ -108,10 +108,20 @@ class Generation:
     heat_maps: Tensor | None
 
 
+def looks_like_local_path(model_id: str) -> bool:
+    """A path, not a Hub id (``org/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return model_id.startswith(("/", "./", "../", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
     pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
     source = str(ensure_tiny_stable_diffusion(model_id)) if model_id in TINY_BUILDERS else model_id
+    if looks_like_local_path(source) and not Path(source).expanduser().exists():
+        raise MissingWeightsError(
+            f"model_id '{model_id}' is a local folder that does not exist ({Path(source).expanduser().resolve()}); "
+            "fix the path, or save a pipeline there with `pipeline.save_pretrained(FOLDER)`."
+        )
     if Path(source).exists() and not (Path(source) / "model_index.json").exists():
         raise MissingWeightsError(
             f"'{model_id}' is a folder but holds no diffusers pipeline (no model_index.json). "

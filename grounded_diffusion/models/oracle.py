@@ -7,6 +7,7 @@ Mask R-CNN, as in the paper; any other segmenter can take its place through the 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,10 @@ class Oracle(nn.Module):
     def describe(self) -> dict:
         """What made the masks, for the cache's metadata."""
         raise NotImplementedError
+
+    def build(self) -> None:
+        """Load the model (a synthesis run calls it before moving to its device); an oracle
+        configured for fit or test, which never use it, costs nothing."""
 
     def forward(self, images: Tensor, categories: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
         """RGB images, uint8 [B, 3, H, W] -> masks bool [B, O, H, W] and scores [B, O] (0 where
@@ -83,25 +88,34 @@ class MaskRCNNOracle(Oracle):
         enum = torchvision.models.get_model_weights(architecture)
         self.weights = enum.verify(weights) if weights is not None else None
         self._labels = list((self.weights or enum.DEFAULT).meta["categories"])
-        kwargs = {"box_score_thresh": score_threshold, **(detector_kwargs or {})}
-        if self.weights is None:
-            self.model = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
-        else:
-            self.model = self._load_pretrained(architecture, kwargs)
+        self.detector_kwargs = {"box_score_thresh": score_threshold, **(detector_kwargs or {})}
+        self.model: nn.Module | None = None
+        if self.weights is not None and not torchvision_weights_file(self.weights).exists():
+            self.build()  # a download: fail now, at config time, if it cannot happen
         self.requires_grad_(False)
         self.eval()
 
-    def _load_pretrained(self, architecture: str, kwargs: dict) -> nn.Module:
-        file = torchvision_weights_file(self.weights)
+    def build(self) -> None:
+        if self.model is not None:
+            return
+        if self.weights is None:
+            model = torchvision.models.get_model(self.architecture, weights=None, weights_backbone=None, **self.detector_kwargs)
+        else:
+            model = self._load_pretrained()
+        self.model = model.requires_grad_(False).eval()
+
+    def _load_pretrained(self) -> nn.Module:
+        file, name = torchvision_weights_file(self.weights), f"{type(self.weights).__name__}.{self.weights.name}"
+        fix = (f"Download {self.weights.url} on a machine with network access and put it at {file} (the folder is "
+               "$TORCH_HOME/hub/checkpoints), or set model.init_args.oracle.init_args.weights: null for a random "
+               "detector (tests only).")  # fmt: skip
         try:
-            return torchvision.models.get_model(architecture, weights=self.weights, **kwargs)
+            return torchvision.models.get_model(self.architecture, weights=self.weights, **self.detector_kwargs)
         except OSError as err:  # URLError when offline; a partial download
-            raise MissingWeightsError(
-                f"Could not load the oracle's weights {type(self.weights).__name__}.{self.weights.name} "
-                f"({err}). Download {self.weights.url} on a machine with network access and put it "
-                f"at {file} (the folder is $TORCH_HOME/hub/checkpoints), or set "
-                "model.init_args.oracle.init_args.weights: null for a random detector (tests only)."
-            ) from None
+            raise MissingWeightsError(f"Could not load the oracle's weights {name} ({err}). {fix}") from None
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # a truncated or foreign file
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MissingWeightsError(f"The oracle's weights file {file} is corrupt ({first_line}); delete it. {fix}") from None
 
     @property
     def labels(self) -> Sequence[str]:
@@ -119,6 +133,9 @@ class MaskRCNNOracle(Oracle):
 
     @torch.no_grad()
     def forward(self, images: Tensor, categories: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        if self.model is None:  # used outside a synthesis run (a script, a test)
+            self.build()
+            self.model.to(images.device)
         batch, _, height, width = images.shape
         slots = max(len(c) for c in categories)
         masks = torch.zeros(batch, slots, height, width, dtype=torch.bool, device=images.device)

@@ -1,0 +1,92 @@
+"""jsonargparse's config errors as one line with the nearest valid key or class.
+
+jsonargparse explains a bad key or class path in a nested report (every Union subtype it tried,
+each with its error) after ~40 lines of usage; what the user needs is the bad value, where it is,
+and what they probably meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import pkgutil
+import re
+import typing
+
+# LightningCLI's own top-level keys of a subcommand (besides trainer.*).
+TOP_LEVEL = ("config", "seed_everything", "model", "data", "optimizer", "lr_scheduler", "ckpt_path", "trainer", "print_config")
+
+
+def _nearest(name: str, candidates: list[str]) -> str:
+    near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _trainer_keys() -> list[str]:
+    from lightning.pytorch import Trainer
+
+    return [f"trainer.{p}" for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+
+
+def _init_keys(class_path: str) -> list[str]:
+    """The keys a class accepts: its __init__ arguments, and ``arg.field`` for dataclass arguments."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 (only a hint is at stake)
+        return []
+    keys = []
+    for param in inspect.signature(cls.__init__).parameters:
+        if param in ("self", "args", "kwargs"):
+            continue
+        keys.append(param)
+        for option in typing.get_args(hints.get(param)) or (hints.get(param),):
+            if dataclasses.is_dataclass(option):
+                keys += [f"{param}.{f.name}" for f in dataclasses.fields(option)]
+    return keys
+
+
+def _class_candidates(module_path: str) -> list[str]:
+    """Classes defined in a module, or the submodules of a package."""
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError:
+        return []
+    names = [f"{module_path}.{n}" for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__]
+    if hasattr(module, "__path__"):
+        names += [f"{module_path}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]
+    return names
+
+
+def one_line_config_error(error: Exception, argv: list[str]) -> str:
+    message = str(error)
+    group = re.match(r'Parser key "([^"]+)"', message)
+    problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
+    if group and problem:
+        where, class_path, detail = group[1], problem[1], problem[2].strip()
+        key = re.search(r"unrecognized arguments: --([^=\s]+)|Option '([^']+)' is not accepted|Key '([^']+)' is not expected", detail)
+        if key:
+            name = next(k for k in key.groups() if k)
+            return (f"{where}.init_args.{name}: {class_path} has no argument '{name}'"
+                    f"{_nearest(name, _init_keys(class_path))}")  # fmt: skip
+        missing = re.search(r"module '([^']+)' has no attribute '([^']+)'|No module named '([^']+)'", detail)
+        if missing:
+            module = missing[1] or class_path.rpartition(".")[0]
+            return (f"{where}: no class '{class_path}'"
+                    f"{_nearest(class_path, _class_candidates(module) or _class_candidates(module.rpartition('.')[0]))}")  # fmt: skip
+        typed = re.search(r'Parser key "([^"]+)":\s*\n\s*(.+)', message[problem.start(2) :])
+        if typed:
+            return f"{where}.init_args.{typed[1]}: {typed[2].strip()}"
+        return f"{where} ({class_path}): {detail}"
+    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^=\s]+)", message)
+    if unknown:
+        name = unknown[1] or unknown[2]
+        subcommand = next((a for a in argv if not a.startswith("-")), "")
+        return f"{subcommand}: unknown key '{name}'{_nearest(name, [*TOP_LEVEL, *_trainer_keys()])}"
+    if group:  # some other problem with a key's value: its first explanation
+        lines = [line.strip(" -") for line in message.splitlines()[1:] if line.strip()]
+        return f"{group[1]}: {lines[0] if lines else message}"
+    return " ".join(message.split())
