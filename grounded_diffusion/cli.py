@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.data.vocabulary import vocabulary_label
-from grounded_diffusion.errors import ConfigError, find_user_error
+from grounded_diffusion.errors import ConfigError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -116,7 +116,7 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as error:
         sys.exit(f"error: {one_line_config_error(error, argv)}")
     except Exception as error:
-        user_error = find_user_error(error)
+        user_error = find_user_error(error) or spawned_user_error(error)
         if user_error is None:
             raise
         sys.exit(f"error: {user_error}")

@@ -77,16 +77,17 @@ def one_line_config_error(error: Exception, argv: list[str]) -> str:
             module = missing[1] or class_path.rpartition(".")[0]
             return (f"{where}: no class '{class_path}'"
                     f"{_nearest(class_path, _class_candidates(module) or _class_candidates(module.rpartition('.')[0]))}")  # fmt: skip
-        typed = re.search(r'Parser key "([^"]+)":\s*\n\s*(.+)', message[problem.start(2) :])
-        if typed:
-            return f"{where}.init_args.{typed[1]}: {typed[2].strip()}"
-        return f"{where} ({class_path}): {detail}"
     unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^=\s]+)", message)
     if unknown:
         name = unknown[1] or unknown[2]
         subcommand = next((a for a in argv if not a.startswith("-")), "")
         return f"{subcommand}: unknown key '{name}'{_nearest(name, [*TOP_LEVEL, *_trainer_keys()])}"
-    if group:  # some other problem with a key's value: its first explanation
-        lines = [line.strip(" -") for line in message.splitlines()[1:] if line.strip()]
-        return f"{group[1]}: {lines[0] if lines else message}"
+    if group:  # a bad value: the innermost key, what it expects and what it got
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        innermost = message[message.rindex(f'Parser key "{keys[-1]}"') :].splitlines()[1:]
+        lines = [line.strip(" -") for line in innermost if line.strip()]
+        expected = next((line for line in lines if line.startswith("Expected")), lines[0] if lines else "invalid value")
+        given = next((line for line in lines if line.startswith("Given value:")), "")
+        detail = f"{expected} ({given})" if given and "Got value" not in expected else expected
+        return f"{'.init_args.'.join(keys)}: {detail}"
     return " ".join(message.split())

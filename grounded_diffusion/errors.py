@@ -1,5 +1,6 @@
 """Errors caused by input or set-up that the user fixes: the CLI prints their message alone."""
 
+import importlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +19,21 @@ def find_user_error(error: BaseException | None) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def spawned_user_error(error: BaseException) -> str | None:
+    """The message of a UserError raised in a process that ddp_spawn started: torch hands back
+    only its traceback as text, whose last line is ``module.Class: message``."""
+    if type(error).__name__ != "ProcessRaisedException":
+        return None
+    last = str(error).strip().splitlines()[-1]
+    path, _, message = last.partition(": ")
+    module, _, name = path.rpartition(".")
+    try:
+        raised = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return message if isinstance(raised, type) and issubclass(raised, UserError) else None
 
 
 class ConfigError(UserError, ValueError):

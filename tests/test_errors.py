@@ -231,3 +231,35 @@ def test_voc_source_images_without_objects_are_named_before_a_build(tmp_path):
     rewrite_label(folder, "val1", np.zeros((48, 48), np.uint8))
     with pytest.raises(DataError, match=r"val1.png has no labelled object .*remove 'val1' from the image set"):
         VOCFolder(str(folder)).prepare()
+
+
+# -- noise and documented commands -----------------------------------------------------------
+
+NOISE = ("💡 Tip", "module(s) in eval mode", "anonymous setting has no effect", "LeafSpec", "args parameter is intended",
+         "sync_dist=True", "callbacks used to create the checkpoint")  # fmt: skip
+
+
+def test_fit_and_test_print_no_known_noise(scene_cache, tmp_path, capfd, caplog):
+    cache = next(scene_cache.glob("cache-*"))
+    args = [*scenes_args(tmp_path, steps=2), "--data.init_args.cache_dir", str(cache)]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("default")
+        main(["fit", *args])
+        main(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
+    printed = "\n".join([*capfd.readouterr(), caplog.text, *(str(w.message) for w in caught)])
+    assert [line for line in printed.splitlines() if any(n in line for n in NOISE)] == []
+    assert not (tmp_path.parent / "wandb").exists() and (tmp_path / "wandb").is_dir()
+
+
+def test_offline_segmenter_command_in_its_overlay_runs_as_written(capsys):
+    """The command in experiments/protocol2/offline.yaml's header (train on a synthetic folder)."""
+    import shlex
+
+    lines = (P2 / "offline.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   lightning fit"))
+    command = shlex.split(" ".join(line.lstrip("# ").rstrip("\\") for line in lines[start : start + 2]))[1:]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "FolderSegmentationSet" in printed and "root: outputs/offline/pascal-splitall" in printed
