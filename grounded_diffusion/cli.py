@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.data.vocabulary import vocabulary_label
-from grounded_diffusion.errors import ConfigError, find_user_error, spawned_user_error
+from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -68,6 +68,15 @@ class GroundedDiffusionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.config[self.subcommand] = self._resolved(self.subcommand)
+            check_accelerator(self.config[self.subcommand])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise UserError(out_of_memory_message(self.config[subcommand], subcommand)) from error
+            raise
 
     def after_instantiate_classes(self) -> None:
         # Config-time checks that need both objects (e.g. can the oracle label the categories?).
@@ -87,6 +96,34 @@ class GroundedDiffusionCLI(LightningCLI):
                 f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
                 "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
             )
+
+
+def check_accelerator(config) -> None:
+    """A GPU config on a machine without one: one line before anything is built (Lightning
+    says "No supported gpu backend found!" after the model has loaded)."""
+    import torch
+
+    accelerator = str(config.get("trainer", {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator is '{accelerator}' but this machine has no CUDA GPU (torch.cuda.is_available() is "
+            "False). Run on a GPU machine, or on this CPU with --config experiments/offline.yaml (tiny model) or "
+            "--trainer.accelerator cpu."
+        )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, raised here or in a process that ddp_spawn started."""
+    text = str(error).strip().splitlines()[-1:] or [""]
+    return type(error).__name__ == "OutOfMemoryError" or text[0].startswith(("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"))
+
+
+def out_of_memory_message(config, subcommand: str) -> str:
+    size = config.get("data", {}).get("init_args", {}).get("batch_size")
+    smaller = f"e.g. --data.init_args.batch_size {max(1, size // 2)}" if isinstance(size, int) and size > 1 else "or use a smaller model"
+    kept = ("every sample already written is kept: rerun the same command to go on" if subcommand == "predict"
+            else "resume with --ckpt_path last" if subcommand == "fit" else "nothing was written")  # fmt: skip
+    return f"CUDA ran out of memory at data.init_args.batch_size {size} (per GPU): lower it, {smaller}; {kept}."
 
 
 def version() -> str:

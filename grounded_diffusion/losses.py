@@ -17,6 +17,9 @@ def grounding_loss(logits: Tensor, masks: Tensor, categories: Tensor, ignore_zer
     valid = categories >= 0
     if ignore_zero_masks:
         valid = valid & masks.flatten(2).any(-1)
-    if not valid.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient sync) intact
-    return F.binary_cross_entropy_with_logits(logits[valid], masks[valid].float())
+    # The mean over the valid slots' pixels, as a weighted sum: no host sync, no data-dependent
+    # shape, and 0 (with the graph, for DDP's gradient sync) when no slot is valid.
+    per_pixel = F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype), reduction="none")
+    weight = valid[..., None, None].to(logits.dtype)
+    count = weight.sum() * logits.shape[-1] * logits.shape[-2]
+    return (per_pixel * weight).sum() / count.clamp(min=1)

@@ -24,6 +24,13 @@ from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.data.vocabulary import CategorySplit
 
 
+def slot_counts(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union pixel counts of each object slot, [B, O] (no boolean indexing:
+    no data-dependent shape, no host sync, so an update stays on the device)."""
+    preds, target = preds.bool().flatten(2), target.bool().flatten(2)
+    return (preds & target).sum(-1), (preds | target).sum(-1)
+
+
 class CategoryIoU(Metric):
     """Per-category IoU from binary masks of object slots.
 
@@ -39,12 +46,13 @@ class CategoryIoU(Metric):
         self.add_state("intersection", torch.zeros(num_categories, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("union", torch.zeros(num_categories, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: Tensor, target: Tensor, categories: Tensor) -> None:
+    def update(self, preds: Tensor | None, target: Tensor | None, categories: Tensor, counts=None) -> None:
+        """``counts``: ``slot_counts(preds, target)`` when the caller has them already."""
         valid = categories >= 0
-        preds, target = preds.bool()[valid].flatten(1), target.bool()[valid].flatten(1)
-        index = categories[valid]
-        self.intersection.index_add_(0, index, (preds & target).sum(1))
-        self.union.index_add_(0, index, (preds | target).sum(1))
+        intersection, union = counts or slot_counts(preds, target)
+        index = categories.clamp(min=0).flatten()  # empty slots add 0 to category 0
+        self.intersection.index_add_(0, index, (intersection * valid).flatten())
+        self.union.index_add_(0, index, (union * valid).flatten())
 
     def compute(self) -> Tensor:
         union = self.union.double()
@@ -62,12 +70,11 @@ class ImageNounIoU(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: Tensor, target: Tensor, categories: Tensor) -> None:
+    def update(self, preds: Tensor | None, target: Tensor | None, categories: Tensor, counts=None) -> None:
         valid = categories >= 0
-        preds, target = preds.bool()[valid].flatten(1), target.bool()[valid].flatten(1)
-        intersection, union = (preds & target).sum(1).double(), (preds | target).sum(1).double()
-        self.total += (intersection / (union + 1e-8)).sum()
-        self.count += int(valid.sum())
+        intersection, union = (c.double() for c in counts or slot_counts(preds, target))
+        self.total += (intersection / (union + 1e-8) * valid).sum()
+        self.count += valid.sum()
 
     def compute(self) -> Tensor:
         return self.total / self.count if self.count > 0 else torch.tensor(math.nan, dtype=torch.float64)
@@ -89,11 +96,13 @@ class GroupedIoU(nn.Module):
         return f"{method}__{group}".replace(".", "p")  # module names may not hold dots
 
     def update(self, method: str, preds: Tensor, target: Tensor, categories: Tensor, groups: Sequence[str]) -> None:
+        counts = slot_counts(preds, target)  # once for every group
         for group in [*sorted(set(groups)), "all"]:
             rows = torch.tensor([group in (g, "all") for g in groups], device=preds.device)
+            in_group = categories.masked_fill(~rows[:, None], -1)  # other groups' slots count as empty
             key = self._key(method, group)
-            self.category_iou[key].update(preds[rows], target[rows], categories[rows])
-            self.image_noun_iou[key].update(preds[rows], target[rows], categories[rows])
+            self.category_iou[key].update(None, None, in_group, counts=counts)
+            self.image_noun_iou[key].update(None, None, in_group, counts=counts)
 
     def compute(self, split: CategorySplit) -> dict[str, dict[str, dict]]:
         """{method: {group: summarize_iou(...) + image_noun_miou + objects (how many were
@@ -155,9 +164,13 @@ class SemanticIoU(Metric):
         self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        keep = target != self.ignore_index
-        index = target[keep].long() * self.num_classes + preds[keep].long()
-        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+        # Ignored pixels go to one extra bin that is dropped: a fixed-size count, where boolean
+        # indexing and bincount would need the data on the host (a sync on a GPU).
+        cells = self.num_classes**2
+        index = target.long() * self.num_classes + preds.long()
+        index = torch.where(target == self.ignore_index, cells, index).flatten()
+        counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+        self.confusion += counts[:cells].view(self.num_classes, self.num_classes)
 
     def compute(self) -> Tensor:
         confusion = self.confusion.double()

@@ -127,6 +127,13 @@ class GroundingModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         quiet_known_noise(evaluating=stage != "fit")
+        device = self.trainer.strategy.root_device
+        if device.type == "cpu" and self.backbone.dtype == torch.float16:
+            raise ConfigError(
+                "model.init_args.backbone.dtype is float16 but this run is on the CPU, where float16 UNet "
+                "kernels are missing or very slow: use float32 (experiments/offline.yaml does) or bfloat16, "
+                "or run on a GPU."
+            )
         datamodule = self.trainer.datamodule
         if stage == "predict":
             self.check_datamodule(datamodule)

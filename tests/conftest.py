@@ -61,3 +61,15 @@ def scene_cache(tmp_path_factory) -> Path:
 def plain_argv(monkeypatch):
     """LightningCLI(args=...) warns when sys.argv holds pytest's own arguments."""
     monkeypatch.setattr("sys.argv", ["grounded-diffusion"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: reported as skipped where there is none (CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
@@ -263,3 +264,32 @@ def test_offline_segmenter_command_in_its_overlay_runs_as_written(capsys):
     assert exit_info.value.code in (None, 0)
     printed = capsys.readouterr().out
     assert "FolderSegmentationSet" in printed and "root: outputs/offline/pascal-splitall" in printed
+
+
+# -- devices and memory ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_config_on_a_machine_without_one(tmp_path, capsys):
+    message = cli_error(["fit", *scenes_args(tmp_path), "--trainer.accelerator", "gpu"], capsys)
+    assert "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in message and "offline.yaml" in message
+
+
+def test_half_precision_backbone_on_the_cpu(scene_cache, capsys):
+    message = cli_error(["fit", *scenes_args(scene_cache), "--model.init_args.backbone.dtype", "float16"], capsys)
+    assert "backbone.dtype is float16 but this run is on the CPU" in message and "float32" in message
+
+
+@pytest.mark.parametrize("subcommand, kept", [("fit", "resume with --ckpt_path last"), ("predict", "every sample already written is kept")])
+def test_cuda_out_of_memory_names_the_batch_size(subcommand, kept, tmp_path, monkeypatch, capsys):
+    from lightning_modules.grounding import GroundingModule
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GroundingModule, "training_step" if subcommand == "fit" else "predict_step", out_of_memory)
+    if subcommand == "fit":
+        main(["predict", *scenes_args(tmp_path)])
+    message = cli_error([subcommand, *scenes_args(tmp_path)], capsys)
+    assert "CUDA ran out of memory at data.init_args.batch_size 4 (per GPU): lower it, e.g. --data.init_args.batch_size 2" in message
+    assert kept in message

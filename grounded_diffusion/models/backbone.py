@@ -194,6 +194,11 @@ class StableDiffusionBackbone(nn.Module):
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step
         )
+        # DDIM inversion's steps up to the capture step, as Python ints: the loop then needs no
+        # boolean indexing or int(tensor), each a host sync on a GPU.
+        inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
+        inverse.set_timesteps(config.num_inference_steps)
+        self.inversion_timesteps = [t for t in inverse.timesteps.tolist() if t <= self.timestep]
         self.block_modules = self._block_modules()
         unknown = set(config.blocks or []) - set(self.block_modules)
         if unknown:
@@ -301,7 +306,8 @@ class StableDiffusionBackbone(nn.Module):
         """Channels of each resolution group (coarse first), read off one dummy forward."""
         size = self.unet.config.sample_size
         latents = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.unet.device)
-        groups = self.unet_features(latents, torch.tensor([self.timestep]), self.encode_prompts([""]))
+        timesteps = torch.tensor([self.timestep], device=self.unet.device)  # diffusers does not move a 1-D one
+        groups = self.unet_features(latents, timesteps, self.encode_prompts([""]))
         return [g.shape[1] for g in groups]
 
     # -- text ----------------------------------------------------------------------------------
@@ -371,10 +377,10 @@ class StableDiffusionBackbone(nn.Module):
         if mode == "ddim_inversion":
             inverse = DDIMInverseScheduler.from_config(self.scheduler_config)
             inverse.set_timesteps(self.config.num_inference_steps)
-            for t in inverse.timesteps[inverse.timesteps <= self.timestep]:
-                t_batch = t.expand(latents.shape[0]).to(latents.device)
+            for t in self.inversion_timesteps:
+                t_batch = torch.full((latents.shape[0],), t, device=latents.device)
                 prediction = self._unet(latents, t_batch, prompt_embeds)
-                latents = inverse.step(prediction, int(t), latents).prev_sample
+                latents = inverse.step(prediction, t, latents).prev_sample
             return latents
         raise ConfigError(f"mode '{mode}' is not one of 'noise', 'ddim_inversion'")
 

@@ -123,7 +123,9 @@ class DAAMTracer:
         side = int(probs.shape[2] ** 0.5)
         if self.latent_size // side == 8:  # the reference leaves out the 1/8 resolution
             return
-        index = self.token_index.to(probs.device)[:, None, None, :]
+        if self.token_index.device != probs.device:  # once per trace, not on every attention call
+            self.token_index = self.token_index.to(probs.device)
+        index = self.token_index[:, None, None, :]
         cond = probs[-batch:].float()
         kept = cond.gather(-1, index.expand(*cond.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
         self.sums[layer] = self.sums.get(layer, 0) + kept
