@@ -9,11 +9,12 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 
-from grounded_diffusion.data.cache import TripletCache, pack_masks
+from grounded_diffusion.data.cache import TripletCache, encode_image, pack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.errors import ConfigError
 
 STORAGE_MODES = ("features", "latents")
+IMAGE_FORMATS = ("jpeg", "png")
 
 
 class TripletCacheWriter(BasePredictionWriter):
@@ -22,16 +23,23 @@ class TripletCacheWriter(BasePredictionWriter):
 
     Args:
         storage: ``features`` keeps the captured UNet features (fp16); ``latents`` keeps the
-            latent the UNet saw at the capture step (fp32) and its timestep, from which training
-            recomputes the features (74x smaller at SD-1.5 shapes; what is left is mostly the
-            image). Both keep the image, the masks (bit-packed), oracle scores and DAAM maps.
+            latent the UNet saw at the capture step (in the UNet's dtype) and its timestep, from
+            which training recomputes the features (about 300x smaller at SD-1.5 shapes). Both
+            keep the image, the masks (bit-packed), oracle scores and DAAM maps.
+        image_format: ``jpeg`` (lossy; the image only feeds reports and overlays, training reads
+            features and masks) or ``png`` (lossless, about 5x the bytes).
+        image_quality: JPEG quality (1-100).
     """
 
-    def __init__(self, storage: str = "features") -> None:
+    def __init__(self, storage: str = "features", image_format: str = "jpeg", image_quality: int = 90) -> None:
         super().__init__(write_interval="batch")
         if storage not in STORAGE_MODES:
             raise ConfigError(f"storage '{storage}' is not one of {STORAGE_MODES}")
-        self.storage = storage
+        if image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"image_format '{image_format}' is not one of {IMAGE_FORMATS}")
+        if not 1 <= image_quality <= 100:
+            raise ConfigError(f"image_quality {image_quality} is not in 1..100")
+        self.storage, self.image_format, self.image_quality = storage, image_format, image_quality
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -52,7 +60,7 @@ class TripletCacheWriter(BasePredictionWriter):
         timestep = pl_module.backbone.timestep
         for i, sample_id in enumerate(prediction["id"]):
             categories = prediction["categories"][i]
-            tensors, metadata = sample_tensors(prediction, i, self.storage, timestep)
+            tensors, metadata = sample_tensors(prediction, i, self.storage, timestep, self.image_format, self.image_quality)
             record = {
                 "id": sample_id,
                 "prompt": prediction["prompt"][i],
@@ -76,15 +84,18 @@ def show_speed(trainer: Trainer, written: int, started: float) -> None:
         bar.predict_progress_bar.set_postfix_str(text)
 
 
-def sample_tensors(prediction: dict, i: int, storage: str, timestep: int) -> tuple[dict, dict]:
+def sample_tensors(
+    prediction: dict, i: int, storage: str, timestep: int, image_format: str = "jpeg", image_quality: int = 90
+) -> tuple[dict, dict]:
     """The tensors (and file metadata) of sample ``i`` of a prediction batch, as the cache keeps them."""
     num_objects = len(prediction["categories"][i])
     bits, shape = pack_masks(prediction["masks"][i, :num_objects])
-    tensors = {"masks": bits, "image": prediction["image"][i]}
+    image_key, image = encode_image(prediction["image"][i], image_format, image_quality)
+    tensors = {"masks": bits, image_key: image}
     if storage == "features":
         tensors.update({f"features.{g}": f[i].half() for g, f in enumerate(prediction["features"])})
-    else:
-        tensors.update(latents=prediction["latents"][i].float(), timestep=torch.tensor(timestep))
+    else:  # the latents as the UNet read them (predict_step hands them over in the UNet's dtype)
+        tensors.update(latents=prediction["latents"][i], timestep=torch.tensor(timestep))
     if prediction.get("daam") is not None:
         tensors["daam"] = prediction["daam"][i, :num_objects].half()
     if "oracle_scores" in prediction:

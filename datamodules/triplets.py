@@ -14,7 +14,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from grounded_diffusion.data.cache import CacheError, TripletCache, unpack_masks
+from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.data.sources import collate_samples, evaluation_sampler, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
@@ -43,7 +43,7 @@ class TripletSamples(Dataset):
             "group": record.get("group") or group_of(record["categories"], self.split.unseen),
             "masks": pad_objects(unpack_masks(tensors["masks"], metadata["mask_shape"]), self.max_objects),
             "categories": torch.tensor(categories),
-            "image": tensors["image"],
+            "image": decode_image(tensors),
         }
         if "latents" in tensors:  # replay storage: the module's UNet recomputes the features
             sample.update(latents=tensors["latents"], timestep=tensors["timestep"])

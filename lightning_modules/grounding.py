@@ -355,7 +355,7 @@ class GroundingModule(LightningModule):
         words, matching = batch["categories"], self.hparams.daam_word_matching
         with tracer.trace(backbone.tokenizer, batch["prompt"], words, latents.shape[-1], matching):
             features = backbone.unet_features(latents, timesteps, prompt_embeds)
-        return {**batch, "latents": latents.float(), "features": features, "daam": tracer.word_maps()}
+        return {**batch, "latents": latents.to(backbone.dtype), "features": features, "daam": tracer.word_maps()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

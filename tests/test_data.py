@@ -1,11 +1,13 @@
 import json
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datamodules.triplets import TripletDataModule
+from datamodules.triplets import TripletDataModule, TripletSamples
 from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
 from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
@@ -148,3 +150,29 @@ def test_datamodule_names_an_empty_split(tmp_path):
     dm = TripletDataModule(str(tmp_path), vocabulary="scenes", split=1)
     with pytest.raises(ValueError, match="no samples for split val; it has splits \\['train'\\]"):
         dm.setup("test")
+
+
+def test_cache_images_are_compressed_and_format_2_caches_still_read(tmp_path):
+    from PIL import Image as PILImage
+
+    from grounded_diffusion.data.cache import decode_image, encode_image
+
+    photo = PILImage.open(next(Path(matplotlib.get_data_path()).glob("sample_data/grace_hopper.jpg"))).convert("RGB")
+    image = torch.from_numpy(np.array(photo.resize((128, 128)))).permute(2, 0, 1).contiguous()
+    key, png = encode_image(image, "png")
+    assert key == "image.png" and torch.equal(decode_image({key: png}), image)  # lossless
+    key, jpeg = encode_image(image, "jpeg", quality=90)
+    assert key == "image.jpeg" and jpeg.numel() < png.numel() / 2
+    assert (decode_image({key: jpeg}).float() - image.float()).abs().mean() < 4  # lossy, close
+    # A format-2 sample (raw image) reads as before.
+    cache = TripletCache(tmp_path)
+    cache.initialise({"storage": "features"})
+    write_sample(cache, "old")
+    sample = TripletSamples(cache, cache.manifest(), CategorySplit(SCENES), 2)[0]
+    assert torch.equal(sample["image"], torch.zeros(3, 4, 4, dtype=torch.uint8))
+
+
+def test_building_into_a_cache_of_an_older_format_says_to_rebuild(tmp_path):
+    (tmp_path / "cache.json").write_text(json.dumps({"format_version": 2, "storage": "latents"}))
+    with pytest.raises(CacheError, match="format_version: cache has 2, this run 3.*delete this one to rebuild it"):
+        TripletCache(tmp_path).initialise({"storage": "latents"})

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 from conftest import REPO, run_cli
 from datamodules.triplets import TripletDataModule
 from grounded_diffusion.cli import main
-from grounded_diffusion.data.cache import TripletCache
+from grounded_diffusion.data.cache import TripletCache, decode_image
 from grounded_diffusion.data.prompts import GROUPS
 
 FEATURES_WRITER = "[{class_path: callbacks.cache_writer.TripletCacheWriter, init_args: {storage: features}}]"
@@ -61,10 +61,11 @@ def test_synthesis_writes_every_requested_sample_with_all_its_parts(latents_cach
     assert metadata["storage"] == "latents" and metadata["oracle"]["oracle"] == "MaskRCNNOracle"
     tensors, file_metadata = cache.load(records[-1]["id"])
     objects = len(records[-1]["categories"])
-    assert set(tensors) == {"latents", "timestep", "image", "masks", "daam", "oracle_scores"}
-    assert tensors["latents"].shape == (4, 16, 16) and tensors["latents"].dtype == torch.float32
+    assert set(tensors) == {"latents", "timestep", "image.jpeg", "masks", "daam", "oracle_scores"}
+    assert tensors["latents"].shape == (4, 16, 16) and tensors["latents"].dtype == torch.float32  # the UNet's dtype
     assert int(tensors["timestep"]) == metadata["capture_timestep"]
-    assert tensors["image"].shape == (3, 128, 128) and tensors["image"].dtype == torch.uint8
+    image = decode_image(tensors)
+    assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
     assert file_metadata["mask_shape"] == f"{objects},128,128"
     assert tensors["daam"].shape == (objects, 16, 16) and tensors["oracle_scores"].shape == (objects,)
 

@@ -8,10 +8,12 @@ Layout::
                                 split, group (one_seen, two_seen_unseen, ...)
     <cache>/samples/<id>.safetensors
         features.<g>   fp16 [C_g, h_g, w_g], resolution groups coarse first   (storage: features)
-        latents        fp32 [C, h, w], the UNet's input at the capture step   (storage: latents)
+        latents        [C, h, w], the UNet's input at the capture step, in the  (storage: latents)
+                       UNet's dtype (what replay feeds it)
         timestep       int, the capture timestep                              (storage: latents)
         masks          uint8, bit-packed [O, H, W] (shape in the file's metadata)
-        image          uint8 [3, H, W]
+        image.jpeg     uint8 bytes of the RGB image, JPEG (lossy, quality 90 by default),
+        or image.png   or PNG (lossless); format 2 caches hold it raw: image uint8 [3, H, W]
         daam           fp16 [O, h, w], DAAM heat maps of the category words (latent resolution)
         oracle_scores  fp32 [O], the oracle's best score per category (synthesis; 0 = not found)
 
@@ -37,12 +39,34 @@ from safetensors.torch import load_file, safe_open, save_file
 from grounded_diffusion.data.manifest import JsonlManifest
 from grounded_diffusion.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: image compressed (JPEG or PNG), latents in the UNet's dtype
+IMAGE_KEYS = ("image.jpeg", "image.png")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class CacheError(UserError, RuntimeError):
     pass
+
+
+def encode_image(image: torch.Tensor, image_format: str = "jpeg", quality: int = 90) -> tuple[str, torch.Tensor]:
+    """uint8 [3, H, W] -> (its cache key, the encoded bytes as a uint8 tensor)."""
+    from torchvision.io import encode_jpeg, encode_png
+
+    image = image.cpu().contiguous()
+    if image_format == "jpeg":
+        return "image.jpeg", encode_jpeg(image, quality=quality)
+    return "image.png", encode_png(image)
+
+
+def decode_image(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sample's image, uint8 [3, H, W], from any cache format."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as decode
+
+    for key in IMAGE_KEYS:
+        if key in tensors:
+            return decode(tensors[key], mode=ImageReadMode.RGB)
+    return tensors["image"]  # format 2: raw
 
 
 def pack_masks(masks: torch.Tensor) -> tuple[torch.Tensor, str]:

@@ -97,8 +97,8 @@ class PromptEmbeds:
 class Generation:
     """One batch of generated samples and what was captured on the way.
 
-    images: RGB uint8 [B, 3, H, W]; latents: float32 [B, C, h, w], what the UNet saw at the
-    capture step; features: the captured groups, coarse first; heat_maps: DAAM maps of the
+    images: RGB uint8 [B, 3, H, W]; latents: [B, C, h, w] in the UNet's dtype, what the UNet saw
+    at the capture step; features: the captured groups, coarse first; heat_maps: DAAM maps of the
     traced words [B, O, h, w] (None when no words were given).
     """
 
@@ -460,7 +460,7 @@ class StableDiffusionBackbone(nn.Module):
         guidance_batch = at_step[self.block_names[0]].shape[0] == 2 * len(prompts)
         return Generation(
             images=(images * 255).round().clamp(0, 255).to(torch.uint8),
-            latents=at_capture["latents"].float(),
+            latents=at_capture["latents"].to(self.dtype),
             features=self._grouped_features(at_step, guidance_batch),
             heat_maps=tracer.word_maps() if words else None,
         )
