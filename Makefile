@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN := $(PY) -m grounded_diffusion
 SCENES := --config experiments/scenes.yaml
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The whole method once at Stable Diffusion 1.5's real sizes (random weights), CPU or CUDA:
+# per-stage time and peak memory (benchmarks/sd15_smoke.py).
+smoke: $(STAMP)
+	$(PY) benchmarks/sd15_smoke.py
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache

@@ -28,6 +28,9 @@ class MissingBackboneWeightsError(UserError, RuntimeError):
     pass
 
 
+RANDOM_RESNET_101 = "random-resnet-101"
+
+
 class Segmenter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +92,9 @@ class MaskFormer(Segmenter):
         num_classes: classes, background included when it is a class (an ordinary one here).
         architecture: ``maskformer`` or ``mask2former``.
         backbone: a transformers backbone checkpoint, e.g. ``microsoft/resnet-101`` (the paper's
-            ResNet-101); ``null`` builds a tiny random ResNet (offline runs and tests).
+            ResNet-101); ``random-resnet-101`` builds that architecture with random weights
+            offline (real shapes and costs, for smoke runs); ``null`` a tiny random ResNet
+            (offline runs and tests).
         pretrained_backbone: load the backbone checkpoint's weights (needs them in the HF cache
             or the Hub).
         num_queries: learned queries (MaskFormer: 100).
@@ -118,6 +123,9 @@ class MaskFormer(Segmenter):
         if backbone is None:  # tiny and random: the embedded offline option
             backbone_args = dict(backbone_config=ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", out_features=stages))
             sizes = dict(width=32, layers=1, heads=2, ffn=64)
+        elif backbone == RANDOM_RESNET_101:  # microsoft/resnet-101's architecture, random weights
+            backbone_args = dict(backbone_config=ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 23, 3], layer_type="bottleneck", out_features=stages))
+            sizes = dict(width=256, layers=6, heads=8, ffn=2048)
         else:
             backbone_args = dict(backbone=backbone, use_pretrained_backbone=pretrained_backbone, backbone_kwargs={"out_features": stages})
             sizes = dict(width=256, layers=6, heads=8, ffn=2048)
