@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 from lightning import LightningModule
@@ -114,7 +113,7 @@ class GroundingModule(LightningModule):
         """How this module makes triplets, recorded in the cache (``cache.json``)."""
         backbone = self.backbone
         metadata = {
-            "backbone": asdict(backbone.config),
+            "backbone": backbone.config.identity(),
             "capture_timestep": backbone.timestep,
             "feature_groups": backbone.feature_channels(),
             "daam_word_matching": self.hparams.daam_word_matching,
@@ -151,7 +150,7 @@ class GroundingModule(LightningModule):
 
     def check_cache(self, metadata: dict) -> None:
         """Features must come from the backbone setting this module was built for."""
-        ours = asdict(self.backbone_config)
+        ours = self.backbone_config.identity()
         theirs = metadata.get("backbone", {})
         diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "dtype" and theirs.get(k) != v}
         if diff:

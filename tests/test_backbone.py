@@ -181,3 +181,15 @@ def test_ddim_inversion_runs_for_v_prediction_and_sdxl(other_backbone):
     embeds = other_backbone.encode_prompts(["a dog", "a cat"])
     inverted = other_backbone.latents_at_capture_step(latents, embeds, mode="ddim_inversion")
     assert inverted.shape == latents.shape and torch.isfinite(inverted).all()
+
+
+def test_channels_last_unet_gives_the_same_features_and_the_same_cache_identity(backbone):
+    channels_last = StableDiffusionBackbone(BackboneConfig(channels_last=True))
+    assert channels_last.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.full((2,), backbone.timestep)
+    plain = backbone.unet_features(latents, timesteps, backbone.encode_prompts(["a dog", "a cat"]))
+    fast = channels_last.unet_features(latents, timesteps, channels_last.encode_prompts(["a dog", "a cat"]))
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert channels_last.config.identity() == backbone.config.identity()
