@@ -17,26 +17,14 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
+from grounded_diffusion.cli_support import check_accelerator, is_out_of_memory, out_of_memory_message, version
 from grounded_diffusion.config_errors import one_line_config_error
-from grounded_diffusion.data.vocabulary import vocabulary_label
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 PRINT_CONFIG = "--print_config"
-
-
-def run_name(vocabulary, split) -> str:
-    """``<vocabulary>-split<split>`` for output folders: ``pascal-split1``, ``flowers-splitall``
-    (a classes file's folder, no numbered split), ``prompts-splitall`` (no vocabulary)."""
-    name = "prompts" if vocabulary is None else vocabulary_label(vocabulary)
-    return f"{name}-split{'all' if split is None else split}"
-
-
-# Folder names in the configs: ${run_name:<vocabulary>,<split>}, ${vocabulary_label:<vocabulary>}.
-OmegaConf.register_resolver("run_name", run_name, replace=True)
-OmegaConf.register_resolver("vocabulary_label", vocabulary_label, replace=True)
 
 
 class GroundedDiffusionCLI(LightningCLI):
@@ -96,41 +84,6 @@ class GroundedDiffusionCLI(LightningCLI):
                 f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
                 "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
             )
-
-
-def check_accelerator(config) -> None:
-    """A GPU config on a machine without one: one line before anything is built (Lightning
-    says "No supported gpu backend found!" after the model has loaded)."""
-    import torch
-
-    accelerator = str(config.get("trainer", {}).get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator is '{accelerator}' but this machine has no CUDA GPU (torch.cuda.is_available() is "
-            "False). Run on a GPU machine, or on this CPU with --config experiments/offline.yaml (tiny model) or "
-            "--trainer.accelerator cpu."
-        )
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory error, raised here or in a process that ddp_spawn started."""
-    text = str(error).strip().splitlines()[-1:] or [""]
-    return type(error).__name__ == "OutOfMemoryError" or text[0].startswith(("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"))
-
-
-def out_of_memory_message(config, subcommand: str) -> str:
-    size = config.get("data", {}).get("init_args", {}).get("batch_size")
-    smaller = f"e.g. --data.init_args.batch_size {max(1, size // 2)}" if isinstance(size, int) and size > 1 else "or use a smaller model"
-    kept = ("every sample already written is kept: rerun the same command to go on" if subcommand == "predict"
-            else "resume with --ckpt_path last" if subcommand == "fit" else "nothing was written")  # fmt: skip
-    return f"CUDA ran out of memory at data.init_args.batch_size {size} (per GPU): lower it, {smaller}; {kept}."
-
-
-def version() -> str:
-    from importlib.metadata import version as installed
-
-    packages = ("lightning", "torch", "diffusers", "transformers")
-    return f"grounded-diffusion {installed('grounded-diffusion')} ({', '.join(f'{p} {installed(p)}' for p in packages)})"
 
 
 def main(args: list[str] | None = None) -> None:
