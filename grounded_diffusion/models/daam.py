@@ -77,7 +77,7 @@ class HeatMapProcessor(AttnProcessor2_0):
         self.tracer, self.layer = tracer, layer
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
-        if encoder_hidden_states is not None:
+        if encoder_hidden_states is not None and self.tracer.traces(hidden_states.shape[1]):
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
             query = attn.head_to_batch_dim(attn.to_q(hidden_states))
             key = attn.head_to_batch_dim(attn.to_k(context))
@@ -117,11 +117,15 @@ class DAAMTracer:
             for layer, processor in zip(self.layers, originals):
                 layer.set_processor(processor)
 
+    def traces(self, pixels: int) -> bool:
+        """Whether a layer with this many pixels counts: the reference leaves out the 1/8
+        resolution (its probabilities are then not even computed)."""
+        return self.latent_size // int(pixels**0.5) != 8
+
     def add(self, layer: int, probs: Tensor) -> None:
         """probs [N, heads, pixels, 77] of one call; N = B (conditional only) or 2B (guidance)."""
         batch = self.token_index.shape[0]
-        side = int(probs.shape[2] ** 0.5)
-        if self.latent_size // side == 8:  # the reference leaves out the 1/8 resolution
+        if not self.traces(probs.shape[2]):
             return
         if self.token_index.device != probs.device:  # once per trace, not on every attention call
             self.token_index = self.token_index.to(probs.device)
