@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -55,9 +56,18 @@ class TripletCacheWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         self.cache.initialise(metadata)  # the other ranks check that it matches
         self.started, self.written = time.perf_counter(), 0
+        # Encoding and writing run in one background thread while the GPU makes the next batch.
+        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="cache-writer"), []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        timestep = pl_module.backbone.timestep
+        # One device-to-host copy here; the thread then only touches CPU tensors.
+        on_cpu = {k: [f.cpu() for f in v] if k == "features" else v.cpu() if isinstance(v, torch.Tensor) else v
+                  for k, v in prediction.items()}  # fmt: skip
+        while self.pending and (self.pending[0].done() or len(self.pending) >= 2):  # at most two in flight
+            self._collect(self.pending.pop(0), trainer)  # (and a failed write stops the run here)
+        self.pending.append(self.pool.submit(self._write_batch, on_cpu, pl_module.backbone.timestep))
+
+    def _write_batch(self, prediction: dict, timestep: int) -> int:
         for i, sample_id in enumerate(prediction["id"]):
             categories = prediction["categories"][i]
             tensors, metadata = sample_tensors(prediction, i, self.storage, timestep, self.image_format, self.image_quality)
@@ -69,8 +79,27 @@ class TripletCacheWriter(BasePredictionWriter):
                 "group": group_of(categories, self.unseen),
             }
             self.cache.write(record, tensors, metadata)
-        self.written += len(prediction["id"])
+        return len(prediction["id"])
+
+    def _collect(self, future: Future, trainer: Trainer) -> None:
+        self.written += future.result()  # a failed write raises here, in the run's thread
         show_speed(trainer, self.written, self.started)
+
+    def _finish(self, trainer: Trainer) -> None:
+        """Every submitted batch written (also when the run fails: finished samples are kept)."""
+        pending, self.pending = self.pending, []
+        try:
+            for future in pending:
+                self._collect(future, trainer)
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=True)  # what was submitted still reaches the disk
 
 
 def show_speed(trainer: Trainer, written: int, started: float) -> None:

@@ -106,3 +106,26 @@ def test_every_allowed_torch_loads_checkpoints_weights_only():
 
     floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text())[1]
     assert Version(floor) >= Version("2.6")
+
+
+def test_a_failed_background_write_stops_predict_and_keeps_what_was_written(tmp_path, monkeypatch):
+    """The cache writer writes in a background thread: its error still ends the run, and the
+    samples written before it stay in the cache for the rerun."""
+    from grounded_diffusion.data.cache import TripletCache
+
+    original, calls = TripletCache.write, []
+
+    def write(self, record, tensors, metadata):
+        calls.append(record["id"])
+        if len(calls) == 6:
+            raise OSError("No space left on device")
+        original(self, record, tensors, metadata)
+
+    monkeypatch.setattr(TripletCache, "write", write)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["predict", *scenes_args(tmp_path, counts="{train: 12}")])
+    cache = TripletCache(next(tmp_path.glob("cache-*")))
+    assert sorted(r["id"] for r in cache.manifest()) == sorted(calls[:5] + calls[6:])  # all but the failed one
+    monkeypatch.setattr(TripletCache, "write", original)
+    main(["predict", *scenes_args(tmp_path, counts="{train: 12}")])  # the rerun finishes the rest
+    assert len(cache.manifest()) == 12
