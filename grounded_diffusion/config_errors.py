@@ -8,20 +8,21 @@ and what they probably meant.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import pkgutil
 import re
 import typing
 
+from grounded_diffusion.errors import did_you_mean
+
 # LightningCLI's own top-level keys of a subcommand (besides trainer.*).
 TOP_LEVEL = ("config", "seed_everything", "model", "data", "optimizer", "lr_scheduler", "ckpt_path", "trainer", "print_config")
 
 
 def _nearest(name: str, candidates: list[str]) -> str:
-    near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" (did you mean '{near[0]}'?)" if near else ""
+    hint = did_you_mean(name, candidates, cutoff=0.6)
+    return f" ({hint})" if hint else ""
 
 
 def _trainer_keys() -> list[str]:

@@ -1,8 +1,16 @@
 """Errors caused by input or set-up that the user fixes: the CLI prints their message alone."""
 
+import difflib
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
+
+
+def did_you_mean(name: str, candidates: Sequence[str], n: int = 1, cutoff: float = 0.5) -> str:
+    """``did you mean 'a', 'b'?`` with the nearest of ``candidates``, or "" when none is near."""
+    near = difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
+    return f"did you mean {', '.join(repr(c) for c in near)}?" if near else ""
 
 
 class UserError(Exception):

@@ -146,14 +146,19 @@ class TripletCache:
             leftover.unlink(missing_ok=True)
         self.manifest_file.repair()
         records = self.manifest()
-        kept = [r for r in records if self.sample_path(r["id"]).exists()]
-        if len(kept) < len(records):  # listed but their files are gone: build them again
-            warnings.warn(f"{self.manifest_path}: {len(records) - len(kept)} listed samples have no file; rebuilding them")
-            self.manifest_file.rewrite(kept)
+        missing = self.missing_files(records)
+        if missing:  # listed but their files are gone: build them again
+            warnings.warn(f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them")
+            gone = set(missing)
+            self.manifest_file.rewrite([r for r in records if r["id"] not in gone])
+
+    def missing_files(self, records: list[dict]) -> list[str]:
+        """Ids of listed samples whose file is gone (a cheap stat each)."""
+        return [r["id"] for r in records if not self.sample_path(r["id"]).exists()]
 
     def check_files(self, records: list[dict]) -> None:
-        """Every listed sample has its file (a cheap stat each), before any training step."""
-        missing = [r["id"] for r in records if not self.sample_path(r["id"]).exists()]
+        """Every listed sample has its file, before any training step."""
+        missing = self.missing_files(records)
         if missing:
             raise CacheError(
                 f"The cache at '{self.root}' lists {len(missing)} samples without a file (first: "

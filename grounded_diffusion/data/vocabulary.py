@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.errors import ConfigError, UserError, did_you_mean
 
 PASCAL_VOC = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -104,8 +103,7 @@ def check_categories(names: Iterable[str], vocabulary: Sequence[str], what: str 
     problems = []
     for name in names:
         if name not in vocabulary:
-            near = difflib.get_close_matches(name, vocabulary, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(repr(n) for n in near)}?" if near else "no close match"
+            hint = did_you_mean(name, vocabulary, n=3) or "no close match"
             problems.append(f"'{name}' ({hint})")
     if problems:
         raise UnknownCategoryError(
@@ -191,8 +189,7 @@ def resolve_vocabulary(vocabulary: Vocabulary) -> tuple[str, ...]:
             return VOCABULARIES[vocabulary]
         if Path(vocabulary).suffix or "/" in vocabulary:
             return read_classes_file(vocabulary)
-        near = difflib.get_close_matches(vocabulary, list(VOCABULARIES), n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'? " if near else ""
+        hint = f"{did_you_mean(vocabulary, list(VOCABULARIES))} ".lstrip()
         raise ConfigError(
             f"Unknown vocabulary '{vocabulary}' ({hint}built-in: {', '.join(VOCABULARIES)}); give a built-in "
             "name, a classes file (data/my/classes.txt, one name per line) or a list of names"
