@@ -9,43 +9,17 @@ The set is written as a PASCAL VOC-format folder, so it goes through the real-im
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from grounded_diffusion.data.vocabulary import SCENES
-import json
-
+from grounded_diffusion.data.shapes_world import shape_mask
 from grounded_diffusion.data.voc import VOCFolder, write_voc_folder
+from grounded_diffusion.data.vocabulary import SCENES
 
 HUES = {name: i / len(SCENES) for i, name in enumerate(SCENES)}
-
-
-def shape_mask(name: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    """Boolean mask of one shape centred at (cx, cy) with radius r (pixels)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = x - cx, y - cy
-    c, s = np.cos(angle), np.sin(angle)
-    u, v = c * dx + s * dy, -s * dx + c * dy  # rotated coordinates
-    rho, theta = np.hypot(dx, dy), np.arctan2(v, u)
-    if name == "disc":
-        return rho <= r
-    if name == "square":
-        return np.maximum(abs(u), abs(v)) <= 0.75 * r
-    if name == "triangle":
-        return (v <= 0.5 * r) & (np.sqrt(3) * u - v <= r) & (-np.sqrt(3) * u - v <= r)
-    if name == "ring":
-        return (rho <= r) & (rho >= 0.55 * r)
-    if name == "cross":
-        return ((abs(u) <= 0.28 * r) & (abs(v) <= r)) | ((abs(v) <= 0.28 * r) & (abs(u) <= r))
-    if name == "star":
-        return rho <= r * (0.55 + 0.45 * np.cos(5 * theta)) ** 1.2
-    if name == "diamond":
-        return abs(u) / 0.7 + abs(v) <= r
-    if name == "bar":
-        return (abs(u) <= r) & (abs(v) <= 0.3 * r)
-    raise ValueError(f"No shape for class '{name}'; classes: {SCENES}")
 
 
 def render_scene(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
