@@ -12,10 +12,8 @@ from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES
 from grounded_diffusion.data.vocabulary import resolve_vocabulary
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
-from grounded_diffusion.models.segmenters import DeepLabV3, MaskFormer, Segmenter
+from grounded_diffusion.models.segmenters import ARCHITECTURES, Segmenter, build_segmenter, save_segmenter
 from grounded_diffusion.quiet import quiet_known_noise
-
-ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3")
 
 
 class SemanticSegmentationModule(LightningModule):
@@ -25,11 +23,13 @@ class SemanticSegmentationModule(LightningModule):
             segmenter predicts; must be the datamodule's.
         background: ``ignore`` (no background class: the ZS3 convention on VOC) or ``class``
             (background is class 0); must be the datamodule's.
-        architecture: ``maskformer`` (the paper's), ``mask2former`` (both from transformers) or
-            ``deeplabv3`` (torchvision, lighter).
+        architecture: ``maskformer`` (the paper's), ``mask2former`` (both from transformers),
+            ``deeplabv3`` (torchvision, lighter) or ``lraspp`` (torchvision's LR-ASPP, from
+            scratch: the shapes world's oracle).
         backbone: MaskFormer/Mask2Former: a transformers checkpoint (``microsoft/resnet-101``,
             the paper's) or ``null`` for a tiny random one (offline); DeepLabV3: ``resnet50``,
-            ``resnet101`` or ``mobilenet_v3_large`` (also what ``null`` means).
+            ``resnet101`` or ``mobilenet_v3_large`` (also what ``null`` means); LR-ASPP:
+            ``mobilenet_v3_small`` (``null``) or ``mobilenet_v3_large``.
         pretrained_backbone: start from the backbone's ImageNet weights.
         num_queries: MaskFormer/Mask2Former queries.
         lr / weight_decay: AdamW (paper: 1e-4 / 1e-4).
@@ -59,11 +59,7 @@ class SemanticSegmentationModule(LightningModule):
 
     def configure_models(self) -> None:
         h = self.hparams
-        if h.architecture == "deeplabv3":
-            weights = "DEFAULT" if h.pretrained_backbone else None
-            self.segmenter: Segmenter = DeepLabV3(self.num_classes, h.backbone or "mobilenet_v3_large", weights)
-        else:
-            self.segmenter = MaskFormer(self.num_classes, h.architecture, h.backbone, h.pretrained_backbone, h.num_queries)
+        self.segmenter: Segmenter = build_segmenter(h.architecture, self.num_classes, h.backbone, h.pretrained_backbone, h.num_queries)
 
     def setup(self, stage: str) -> None:
         quiet_known_noise(evaluating=stage != "fit")
@@ -126,6 +122,15 @@ class SemanticSegmentationModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._summarise("test", self.test_iou)
+
+    def export(self, folder: str) -> None:
+        """The trained segmenter alone (config.json + model.safetensors): what
+        ``SegmenterOracle`` loads."""
+        h = self.hparams
+        save_segmenter(
+            self.segmenter, folder, architecture=h.architecture, backbone=h.backbone, num_queries=h.num_queries,
+            num_classes=self.num_classes, classes=list(self.classes), background=h.background,
+        )  # fmt: skip
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

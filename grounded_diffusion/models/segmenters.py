@@ -9,6 +9,9 @@ class, see ``SegmentationDataModule.background``) and
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -47,7 +50,18 @@ class Segmenter(nn.Module):
         raise NotImplementedError
 
 
-class DeepLabV3(Segmenter):
+class PixelClassifier(Segmenter):
+    """A segmenter that classifies each pixel (DeepLabV3, LR-ASPP): trained with cross-entropy."""
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over labelled pixels; 0 for a batch with none (with background
+        ignored, an image may hold no class at all), where the plain mean would be NaN."""
+        labels = labels.long()
+        total = F.cross_entropy(self.scores(images), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class DeepLabV3(PixelClassifier):
     """torchvision's DeepLabV3, the light option.
 
     Args:
@@ -75,12 +89,33 @@ class DeepLabV3(Segmenter):
     def scores(self, images: Tensor) -> Tensor:
         return self.model(self.normalise(images))["out"]
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over labelled pixels; 0 for a batch with none (with background
-        ignored, an image may hold no class at all), where the plain mean would be NaN."""
-        labels = labels.long()
-        total = F.cross_entropy(self.scores(images), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+class LRASPP(PixelClassifier):
+    """torchvision's LR-ASPP on a MobileNetV3 (``mobilenet_v3_small`` or ``_large``), trained from
+    scratch: the shapes world's oracle, light enough to train on a CPU in minutes.
+
+    Args:
+        num_classes: classes, background included when it is a class.
+        backbone: ``mobilenet_v3_small`` or ``mobilenet_v3_large``.
+        input_scale: images are resized by this factor before the network (its features are at
+            1/8 of its input) and its scores back to the input size: small images keep sharp edges.
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", input_scale: float = 2.0) -> None:
+        super().__init__()
+        from torchvision.models.segmentation.lraspp import _lraspp_mobilenetv3  # torchvision's own builder
+
+        if backbone not in ("mobilenet_v3_small", "mobilenet_v3_large"):
+            raise ConfigError(f"backbone '{backbone}' is not one of mobilenet_v3_small, mobilenet_v3_large")
+        self.model = _lraspp_mobilenetv3(torchvision.models.get_model(backbone, weights=None, dilated=True), num_classes)
+        self.input_scale = input_scale
+
+    def scores(self, images: Tensor) -> Tensor:
+        size = images.shape[-2:]
+        if self.input_scale != 1:
+            images = F.interpolate(images, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
+        scores = self.model(self.normalise(images))["out"]
+        return F.interpolate(scores, size=size, mode="bilinear", align_corners=False) if self.input_scale != 1 else scores
 
 
 class MaskFormer(Segmenter):
@@ -179,3 +214,46 @@ def instance_targets(labels: Tensor, num_classes: int) -> tuple[list[Tensor], li
     present = one_hot.flatten(1, 2).any(1)  # [B, K]
     masks = one_hot.permute(0, 3, 1, 2).float()
     return [m[p] for m, p in zip(masks, present)], [p.nonzero()[:, 0] for p in present]
+
+
+ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3", "lraspp")
+
+
+def build_segmenter(
+    architecture: str, num_classes: int, backbone: str | None = None, pretrained_backbone: bool = False, num_queries: int = 100
+) -> Segmenter:
+    """The segmenter of ``architecture`` (see ``SemanticSegmentationModule`` for the arguments)."""
+    if architecture == "deeplabv3":
+        return DeepLabV3(num_classes, backbone or "mobilenet_v3_large", "DEFAULT" if pretrained_backbone else None)
+    if architecture == "lraspp":
+        if pretrained_backbone:
+            raise ConfigError("architecture lraspp trains from scratch: set model.init_args.pretrained_backbone: false")
+        return LRASPP(num_classes, backbone or "mobilenet_v3_small")
+    if architecture in ("maskformer", "mask2former"):
+        return MaskFormer(num_classes, architecture, backbone, pretrained_backbone, num_queries)
+    raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
+
+
+def save_segmenter(segmenter: Segmenter, folder: str | Path, **config) -> None:
+    """``config.json`` (what ``build_segmenter`` takes, plus anything given) and the weights as
+    ``model.safetensors`` in float16 (half the size; ``load_segmenter`` casts back)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in segmenter.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_segmenter(folder: str | Path) -> tuple[Segmenter, dict]:
+    """A segmenter saved by ``save_segmenter`` (no pickle: JSON and safetensors) and its config."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    segmenter = build_segmenter(config["architecture"], config["num_classes"], config.get("backbone"), False, config.get("num_queries", 100))
+    reference = segmenter.state_dict()
+    state = {k: v.to(reference[k].dtype) for k, v in load_file(folder / "model.safetensors").items()}
+    segmenter.load_state_dict(state)
+    return segmenter.eval(), config

@@ -1,0 +1,55 @@
+"""The shapes world's Stable Diffusion: SD-1.x's layout at a size a 2-core CPU trains in an hour.
+
+The architecture (built here, from config) is tiny-sd's UNet and CLIP text encoder over the real
+BPE vocabulary, with a 3-level VAE (4x downsampling: 64 px images, 16x16x4 latents). The weights
+are trained by the project (``make world``: lightning_modules/autoencoder.py, then
+lightning_modules/text_to_image.py) and ship in diffusers format under
+``grounded_diffusion/weights/``, loaded through ``from_pretrained`` like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from grounded_diffusion.models.tiny_sd import tiny_clip_config
+
+SHAPES_SD_ID = "embedded/shapes-sd"
+SHAPES_ORACLE_ID = "embedded/shapes-oracle"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+# Embedded ids of the trained models -> their folders in the package.
+EMBEDDED_WEIGHTS = {SHAPES_SD_ID: WEIGHTS_DIR / "shapes-sd", SHAPES_ORACLE_ID: WEIGHTS_DIR / "shapes-oracle"}
+RETRAIN_COMMAND = "make world"
+
+
+def shapes_vae() -> AutoencoderKL:
+    """SD's VAE blocks, 3 levels (4x downsampling), narrow: flat-coloured shapes need little."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def shapes_unet() -> UNet2DConditionModel:
+    """SD-1.x's UNet layout (4 levels, 2 layers each: the authors' 25 block outputs)."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def shapes_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(tiny_clip_config(64))
