@@ -4,9 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := $(PY) -m grounded_diffusion
-SCENES := --config experiments/scenes.yaml
+SHAPES := --config experiments/shapes.yaml
+WORLD := outputs/world
+WEIGHTS := grounded_diffusion/weights
 
-.PHONY: quickstart test smoke install clean
+.PHONY: quickstart scenes world test smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +22,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded offline default: procedural scenes -> triplet cache -> fit -> test.
+# Protocol I in miniature on the embedded default, the shapes world: its trained Stable Diffusion
+# and oracle synthesise the triplets (seen categories) and the five test groups -> fit -> test vs DAAM.
 quickstart: $(STAMP)
-	$(RUN) predict $(SCENES)
-	$(RUN) fit $(SCENES)
-	$(RUN) test $(SCENES) --ckpt_path last --verbose false
+	$(RUN) predict $(SHAPES)
+	$(RUN) fit $(SHAPES)
+	$(RUN) test $(SHAPES) --ckpt_path last --verbose false
+
+# The real-image path (paper §4.1) on procedural scenes with exact masks, tiny random SD.
+scenes: $(STAMP)
+	$(RUN) predict --config experiments/scenes.yaml
+	$(RUN) fit --config experiments/scenes.yaml
+	$(RUN) test --config experiments/scenes.yaml --ckpt_path last --verbose false
+
+# Retrain the shapes world's models that ship in grounded_diffusion/weights/ (VAE, then the
+# text-to-image UNet + text encoder, then the oracle), then measure them.
+world: $(STAMP)
+	$(RUN) fit --config experiments/world/autoencoder.yaml
+	$(RUN) fit --config experiments/world/text_to_image.yaml
+	$(RUN) fit --config experiments/world/oracle.yaml
+	$(RUN) test --config experiments/world/oracle.yaml --ckpt_path last --verbose false
+	rm -rf $(WEIGHTS)/shapes-sd $(WEIGHTS)/shapes-oracle
+	cp -r $(WORLD)/text_to_image/pipeline $(WEIGHTS)/shapes-sd
+	cp -r $(WORLD)/oracle/segmenter $(WEIGHTS)/shapes-oracle
+	$(PY) -m grounded_diffusion.world --per-group 50
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.models.daam import DAAMTracer
+from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND
 from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +51,8 @@ class BackboneConfig:
     Args:
         model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
             ``stabilityai/stable-diffusion-2-1``, ``stabilityai/stable-diffusion-xl-base-1.0``), a
-            local folder in diffusers format, or an offline tiny model: ``embedded/tiny-sd``
+            local folder in diffusers format, the shapes world's trained tiny SD-1.x
+            (``embedded/shapes-sd``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
             (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
         blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x).
@@ -124,6 +126,10 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
     pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
     source = str(ensure_tiny_stable_diffusion(model_id)) if model_id in TINY_BUILDERS else model_id
+    if model_id in EMBEDDED_WEIGHTS:
+        source = str(EMBEDDED_WEIGHTS[model_id])
+        if not (Path(source) / "model_index.json").is_file():
+            raise MissingWeightsError(f"The weights of '{model_id}' are missing from {source}; retrain them with `{RETRAIN_COMMAND}`.")
     if looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise MissingWeightsError(
             f"model_id '{model_id}' is a local folder that does not exist ({Path(source).expanduser().resolve()}); "

@@ -2,13 +2,15 @@
 
 An oracle is an ``nn.Module`` with ``labels`` (the names it can segment, checked at config time)
 and ``forward(images, categories) -> (masks, scores)``. ``MaskRCNNOracle`` is torchvision's COCO
-Mask R-CNN, as in the paper; any other segmenter can take its place through the same interface.
+Mask R-CNN, as in the paper; ``SegmenterOracle`` a semantic segmenter (the shapes world's own).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torchvision
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
 from grounded_diffusion.errors import ConfigError, torchvision_weights_file
 from grounded_diffusion.models.backbone import MissingWeightsError
+from grounded_diffusion.models.segmenters import load_segmenter
+from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND, SHAPES_ORACLE_ID
 
 INSTANCE_MODES = ("union", "top1")
 
@@ -156,3 +160,70 @@ class MaskRCNNOracle(Oracle):
                 masks[b, o] = instance_masks.any(0)
                 scores[b, o] = instance_scores.max()
         return masks, scores
+
+
+class SegmenterOracle(Oracle):
+    """A semantic segmenter as oracle: a category's mask is where the segmenter's most likely
+    class is that category; its score, the mean probability of the class over that mask (0 and
+    an empty mask where no pixel takes the class: not found).
+
+    The shapes world's oracle (``embedded/shapes-oracle``) is an LR-ASPP trained on rendered
+    scenes with exact masks (``make world``); any folder that
+    ``SemanticSegmentationModule.export`` wrote (with ``background: class``) works too.
+
+    Args:
+        weights: ``embedded/shapes-oracle`` or such a folder.
+        min_pixels: a category covering fewer pixels than this counts as not found.
+    """
+
+    def __init__(self, weights: str = SHAPES_ORACLE_ID, min_pixels: int = 8) -> None:
+        super().__init__()
+        self.weights_name, self.min_pixels = weights, min_pixels
+        self.folder = EMBEDDED_WEIGHTS.get(weights, Path(weights))
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            retrain = f" Retrain it with `{RETRAIN_COMMAND}`." if weights in EMBEDDED_WEIGHTS else ""
+            raise MissingWeightsError(
+                f"The oracle's weights '{weights}' are missing ({config_file} does not exist); give a folder written by "
+                f"SemanticSegmentationModule.export (experiments/world/oracle.yaml).{retrain}"
+            )
+        config = json.loads(config_file.read_text())
+        if config.get("background") != "class":
+            raise ConfigError(f"The oracle segmenter in {self.folder} was trained with background '{config.get('background')}'; an oracle needs background: class")
+        self._labels = list(config["classes"])
+        self.segmenter = None
+        self.requires_grad_(False)
+
+    def build(self) -> None:
+        if self.segmenter is None:
+            self.segmenter = load_segmenter(self.folder)[0].requires_grad_(False)
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return self._labels
+
+    def label_of(self, category: str) -> str:
+        return category
+
+    def describe(self) -> dict:
+        return {"oracle": type(self).__name__, "weights": self.weights_name, "min_pixels": self.min_pixels}
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, categories: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        if self.segmenter is None:
+            self.build()
+            self.segmenter.to(images.device)
+        probs = self.segmenter.scores(images.float() / 255).softmax(1)  # [B, 1 + K, H, W]
+        best = probs.argmax(1)
+        slots = max(len(c) for c in categories)
+        # class index of each slot (1 + position in the class list); -1 for empty slots
+        index = torch.tensor(
+            [[self._labels.index(n) + 1 for n in names] + [-1] * (slots - len(names)) for names in categories],
+            device=images.device,
+        )  # fmt: skip
+        masks = best[:, None] == index[:, :, None, None]
+        area = masks.flatten(2).sum(-1)
+        class_probs = probs.gather(1, index.clamp(min=0)[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))
+        scores = (class_probs * masks).flatten(2).sum(-1) / area.clamp(min=1)
+        found = area >= self.min_pixels
+        return masks & found[:, :, None, None], scores * found
