@@ -14,7 +14,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from grounded_diffusion.models.tiny_sd import tiny_clip_config
+from grounded_diffusion.models.tiny_sd import tiny_clip_config, tiny_sd1_unet
 
 SHAPES_SD_ID = "embedded/shapes-sd"
 SHAPES_ORACLE_ID = "embedded/shapes-oracle"
@@ -38,17 +38,8 @@ def shapes_vae() -> AutoencoderKL:
 
 
 def shapes_unet() -> UNet2DConditionModel:
-    """SD-1.x's UNet layout (4 levels, 2 layers each: the authors' 25 block outputs)."""
-    return UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    """tiny-sd's UNet (SD-1.x's layout: the authors' 25 block outputs) on 16x16 latents."""
+    return tiny_sd1_unet(sample_size=16)
 
 
 def shapes_text_encoder() -> CLIPTextModel:

@@ -46,8 +46,13 @@ def default_cache_root() -> Path:
 def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     """Build the tiny SD-1.x pipeline in memory (weights depend only on ``seed``)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
+    return assemble_pipeline(tiny_sd1_unet(sample_size=16), tiny_vae(sample_size=128), CLIPTextModel(tiny_clip_config(64)))
+
+
+def tiny_sd1_unet(sample_size: int) -> UNet2DConditionModel:
+    """SD-1.x's UNet layout (4 levels, 2 layers each: the authors' 25 block outputs), narrow."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -56,8 +61,6 @@ def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = tiny_vae(sample_size=128)
-    return assemble_pipeline(unet, vae, CLIPTextModel(tiny_clip_config(64)))
 
 
 def build_tiny_sd2(seed: int = 0) -> StableDiffusionPipeline:
