@@ -1,0 +1,74 @@
+"""The shapes world's shipped models and Protocol I in miniature on them: they load through
+``from_pretrained``, the text-to-image model draws what its prompts name as often as the README
+says, the oracle segments held-out rendered scenes as well as the README says, and a CI-sized
+Protocol I run clears stated bars on seen and on unseen categories."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from conftest import REPO, run_cli
+from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.models.oracle import SegmenterOracle
+
+# The README's figures (`make world`), and how far a run on another machine may fall below them.
+ORACLE_MIOU, ORACLE_TOLERANCE = 93.4, 2.0  # % over the 20 categories, 200 scenes of seed 3
+FOUND_RATE, FOUND_TOLERANCE = 0.575, 0.15  # fraction of 40 images (8 per group), prompt seed 1
+
+
+def test_the_oracle_segments_held_out_rendered_scenes():
+    oracle = SegmenterOracle()
+    oracle.build()
+    scenes = [render_shapes_scene(i, seed=3) for i in range(200)]
+    images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(np.stack([s[1] for s in scenes])).long()
+    with torch.no_grad():
+        predicted = torch.cat([oracle.segmenter.scores(images[i : i + 50].float() / 255).argmax(1) for i in range(0, 200, 50)])
+    iou = MulticlassJaccardIndex(num_classes=len(SHAPES_WORLD) + 1, average="none")(predicted, labels)
+    assert 100 * iou[1:].mean().item() >= ORACLE_MIOU - ORACLE_TOLERANCE
+
+
+def test_the_shipped_model_draws_the_named_objects_at_the_documented_rate():
+    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.world import found_rates
+
+    pipe = load_pipeline("embedded/shapes-sd", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    rates = found_rates(pipe, SegmenterOracle(), CategorySplit.named("shapes", 1), per_group=8, seed=1, progress=False)
+    assert np.mean(list(rates.values())) >= FOUND_RATE - FOUND_TOLERANCE
+
+
+# A CI-sized Protocol I run on the shipped models (experiments/shapes.yaml, fewer samples and
+# steps): the bars it must clear, in mIoU points, on seen and on unseen categories.
+SEEN_MARGIN_OVER_DAAM, UNSEEN_MARGIN_OVER_FOREGROUND = 30.0, 20.0  # measured: 50.7, 39.0
+CI_COUNTS = "{train: {one_seen: 80, two_seen: 80}, val: {one_seen: 8, two_seen: 8}, test: {one_seen: 16, one_unseen: 16, two_seen: 16, two_seen_unseen: 16, two_unseen: 16}}"
+
+
+@pytest.fixture(scope="module")
+def protocol1_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    args = [
+        "--config", str(REPO / "experiments" / "shapes.yaml"),
+        "--data.init_args.source.init_args.counts", CI_COUNTS,
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "400",
+        "--trainer.val_check_interval", "200",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false",
+    ]  # fmt: skip
+    run_cli(["predict", *args])
+    run_cli(["fit", *args])
+    run_cli(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
+    return json.loads((root / "report" / "metrics.json").read_text())
+
+
+def test_protocol1_in_miniature_beats_daam_on_seen_and_all_foreground_on_unseen(protocol1_run):
+    ours, baselines = protocol1_run, protocol1_run["baselines"]
+    assert ours["seen_miou"] >= baselines["daam"]["seen_miou"] + SEEN_MARGIN_OVER_DAAM
+    assert ours["unseen_miou"] >= baselines["all_foreground"]["unseen_miou"] + UNSEEN_MARGIN_OVER_FOREGROUND
