@@ -104,6 +104,17 @@ def test_deeplab_segmenter_step_on_cuda():
         assert on_cuda(loss) and on_cuda(segmenter.scores(images.float() / 255))
 
 
+def test_segmenter_oracle_labels_on_cuda():
+    from grounded_diffusion.models.oracle import SegmenterOracle
+
+    oracle = SegmenterOracle()  # the shipped shapes-world oracle
+    oracle.build()
+    with fake_cuda(oracle):
+        images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA)
+        masks, scores = oracle(images, [["red circle"], ["blue ring", "green cross"]])
+        assert on_cuda(masks) and on_cuda(scores) and masks.shape == (2, 2, 64, 64)
+
+
 def test_evaluation_metrics_update_on_cuda():
     """Metric updates use no boolean indexing and no int(): they stay on the device."""
     from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, SemanticIoU
