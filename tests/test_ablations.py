@@ -63,3 +63,14 @@ def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
     assert "| False | 0.00 |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     launch.main([str(grid), "--config", str(small), "--out", str(out)])  # finished values are kept
+
+
+def test_the_shapes_seen_count_grid_runs_nested_splits_of_the_world():
+    from grounded_diffusion.data.vocabulary import CategorySplit
+
+    spec = launch.load_grid(REPO / "experiments" / "ablations" / "shapes_seen_counts.grid.yaml")
+    assert spec["parameter"] == "data.init_args.split"
+    splits = [CategorySplit.named("shapes", value) for value in spec["values"]]
+    assert [len(s.seen) for s in splits] == [launch.numeric(v) for v in spec["values"]] == [5, 10, 15]
+    assert all(set(a.seen) < set(b.seen) for a, b in zip(splits, splits[1:]))
+    assert set(splits[-1].unseen) == set(CategorySplit.named("shapes", 1).unseen)  # 15 seen: split 1, the quickstart's
