@@ -382,3 +382,15 @@ def test_deeplabv3_loss_is_the_mean_over_labelled_pixels_and_zero_without_any():
     torch.testing.assert_close(segmenter.loss(images, labels), expected)
     nothing = segmenter.loss(images, torch.full((2, 32, 32), 255))
     assert nothing.item() == 0 and nothing.requires_grad
+
+
+def test_inline_prompts_replace_the_file_and_a_null_file_override_names_the_fix(capsys):
+    inline = '{class_path: PromptList, init_args: {file: null, prompts: [{prompt: "a photograph of a dog", categories: [dog]}]}}'
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", GENERATE, "--config", OFFLINE, "--data.init_args.prompts", inline, "--print_config"])
+    printed = capsys.readouterr().out
+    assert "file: null" in printed and "a photograph of a dog" in printed
+    # jsonargparse turns this override into the string "None": the error says what to write instead.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", GENERATE, "--config", OFFLINE, "--data.init_args.prompts.init_args.file", "null"])
+    assert "set the whole PromptList" in str(exit_info.value.code)

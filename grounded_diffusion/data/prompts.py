@@ -221,6 +221,12 @@ class ListedPrompts(Dataset):
 def read_prompt_file(file: str) -> list[dict]:
     """Lines ``prompt | category, category`` (blank lines and ``#`` comments skipped)."""
     path = Path(file)
+    if file == "None" and not path.is_file():
+        # jsonargparse (4.53) parses `--data.init_args.prompts.init_args.file null` as the string "None".
+        raise ConfigError(
+            "Prompt file 'None': to give prompts without a file, set the whole PromptList: --data.init_args.prompts "
+            "'{class_path: PromptList, init_args: {file: null, prompts: [{prompt: ..., categories: [...]}]}}'"
+        )
     if not path.is_file():
         raise ConfigError(f"Prompt file '{path}' does not exist")
     entries = []
