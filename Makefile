@@ -7,8 +7,10 @@ RUN := $(PY) -m grounded_diffusion
 SHAPES := --config experiments/shapes.yaml
 WORLD := outputs/world
 WEIGHTS := grounded_diffusion/weights
+P2 := experiments/protocol2
+HEAD := outputs/shapes/checkpoints/last.ckpt
 
-.PHONY: quickstart scenes world test smoke install clean
+.PHONY: quickstart protocol2 scenes world test smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,23 @@ quickstart: $(STAMP)
 	$(RUN) predict $(SHAPES)
 	$(RUN) fit $(SHAPES)
 	$(RUN) test $(SHAPES) --ckpt_path last --verbose false
+
+# Protocol II in miniature (Tab. 2), after `make quickstart`, whose head labels the synthetic set:
+# grounded generation over all 20 categories -> a segmenter trained on it (and the rows with real
+# scenes) -> zero-shot mIoU on rendered "real" scenes.
+define SEGMENTER_ROW
+	$(RUN) fit --config $(P2)/shapes_segmenter.yaml $(1)
+	$(RUN) test --config $(P2)/shapes_segmenter.yaml $(1) --ckpt_path last --verbose false
+endef
+protocol2: $(STAMP)
+	@test -f $(HEAD) || { echo "error: no $(HEAD); run make quickstart first (its head labels the synthetic set)"; exit 1; }
+	$(RUN) predict --config $(P2)/shapes_build.yaml --ckpt_path $(HEAD)
+	$(call SEGMENTER_ROW,--config $(P2)/shapes_real_seen.yaml)
+	$(call SEGMENTER_ROW,)
+	$(call SEGMENTER_ROW,--config $(P2)/shapes_with_real_seen.yaml)
+	$(call SEGMENTER_ROW,--config $(P2)/shapes_real_all.yaml)
+	$(PY) -m grounded_diffusion.reports --table 2 --out outputs/protocol2/shapes_table2 \
+	  $(foreach run,real_seen synthetic with_real_seen real_all,outputs/protocol2/shapes_$(run)_lraspp/zs3/report.json)
 
 # The real-image path (paper §4.1) on procedural scenes with exact masks, tiny random SD.
 scenes: $(STAMP)

@@ -28,13 +28,17 @@ class ZS3Report(Callback):
         datamodule, results = trainer.datamodule, pl_module.results["test"]
         trained_on = datamodule.training_sets()
         synthetic = [t.removeprefix("synthetic ").strip("()") for t in trained_on if t.startswith("synthetic")]
+        # Real images (in the shapes world: rendered scenes) of seen classes only, or of all classes.
+        real = [t for t in trained_on if not t.startswith("synthetic")]
         split = datamodule.category_split
         row = {
             "name": self.name or self.out_dir.parent.name,
             "vocabulary": vocabulary_label(datamodule.vocabulary),
             "architecture": pl_module.hparams.architecture,
             "trained_on": trained_on,
-            "real_seen": any(t.startswith("real") for t in trained_on),
+            "real_seen": any(t.endswith("(seen only)") for t in real),
+            "real_all": any(not t.endswith("(seen only)") for t in real),
+            "background": pl_module.hparams.background,
             "synthetic": ", ".join(synthetic),
             "num_seen": len(split.seen),
             "num_unseen": len(split.unseen),

@@ -89,7 +89,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-DATASETS = {"pascal": "PASCAL VOC", "coco": "COCO"}
+DATASETS = {"pascal": "PASCAL VOC", "coco": "COCO", "shapes": "shapes world"}
 
 
 def table2(rows: list[dict]) -> dict:
@@ -100,6 +100,13 @@ def table2(rows: list[dict]) -> dict:
     return {"table": 2, "datasets": datasets}
 
 
+def real_cell(row: dict, num_classes: int) -> str:
+    """Tab. 2's real-images column: ✓ (seen classes only), all N (fully supervised) or ✗."""
+    if row.get("real_all"):
+        return f"all {num_classes}"
+    return "✓" if row["real_seen"] else "✗"
+
+
 def table2_markdown(report: dict) -> str:
     lines = ["# Protocol II: zero-shot segmentation of real images (paper Tab. 2)", ""]
     for dataset, rows in report["datasets"].items():
@@ -107,11 +114,12 @@ def table2_markdown(report: dict) -> str:
         seen, unseen = first["num_seen"], first["num_unseen"]
         columns = ["run", "segmenter", f"Real / {seen}", f"Synthetic / {seen}+{unseen} (# objects)", "seen", "unseen", "harmonic"]
         cells = [
-            [r["name"], r["architecture"], "✓" if r["real_seen"] else "✗", r["synthetic"] or "✗",
+            [r["name"], r["architecture"], real_cell(r, seen + unseen), r["synthetic"] or "✗",
              r["seen_miou"], r["unseen_miou"], r["harmonic_miou"]]
             for r in rows
         ]  # fmt: skip
-        lines += [f"## {dataset} (mIoU %, background counted as seen; unseen: {', '.join(first['unseen'])})", ""]
+        background = "background ignored" if first.get("background") == "ignore" else "background counted as seen"
+        lines += [f"## {dataset} (mIoU %, {background}; unseen: {', '.join(first['unseen'])})", ""]
         lines += [markdown_table(columns, cells), ""]
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ ABLATIONS = REPO / "experiments" / "ablations"
 BACKBONES = REPO / "experiments" / "backbones"  # overlays too
 PROTOCOL2 = REPO / "experiments" / "protocol2"
 # Overlays go after an experiment; every other YAML is a complete experiment.
-P2_OVERLAYS = {"zs3_split", "with_real_seen", "with_real_seen_coco", "deeplabv3", "offline"}
+P2_OVERLAYS = {"zs3_split", "with_real_seen", "with_real_seen_coco", "deeplabv3", "offline", "shapes_with_real_seen", "shapes_real_seen", "shapes_real_all"}
 EXPERIMENTS = sorted(
     str(p.relative_to(REPO))
     for p in (REPO / "experiments").rglob("*.yaml")
@@ -26,7 +26,7 @@ EXPERIMENTS = sorted(
 def offline_overlay(config: str) -> str | None:
     """Segmenter experiments have their own offline overlay; the shapes world's models train
     offline already (none); everything else takes offline.yaml."""
-    if config.startswith("experiments/world/"):
+    if config.startswith(("experiments/world/", "experiments/protocol2/shapes_")):
         return None
     segmenter = config.endswith("_maskformer.yaml") or config == "experiments/protocol2/own_data.yaml"
     return "experiments/protocol2/offline.yaml" if segmenter else "experiments/offline.yaml"
@@ -61,14 +61,17 @@ def test_ablation_overlays_parse_after_an_experiment(overlay, capsys):
 @pytest.mark.parametrize(
     "base, overlay",
     [("pascal_split1.yaml", "zs3_split"), ("synth/pascal_split1_train.yaml", "zs3_split"), ("protocol2/pascal_maskformer.yaml", "with_real_seen"),
-     ("protocol2/coco_maskformer.yaml", "with_real_seen_coco"), ("protocol2/pascal_maskformer.yaml", "deeplabv3")],
+     ("protocol2/coco_maskformer.yaml", "with_real_seen_coco"), ("protocol2/pascal_maskformer.yaml", "deeplabv3"),
+     ("protocol2/shapes_segmenter.yaml", "shapes_with_real_seen"), ("protocol2/shapes_segmenter.yaml", "shapes_real_seen"),
+     ("protocol2/shapes_segmenter.yaml", "shapes_real_all")],
 )  # fmt: skip
 def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "experiments" / base), "--config", str(PROTOCOL2 / f"{overlay}.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
     printed = capsys.readouterr().out
-    assert {"zs3_split": "split: zs3", "deeplabv3": "architecture: deeplabv3"}.get(overlay, "seen_only: true") in printed
+    expected = {"zs3_split": "split: zs3", "deeplabv3": "architecture: deeplabv3", "shapes_real_all": "seen_only: false"}
+    assert expected.get(overlay, "seen_only: true") in printed
 
 
 @pytest.mark.parametrize("overlay", ["sd2", "sdxl"])

@@ -1,11 +1,13 @@
-"""The shapes world's shipped models and Protocol I in miniature on them: they load through
-``from_pretrained``, the text-to-image model draws what its prompts name as often as the README
-says, the oracle segments held-out rendered scenes as well as the README says, and a CI-sized
-Protocol I run clears stated bars on seen and on unseen categories."""
+"""The shapes world's shipped models and Protocols I and II in miniature on them: they load
+through ``from_pretrained``, the text-to-image model draws what its prompts name as often as the
+README says, the oracle segments held-out rendered scenes as well as the README says, a CI-sized
+Protocol I run clears stated bars on seen and on unseen categories, and a segmenter trained only on
+what its head labelled segments unseen categories of rendered scenes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from conftest import REPO, run_cli
 from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.oracle import SegmenterOracle
+
+PROTOCOL2 = REPO / "experiments" / "protocol2"
 
 # The README's figures (`make world`), and how far a run on another machine may fall below them.
 ORACLE_MIOU, ORACLE_TOLERANCE = 93.4, 2.0  # % over the 20 categories, 200 scenes of seed 3
@@ -51,7 +55,8 @@ CI_COUNTS = "{train: {one_seen: 80, two_seen: 80}, val: {one_seen: 8, two_seen: 
 
 
 @pytest.fixture(scope="module")
-def protocol1_run(tmp_path_factory):
+def protocol1_run(tmp_path_factory) -> Path:
+    """The run folder: checkpoints/last.ckpt (the head) and report/metrics.json."""
     root = tmp_path_factory.mktemp("shapes")
     args = [
         "--config", str(REPO / "experiments" / "shapes.yaml"),
@@ -65,10 +70,41 @@ def protocol1_run(tmp_path_factory):
     run_cli(["predict", *args])
     run_cli(["fit", *args])
     run_cli(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
-    return json.loads((root / "report" / "metrics.json").read_text())
+    return root
 
 
 def test_protocol1_in_miniature_beats_daam_on_seen_and_all_foreground_on_unseen(protocol1_run):
-    ours, baselines = protocol1_run, protocol1_run["baselines"]
+    ours = json.loads((protocol1_run / "report" / "metrics.json").read_text())
+    baselines = ours["baselines"]
     assert ours["seen_miou"] >= baselines["daam"]["seen_miou"] + SEEN_MARGIN_OVER_DAAM
     assert ours["unseen_miou"] >= baselines["all_foreground"]["unseen_miou"] + UNSEEN_MARGIN_OVER_FOREGROUND
+
+
+# A CI-sized Protocol II run (experiments/protocol2/shapes_*.yaml, fewer images and steps): the
+# CI head labels a synthetic set over all 20 categories, a segmenter learns from it alone, and
+# must segment rendered scenes, the 5 unseen categories as the seen ones, at least this well (mIoU %); one trained
+# on real scenes of the seen categories scores 0 on them (README). 128 images and 500 steps are far
+# from `make protocol2`'s 1,000 and 1,000 (36.7 / 40.4), hence the low bar.
+P2_MIOU_BAR = 7.0  # measured: seen 14.7, unseen 13.9
+
+
+def test_protocol2_in_miniature_segments_unseen_categories_of_rendered_scenes(protocol1_run, tmp_path):
+    synthetic, segmenter = tmp_path / "synthetic", tmp_path / "segmenter"
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    run_cli([
+        "predict", "--config", str(PROTOCOL2 / "shapes_build.yaml"), "--ckpt_path", str(protocol1_run / "checkpoints" / "last.ckpt"),
+        "--data.init_args.prompts.init_args.counts", "{train: {one_seen: 64, two_seen: 64}}",
+        "--trainer.default_root_dir", str(synthetic), *quiet,
+    ])  # fmt: skip
+    train = [{"class_path": "grounded_diffusion.data.segmentation_sets.FolderSegmentationSet", "init_args": {"root": str(synthetic)}}]
+    args = [
+        "--config", str(PROTOCOL2 / "shapes_segmenter.yaml"), "--data.init_args.train", json.dumps(train),
+        "--data.init_args.val.init_args.count", "32", "--data.init_args.test.init_args.count", "200",
+        "--data.init_args.batch_size", "8", "--trainer.max_steps", "500", "--trainer.val_check_interval", "500",
+        "--trainer.default_root_dir", str(segmenter), "--trainer.logger", "false", *quiet,
+    ]  # fmt: skip
+    run_cli(["fit", *args])
+    run_cli(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
+    report = json.loads((segmenter / "zs3" / "report.json").read_text())
+    assert report["trained_on"] == ["synthetic (mixture)"] and report["num_unseen"] == 5
+    assert report["seen_miou"] >= P2_MIOU_BAR and report["unseen_miou"] >= P2_MIOU_BAR
