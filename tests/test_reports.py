@@ -38,3 +38,15 @@ def test_old_metrics_without_groups_are_refused(tmp_path):
     path.write_text(json.dumps({"miou": 1.0}))
     with pytest.raises(SystemExit):
         reports.main([str(path), "--out", str(tmp_path / "x")])
+
+
+def test_table2_marks_real_training_data_as_seen_only_or_all_classes():
+    def row(name, real_seen, real_all, synthetic):
+        return {"name": name, "vocabulary": "shapes", "architecture": "lraspp", "real_seen": real_seen, "real_all": real_all,
+                "synthetic": synthetic, "background": "ignore", "num_seen": 15, "num_unseen": 5, "unseen": ["red circle"],
+                "seen_miou": 70.0, "unseen_miou": 0.0, "harmonic_miou": 0.0}  # fmt: skip
+
+    rows = [row("zs3", True, False, ""), row("ours", False, False, "mixture"), row("upper", False, True, "")]
+    text = reports.table2_markdown(reports.table2(rows))
+    assert "## shapes world (mIoU %, background ignored; unseen: red circle)" in text
+    assert "| zs3 | lraspp | ✓ | ✗ |" in text and "| ours | lraspp | ✗ | mixture |" in text and "| upper | lraspp | all 20 | ✗ |" in text
