@@ -6,6 +6,7 @@ guidance branches; the bound uses the bf16 matmul rate measured here).
 
     python benchmarks/gpu_throughput.py                       # SD-1.5 shapes, batch 1 8 16, fp16 and bf16 (a GPU)
     python benchmarks/gpu_throughput.py --tiny --steps 4      # the embedded model: checks the script on a CPU
+    python benchmarks/gpu_throughput.py --compile inductor    # both sides with the UNet under torch.compile
 
 Random weights at SD-1.5's architecture (no weights are downloaded); the oracle is the full-size
 Mask R-CNN with random weights. Prints one table row per (dtype, batch) and the oracle's images/s.
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny model (checks the script on a CPU)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile the UNet (e.g. inductor), "
+                        "shared by the plain pipeline and ours; warm-up calls pay the compilation")  # fmt: skip
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = args.dtypes if device == "cuda" else ["float32"]
@@ -57,7 +60,8 @@ def main() -> None:
     for dtype in dtypes:
         pipeline = None if args.tiny else build_sd15_shaped_stable_diffusion()
         config = BackboneConfig(model_id="embedded/tiny-sd" if args.tiny else "sd15-shaped-random", dtype=dtype,
-                                branches="uncond+cond", num_inference_steps=args.steps, capture_step=min(5, args.steps))  # fmt: skip
+                                branches="uncond+cond", num_inference_steps=args.steps, capture_step=min(5, args.steps),
+                                compile_backend=args.compile)  # fmt: skip
         backbone = StableDiffusionBackbone(config, pipeline=pipeline).to(device)
         oracle = MaskRCNNOracle(weights=None, score_threshold=0.0, detector_kwargs=SMALL_DETECTOR if args.tiny else None).to(device)
         plain = backbone.pipeline()
@@ -84,7 +88,8 @@ def main() -> None:
         del backbone, oracle, plain, pipeline
         synchronize()
 
-    print(f"\n| dtype | batch | plain diffusers (img/s) | ours: synthesis step (img/s) | ours / plain | plain / FLOP bound |")
+    print(f"\nUNet: {'torch.compile, ' + args.compile if args.compile else 'eager'}")
+    print(f"| dtype | batch | plain diffusers (img/s) | ours: synthesis step (img/s) | ours / plain | plain / FLOP bound |")
     print("|---|---|---|---|---|---|")
     for dtype, batch, plain_rate, ours_rate in rows:
         print(f"| {dtype} | {batch} | {plain_rate:.3f} | {ours_rate:.3f} | {ours_rate / plain_rate:.2f} | {plain_rate / bound:.2f} |")

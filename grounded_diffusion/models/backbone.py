@@ -63,6 +63,11 @@ class BackboneConfig:
         num_inference_steps: DDIM steps of the sampling schedule that defines ``capture_step``.
         channels_last: keep the UNet's activations in channels-last memory order, which GPU
             convolutions run faster on (diffusers' own advice); the features are the same.
+        compile_backend: ``torch.compile`` the UNet with this backend (``inductor`` for speed on
+            a GPU; ``aot_eager`` checks it without a compiler); ``None``: eager. The first batch
+            pays the compilation. Feature capture hooks are traced; DAAM tracing swaps attention
+            processors, which recompiles, so compile pays most where DAAM is off (fit with
+            replay, grounded generation).
     """
 
     model_id: str = TINY_SD_ID
@@ -72,10 +77,11 @@ class BackboneConfig:
     capture_step: int = 5
     num_inference_steps: int = 50
     channels_last: bool = False
+    compile_backend: str | None = None
 
     def identity(self) -> dict:
         """The settings the features depend on (what a cache records); speed switches left out."""
-        return {k: v for k, v in asdict(self).items() if k != "channels_last"}
+        return {k: v for k, v in asdict(self).items() if k not in ("channels_last", "compile_backend")}
 
 
 @dataclass
@@ -206,6 +212,11 @@ class StableDiffusionBackbone(nn.Module):
         self.eval()
         if config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        if config.compile_backend is not None:
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if config.compile_backend not in backends:
+                raise ConfigError(f"compile_backend '{config.compile_backend}' is not one of torch.compile's {backends} (null: eager)")
+            self.unet.compile(backend=config.compile_backend)  # in place: hooks and pipelines keep working
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step
         )
