@@ -65,9 +65,8 @@ class BackboneConfig:
             convolutions run faster on (diffusers' own advice); the features are the same.
         compile_backend: ``torch.compile`` the UNet with this backend (``inductor`` for speed on
             a GPU; ``aot_eager`` checks it without a compiler); ``None``: eager. The first batch
-            pays the compilation. Feature capture hooks are traced; DAAM tracing swaps attention
-            processors, which recompiles, so compile pays most where DAAM is off (fit with
-            replay, grounded generation).
+            pays the compilation. Feature capture hooks are traced; turning DAAM tracing on or
+            off (another attention processor class) compiles once more, then graphs are reused.
     """
 
     model_id: str = TINY_SD_ID
