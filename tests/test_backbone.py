@@ -184,12 +184,11 @@ def test_ddim_inversion_runs_for_v_prediction_and_sdxl(other_backbone):
     assert inverted.shape == latents.shape and torch.isfinite(inverted).all()
 
 
-def test_compiled_unet_generates_the_same_images_features_and_daam_maps(backbone):
+def test_compiled_unet_generates_the_same_images_features_and_daam_maps():
     """torch.compile (aot_eager: dynamo's tracing without a compiler, as on a GPU with inductor)
     keeps the feature-capture hooks and DAAM's swapped attention processors working, call after
     call; its cache identity is the eager one's."""
-    config = BackboneConfig(num_inference_steps=4, capture_step=2)
-    eager = StableDiffusionBackbone(config)
+    eager = StableDiffusionBackbone(BackboneConfig(num_inference_steps=4, capture_step=2))
     compiled = StableDiffusionBackbone(BackboneConfig(num_inference_steps=4, capture_step=2, compile_backend="aot_eager"))
     prompts, words = ["a photograph of a dog", "a photograph of a cat and a bus"], [["dog"], ["cat", "bus"]]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
