@@ -46,8 +46,9 @@ def run_stage(name: str, args: list[str], log: Path) -> dict:
     it printed (callbacks.peak_memory)."""
     start = time.perf_counter()
     with open(log, "w") as out:
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (wheels on a GPU machine)
         process = subprocess.Popen([sys.executable, "-m", "grounded_diffusion", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+                                   env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": path})  # fmt: skip
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     text = log.read_text()

@@ -77,7 +77,8 @@ def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step(scene_cache, t
     )
     args = [*fresh_run(scene_cache, root, 100000), "--config", str(config), "--trainer.val_check_interval", "100000"]
     last = root / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The repo first, then whatever the caller put there (a GPU machine set up from wheels).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-m", "grounded_diffusion", "fit", *args], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
