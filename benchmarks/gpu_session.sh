@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Every GPU figure of this project in a few commands, on a GPU machine without network whose
+# Python has torch, torchvision, lightning, transformers and torchmetrics (a PyTorch image).
+#
+#   bash benchmarks/gpu_session.sh wheels            # where pip reaches a registry: what the image
+#                                                    # lacks, as wheels in .whl/ (git-ignored), at
+#                                                    # the versions of this project's .venv
+#   bash benchmarks/gpu_session.sh STAGE [STAGE...]  # on the GPU machine, with .whl copied along
+#
+# Stages (estimated times on one H100):
+#   check       the GPU, library versions, every project module imports            (< 1 min)
+#   tests       pytest -m gpu: the workflows end to end on CUDA                     (~2 min)
+#   smoke       make smoke: every stage at SD-1.5 shapes, time and peak memory      (~4 min)
+#   storage     benchmarks/cache_storage.py: features vs latents, bytes and speed   (~2 min)
+#   throughput  benchmarks/gpu_throughput.py: plain diffusers vs ours, FLOP bound   (~7 min)
+#   compile     the same with the UNet under torch.compile (inductor), fp16, batch 8 (~5 min)
+# Without CUDA, throughput and compile check the script on the tiny model instead.
+#
+# A stage that fails does not stop the next. Logs go to $OUT if set, else outputs/gpu_session/;
+# a table of the stages, their exit codes and times is printed last. PYTHON is the interpreter
+# (default python3), WHEELS_DIR the wheels' folder (default .whl). W&B is not among the wheels:
+# other CLI runs there need --trainer.logger false.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+WHL=${WHEELS_DIR:-.whl}
+LOGS=${OUT:-$REPO/outputs/gpu_session}
+STAGES="check tests smoke storage throughput compile"
+# The image lacks these (and the project needs them), or they are what those need.
+WHEELS=(diffusers importlib_metadata jsonargparse docstring_parser typeshed_client omegaconf
+        open_clip_torch ftfy wcwidth pycocotools)
+
+download_wheels() {
+    local venv=$REPO/.venv/bin/python pins
+    [ -x "$venv" ] || { echo "error: no .venv; run 'make install' first (the wheels take its versions)"; exit 2; }
+    pins=$("$venv" -c 'import sys; from importlib.metadata import version
+print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))' "${WHEELS[@]}") || exit 2
+    rm -rf .whl && mkdir .whl
+    # The image's Python: CPython 3.12 on x86-64 Linux.
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl $pins 2> >(grep -v 'is ignored' >&2) || exit 2
+    echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1), in .whl/"
+}
+
+# The wheels go to /tmp/site; with none, the machine must have the libraries already.
+use_wheels() {
+    if ls "$WHL"/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 2
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    elif ! "$PY" -c "import diffusers, jsonargparse, omegaconf, open_clip, pycocotools" 2>/dev/null; then
+        echo "error: $PY lacks the project's libraries and $WHL/ holds no wheels; run 'bash $0 wheels' where pip reaches a registry, and bring .whl along"
+        exit 2
+    fi
+}
+
+stage_command() {
+    local cuda=$1 stage=$2 check_script="--tiny --steps 4 --batches 1 2"
+    case $stage in
+        check) echo "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY benchmarks/environment.py" ;;
+        tests) echo "$PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py" ;;
+        smoke) echo "$PY benchmarks/sd15_smoke.py --dir outputs/gpu_session/smoke" ;;
+        storage) echo "$PY benchmarks/cache_storage.py --dir outputs/gpu_session/storage" ;;
+        throughput) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py" || echo "$PY benchmarks/gpu_throughput.py $check_script" ;;
+        compile) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py --compile inductor --dtypes float16 --batches 8" \
+                     || echo "$PY benchmarks/gpu_throughput.py $check_script --compile aot_eager" ;;
+        *) return 1 ;;
+    esac
+}
+
+[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+if [ "$1" = wheels ]; then download_wheels; exit; fi
+for stage in "$@"; do
+    stage_command 0 "$stage" >/dev/null || { echo "error: unknown stage '$stage' (stages: $STAGES; or 'wheels' alone)"; exit 2; }
+done
+use_wheels
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))") || exit 2
+mkdir -p "$LOGS"
+
+summary=()
+for stage in "$@"; do
+    command=$(stage_command "$cuda" "$stage")
+    echo "=== $stage: $command"
+    start=$SECONDS
+    bash -c "$command" 2>&1 | tee "$LOGS/$stage.log"
+    summary+=("| $stage | ${PIPESTATUS[0]} | $((SECONDS - start)) |")
+done
+
+# Each script prints its table last: those tails, then one line per stage.
+for stage in "$@"; do
+    echo; echo "--- $stage ($LOGS/$stage.log)"; tail -n 12 "$LOGS/$stage.log"
+done
+echo; echo "| stage | exit code | seconds |"; echo "|---|---|---|"
+printf '%s\n' "${summary[@]}"
