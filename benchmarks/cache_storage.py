@@ -142,8 +142,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--dtype", default=None, help="backbone dtype (default: float16 on GPU, float32 on CPU)")
-    parser.add_argument("--dir", default=None, help="where to write the caches (default: a temp folder)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the caches (default: a temp folder)")
     args = parser.parse_args()
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
 
