@@ -1,9 +1,11 @@
 """How well the shapes world's trained text-to-image model draws what its prompts name: for each
 prompt group of paper Tab. 1, the fraction of generated images in which the oracle finds every
 named object (score >= ``min_score``). ``make world`` prints it after training; the README
-quotes it.
+quotes it. With ``--daam-by-resolution``: how well DAAM's maps from the cross-attention layers of
+each latent resolution alone localise the named object, and from their inverted maps.
 
     python -m grounded_diffusion.world --per-group 50
+    python -m grounded_diffusion.world --daam-by-resolution --per-group 50
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from tqdm import tqdm
 
 from grounded_diffusion.data.prompts import GROUPS, PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.metrics import CategoryIoU
 from grounded_diffusion.models.backbone import load_pipeline
+from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.oracle import SegmenterOracle
 from grounded_diffusion.models.shapes_sd import SHAPES_ORACLE_ID, SHAPES_SD_ID
 
@@ -43,6 +47,70 @@ def found_rates(
     return {g: sum(v) / len(v) for g, v in found.items()}
 
 
+@torch.no_grad()
+def daam_by_resolution(
+    pipe, oracle, split: CategorySplit, per_group: int, thresholds=(0.4, 0.6), guidance_scale: float = 4.0,
+    num_inference_steps: int = 20, min_score: float = 0.7, seed: int = 0, batch_size: int = 20, progress: bool = True,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """mIoU (%, over the categories drawn) of DAAM masks on one-object images against the oracle's
+    (objects it scores under ``min_score`` left out, as Protocol I's test filter): from all
+    traced layers (DAAM itself), from the layers of each latent resolution alone, and from the same
+    maps inverted (1 - map: attention that avoids the object). Keys: row, then "map > τ" or
+    "inverted > τ"; the row "all-foreground" is the trivial predictor."""
+    prompts = PromptSet({"eval": {"one_seen": per_group, "one_unseen": per_group}}, seed=seed)
+    samples = [prompts.sample(*item, split) for item in prompts.ids()]
+    metrics: dict[tuple[str, str], CategoryIoU] = {}
+
+    def score(row: str, column: str, masks, truth, categories) -> None:
+        metric = metrics.setdefault((row, column), CategoryIoU(len(split.categories)))
+        metric.update(masks, truth, categories)
+
+    for start in tqdm(range(0, len(samples), batch_size), desc="generate + DAAM + oracle", disable=not progress):
+        batch = samples[start : start + batch_size]
+        texts, words = [s["prompt"] for s in batch], [s["categories"] for s in batch]
+        tracer = DAAMTracer(pipe.unet)
+        with tracer.trace(pipe.tokenizer, texts, words, pipe.unet.config.sample_size):
+            images = pipe(
+                texts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                generator=[torch.Generator(pipe.device).manual_seed(s["seed"]) for s in batch], output_type="pt",
+            ).images  # fmt: skip
+        truth, scores = oracle((images * 255).round().to(torch.uint8), words)
+        truth = truth[:, :1].bool()
+        categories = torch.tensor([[split.index(w[0])] for w in words])
+        categories = torch.where(scores[:, :1] >= min_score, categories, -1)  # -1: not scored
+        score("all-foreground", "", torch.ones_like(truth), truth, categories)
+        sides = tracer.layer_sides()
+        rows = {"all layers (DAAM)": None} | {
+            f"{side}² layers only": [layer for layer, s in sides.items() if s == side]
+            for side in sorted(set(sides.values()), reverse=True)
+        }  # fmt: skip
+        for row, layers in rows.items():
+            maps = normalized_heat_maps(tracer.word_maps(layers)[:, :1], truth.shape[-2:])
+            for tau in thresholds:
+                score(row, f"map > {tau:g}", maps > tau, truth, categories)
+                score(row, f"inverted > {tau:g}", 1 - maps > tau, truth, categories)
+    table: dict[str, dict[str, float]] = {}
+    for (row, column), metric in metrics.items():
+        iou = metric.compute()
+        table.setdefault(row, {})[column] = 100 * float(iou[~iou.isnan()].mean())
+    return table
+
+
+def print_daam_by_resolution(pipe, args) -> None:
+    table = daam_by_resolution(
+        pipe, SegmenterOracle(args.oracle), CategorySplit.named("shapes", 1), args.per_group,
+        guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+    )  # fmt: skip
+    trivial = table.pop("all-foreground")[""]
+    columns = list(next(iter(table.values())))
+    print(f"\nDAAM mIoU (%) on {2 * args.per_group} one-object images (guidance {args.guidance_scale:g}, "
+          f"{args.steps} DDIM steps; all-foreground scores {trivial:.1f}):\n")  # fmt: skip
+    print("| cross-attention layers | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row, values in table.items():
+        print(f"| {row} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-id", default=SHAPES_SD_ID)
@@ -51,9 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1, help="prompt set seed (the quickstart synthesises with 0)")
+    parser.add_argument("--daam-by-resolution", action="store_true", help="DAAM per latent resolution instead (one-object prompts)")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model_id, torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if args.daam_by_resolution:
+        print_daam_by_resolution(pipe, args)
+        return
     rates = found_rates(
         pipe, SegmenterOracle(args.oracle), CategorySplit.named("shapes", 1), args.per_group, args.guidance_scale,
         args.steps, seed=args.seed,

@@ -23,7 +23,7 @@ the occurrences that lie inside an occurrence of a longer category named in the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,23 +134,32 @@ class DAAMTracer:
         kept = cond.gather(-1, index.expand(*cond.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
         self.sums[layer] = self.sums.get(layer, 0) + kept
 
-    def token_maps(self) -> Tensor:
-        """[B, K, latent, latent]: mean over (layer, head) of clamp(bicubic(Σ_steps probs))."""
+    def layer_sides(self) -> dict[int, int]:
+        """The side (in latent pixels) of each traced layer's attention map."""
+        return {layer: int(kept.shape[2] ** 0.5) for layer, kept in self.sums.items()}
+
+    def token_maps(self, layers: Collection[int] | None = None) -> Tensor:
+        """[B, K, latent, latent]: mean over (layer, head) of clamp(bicubic(Σ_steps probs)), over
+        the traced layers (DAAM) or only ``layers`` (numbers of ``layer_sides``)."""
         if not self.sums:
             raise RuntimeError("No cross-attention was traced: run the UNet inside `trace(...)`")
         total, count = 0, 0
-        for kept in self.sums.values():
+        for layer, kept in self.sums.items():
+            if layers is not None and layer not in layers:
+                continue
             batch, heads, pixels, tokens = kept.shape
             side = int(pixels**0.5)
             maps = kept.permute(0, 1, 3, 2).reshape(batch * heads * tokens, 1, side, side)
             maps = F.interpolate(maps, size=(self.latent_size, self.latent_size), mode="bicubic").clamp_(min=0)
             total = total + maps.view(batch, heads, tokens, self.latent_size, self.latent_size).sum(1)
             count += heads
+        if not count:
+            raise ValueError(f"None of the layers {sorted(layers)} was traced (traced: {sorted(self.sums)})")
         return total / count
 
-    def word_maps(self) -> Tensor:
+    def word_maps(self, layers: Collection[int] | None = None) -> Tensor:
         """[B, O, latent, latent]: each traced word's map, the mean of its tokens' maps."""
-        token_maps = self.token_maps()
+        token_maps = self.token_maps(layers)
         return torch.einsum("bok,bkhw->bohw", self.word_weights.to(token_maps.device), token_maps)
 
 
