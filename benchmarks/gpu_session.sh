@@ -61,7 +61,8 @@ stage_command() {
         check) echo "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY benchmarks/environment.py" ;;
         tests) echo "$PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py" ;;
         smoke) echo "$PY benchmarks/sd15_smoke.py --dir outputs/gpu_session/smoke" ;;
-        storage) echo "$PY benchmarks/cache_storage.py --dir outputs/gpu_session/storage" ;;
+        # The paper's batch: 8 over 2 GPUs (experiments/pascal_split1.yaml), 4 per GPU.
+        storage) echo "$PY benchmarks/cache_storage.py --dir outputs/gpu_session/storage$([ "$cuda" = 1 ] && echo ' --batch 4')" ;;
         throughput) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py" || echo "$PY benchmarks/gpu_throughput.py $check_script" ;;
         compile) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py --compile inductor --dtypes float16 --batches 8" \
                      || echo "$PY benchmarks/gpu_throughput.py $check_script --compile aot_eager" ;;
