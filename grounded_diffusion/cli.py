@@ -17,7 +17,7 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
-from grounded_diffusion.cli_support import check_accelerator, is_out_of_memory, out_of_memory_message, version
+from grounded_diffusion.cli_support import check_accelerator, check_loggers, is_out_of_memory, out_of_memory_message, version
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
@@ -57,6 +57,7 @@ class GroundedDiffusionCLI(LightningCLI):
         if self.subcommand is not None:
             self.config[self.subcommand] = self._resolved(self.subcommand)
             check_accelerator(self.config[self.subcommand])
+            check_loggers(self.config[self.subcommand])
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

@@ -34,6 +34,22 @@ def check_accelerator(config) -> None:
         )
 
 
+def check_loggers(config) -> None:
+    """A W&B logger without the wandb package (a GPU image set up from gpu_session.sh's wheels):
+    one line naming the fix, where jsonargparse would explain it inside a report on every type
+    that trainer.logger accepts."""
+    from lightning.pytorch.loggers import wandb
+
+    loggers = config.get("trainer", {}).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = logger.get("class_path") if hasattr(logger, "get") else logger
+        if isinstance(class_path, str) and class_path.endswith("WandbLogger") and not wandb._WANDB_AVAILABLE:
+            raise ConfigError(
+                f"trainer.logger: {class_path} needs the wandb package: `pip install wandb`, or run without "
+                "it: --trainer.logger false, or take it out of the config's trainer.logger list"
+            )
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA out-of-memory error, raised here or in a process that ddp_spawn started."""
     text = str(error).strip().splitlines()[-1:] or [""]

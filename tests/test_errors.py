@@ -275,6 +275,17 @@ def test_gpu_config_on_a_machine_without_one(tmp_path, capsys):
     assert "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in message and "offline.yaml" in message
 
 
+def test_wandb_logger_without_the_wandb_package(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.loggers import wandb
+
+    monkeypatch.setattr(wandb, "_WANDB_AVAILABLE", False)  # as on a machine without the package
+    message = cli_error(["fit", *scenes_args(tmp_path), "--trainer.logger", "grounded_diffusion.loggers.AutoWandbLogger"], capsys)
+    assert message == (
+        "error: trainer.logger: grounded_diffusion.loggers.AutoWandbLogger needs the wandb package: `pip install wandb`, "
+        "or run without it: --trainer.logger false, or take it out of the config's trainer.logger list"
+    )
+
+
 def test_half_precision_backbone_on_the_cpu(scene_cache, capsys):
     message = cli_error(["fit", *scenes_args(scene_cache), "--model.init_args.backbone.dtype", "float16"], capsys)
     assert "backbone.dtype is float16 but this run is on the CPU" in message and "float32" in message
