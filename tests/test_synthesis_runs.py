@@ -129,6 +129,24 @@ def test_training_replays_latents(latents_cache):
     assert "| daam (τ=" in report and "| scored / dropped |" in report
 
 
+def test_a_half_precision_backbone_runs_every_stage(tmp_path):
+    """The GPU configs' float16 backbone, here as bfloat16 (float16 is refused on a CPU): a dtype
+    mixed up anywhere (latents, replayed features, DAAM maps, the head) would fail on the CPU too.
+    Synthesis with latents -> fit replaying them -> test -> grounded generation."""
+    half = ["--model.init_args.backbone.dtype", "bfloat16", "--trainer.logger", "false"]
+    main(["predict", *synth_args(tmp_path, "pascal_split1_train"), *half])
+    tensors, _ = cache_in(tmp_path).load(cache_in(tmp_path).manifest()[0]["id"])
+    assert tensors["latents"].dtype == torch.bfloat16  # the UNet's dtype
+    run = ["--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(tmp_path)[2:], *half]
+    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2"])
+    main(["test", *run, "--ckpt_path", "last", "--verbose", "false"])
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["groups"]["daam"]
+    main(["predict", "--config", str(REPO / "experiments" / "generate.yaml"), "--config", str(REPO / "experiments" / "offline.yaml"),
+          "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(tmp_path / "generated"),
+          "--trainer.enable_progress_bar", "false", *half])  # fmt: skip
+    assert len(list((tmp_path / "generated" / "SegmentationClass").glob("*.png"))) > 0
+
+
 def test_a_killed_build_resumes_to_exactly_the_requested_ids(tmp_path):
     args = synth_args(tmp_path, per_group=4, batch_size=2)
     command = [sys.executable, "-m", "grounded_diffusion", "predict", *args]
