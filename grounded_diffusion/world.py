@@ -24,6 +24,15 @@ from grounded_diffusion.models.oracle import SegmenterOracle
 from grounded_diffusion.models.shapes_sd import SHAPES_ORACLE_ID, SHAPES_SD_ID
 
 
+def generate(pipe, samples: list[dict], guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] of the samples' prompts, each drawn from its own seed."""
+    images = pipe(
+        [s["prompt"] for s in samples], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        generator=[torch.Generator(pipe.device).manual_seed(s["seed"]) for s in samples], output_type="pt",
+    ).images  # fmt: skip
+    return (images * 255).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def found_rates(
     pipe, oracle, split: CategorySplit, per_group: int, guidance_scale: float = 4.0, num_inference_steps: int = 20,
@@ -36,12 +45,8 @@ def found_rates(
     found = {g: [] for g in GROUPS}
     for start in tqdm(range(0, len(samples), batch_size), desc="generate + oracle", disable=not progress):
         batch = samples[start : start + batch_size]
-        generators = [torch.Generator(pipe.device).manual_seed(s["seed"]) for s in batch]
-        images = pipe(
-            [s["prompt"] for s in batch], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            generator=generators, output_type="pt",
-        ).images  # fmt: skip
-        _, scores = oracle((images * 255).round().to(torch.uint8), [s["categories"] for s in batch])
+        images = generate(pipe, batch, guidance_scale, num_inference_steps)
+        _, scores = oracle(images, [s["categories"] for s in batch])
         for sample, sample_scores in zip(batch, scores):
             found[sample["group"]].append(bool((sample_scores[: len(sample["categories"])] >= min_score).all()))
     return {g: sum(v) / len(v) for g, v in found.items()}
@@ -67,14 +72,11 @@ def daam_by_resolution(
 
     for start in tqdm(range(0, len(samples), batch_size), desc="generate + DAAM + oracle", disable=not progress):
         batch = samples[start : start + batch_size]
-        texts, words = [s["prompt"] for s in batch], [s["categories"] for s in batch]
+        words = [s["categories"] for s in batch]
         tracer = DAAMTracer(pipe.unet)
-        with tracer.trace(pipe.tokenizer, texts, words, pipe.unet.config.sample_size):
-            images = pipe(
-                texts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=[torch.Generator(pipe.device).manual_seed(s["seed"]) for s in batch], output_type="pt",
-            ).images  # fmt: skip
-        truth, scores = oracle((images * 255).round().to(torch.uint8), words)
+        with tracer.trace(pipe.tokenizer, [s["prompt"] for s in batch], words, pipe.unet.config.sample_size):
+            images = generate(pipe, batch, guidance_scale, num_inference_steps)
+        truth, scores = oracle(images, words)
         truth = truth[:, :1].bool()
         categories = torch.tensor([[split.index(w[0])] for w in words])
         categories = torch.where(scores[:, :1] >= min_score, categories, -1)  # -1: not scored
