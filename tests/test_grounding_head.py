@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig, MixConv
 
@@ -55,13 +56,14 @@ AUTHORS_PARAMETERS = {
     "MLP 512 -> 512 -> 512 -> 240": 2 * (512 * 512 + 512) + 512 * 240 + 240,
 }
 # What ours adds: biases on the 1x1 convs, the patch and text projections and the attentions
-# (torch's defaults), GroupNorm's affine weights (the authors' BN is parameter-free), and the
-# decoder's final LayerNorm.
+# (torch's defaults), GroupNorm's affine weights (the authors' BN is parameter-free), the
+# LayerNorm of the visual tokens, and the decoder's final LayerNorm.
 OUR_EXTRA_PARAMETERS = {
     "1x1 conv biases": 16 + 32 + 64 + 128,
     "GroupNorm weight + bias, two per Mix-Conv": sum(2 * 2 * w for w in (48, 112, 240)),
     "patch and text projection biases": 512 + 512,
     "attention in/out projection biases": 3 * 2 * (3 * 512 + 512),
+    "visual-token LayerNorm": 2 * 512,
     "final LayerNorm": 2 * 512,
 }
 
@@ -75,9 +77,54 @@ def test_paper_widths_and_parameters_match_the_authors_head():
     authors = sum(AUTHORS_PARAMETERS.values())
     assert authors == 18_796_560  # "~18.8 M"
     ours = sum(p.numel() for p in head.parameters())
-    assert ours == authors + sum(OUR_EXTRA_PARAMETERS.values())  # 18,812,736: +16,176 (0.09 %)
+    assert ours == authors + sum(OUR_EXTRA_PARAMETERS.values())  # 18,813,760: +17,200 (0.09 %)
 
 
 def test_group_count_mismatch_is_named():
     with pytest.raises(ValueError, match="4 resolution groups but group_channels has 3"):
         GroundingHead(CHANNELS, 32, HeadConfig(group_channels=[8, 8, 8]))
+
+
+def two_object_batch(signatures, generator, batch, scale=100.0):
+    """Two objects of different categories per sample, each a 5x5 square on a 16² map. Every
+    feature group marks an object's pixels with its category's signature, at UNet-like magnitudes
+    (the visual tokens come out ~30x the text queries' norm)."""
+    categories = torch.stack([torch.randperm(len(signatures[0]), generator=generator)[:2] for _ in range(batch)])
+    masks = torch.zeros(batch, 2, 16, 16)
+    corners = torch.randint(0, 12, (batch, 2, 2), generator=generator).tolist()
+    for b, objects in enumerate(corners):
+        for o, (y, x) in enumerate(objects):
+            masks[b, o, y : y + 5, x : x + 5] = 1
+    masks[:, 0] *= 1 - masks[:, 1]  # the second object in front
+    groups = [
+        scale * torch.einsum("bohw,boc->bchw", F.adaptive_avg_pool2d(masks, size), signature[categories])
+        + torch.randn(batch, signature.shape[1], size, size, generator=generator)
+        for signature, size in zip(signatures, SIZES)
+    ]
+    return groups, categories, masks
+
+
+def test_the_text_tells_two_objects_apart_when_unet_features_are_large():
+    """Only the text query says which of the two objects to segment, and the category embeddings
+    share most of their norm (as CLIP's do). Unnormalised visual tokens used to drown the queries:
+    after 150 steps that head gave each object nearly the same mask (IoU 0.37-0.72 over seeds 0-2);
+    with the visual tokens normalised it reaches 0.94-0.98."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    signatures = [torch.randn(8, c, generator=g) for c in CHANNELS]
+    text = 3 * torch.randn(1, 32, generator=g) + 0.5 * torch.randn(8, 32, generator=g)
+    head = GroundingHead(CHANNELS, 32, HeadConfig(group_channels=[8, 8, 8, 8], embed_dim=32, num_heads=4, num_layers=2, ffn_dim=64))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    both = torch.ones(16, 2, dtype=torch.bool)
+    for _ in range(150):
+        groups, categories, masks = two_object_batch(signatures, g, batch=16)
+        loss = F.binary_cross_entropy_with_logits(head(groups, text[categories], both), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    groups, categories, masks = two_object_batch(signatures, g, batch=64)
+    with torch.no_grad():
+        predicted = head(groups, text[categories], both.new_ones(64, 2)) > 0
+    truth = masks.bool()
+    iou = (predicted & truth).flatten(2).sum(-1) / (predicted | truth).flatten(2).sum(-1).clamp(min=1)
+    assert iou.mean() >= 0.85, f"mean IoU {iou.mean():.3f}"

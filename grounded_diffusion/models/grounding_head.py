@@ -30,9 +30,9 @@ class HeadConfig:
         patch_size: visual tokens are patch_size x patch_size patches of the fused map (authors: 4).
         num_layers / num_heads / ffn_dim: the transformer decoder (paper: 3 layers; code: 8, 2048).
 
-    At SD-1.5's sizes the defaults give 18,812,736 parameters: the authors' 18,796,560 plus the
-    biases of torch's layers, GroupNorm's affine weights and the decoder's final LayerNorm
-    (counted layer by layer in tests/test_grounding_head.py).
+    At SD-1.5's sizes the defaults give 18,813,760 parameters: the authors' 18,796,560 plus the
+    biases of torch's layers, GroupNorm's affine weights, the LayerNorm of the visual tokens and
+    the decoder's final LayerNorm (counted layer by layer in tests/test_grounding_head.py).
     """
 
     group_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
@@ -100,6 +100,10 @@ class GroundingHead(nn.Module):
         self.visual_encoder = VisualEncoder(feature_channels, config.group_channels)
         pixel_dim = self.visual_encoder.out_channels
         self.patch_embed = nn.Conv2d(pixel_dim, config.embed_dim, config.patch_size, stride=config.patch_size)
+        # UNet features are large (visual tokens ~30x the text queries' norm in the shapes world).
+        # Unnormalised, the cross-attention's values swamp the residual stream. The queries then lose
+        # which category they stand for, and every object gets the same mask.
+        self.token_norm = nn.LayerNorm(config.embed_dim)
         self.text_proj = nn.Linear(text_dim, config.embed_dim)
         layer = nn.TransformerDecoderLayer(
             config.embed_dim,
@@ -134,7 +138,7 @@ class GroundingHead(nn.Module):
             output_size: upsample logits to this size (the mask resolution); default: features'.
         """
         pixels = self.visual_encoder(groups)  # [B, C, h, w]
-        tokens = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, N, D]
+        tokens = self.token_norm(self.patch_embed(pixels).flatten(2).transpose(1, 2))  # [B, N, D]
         queries = self.text_proj(text_embeds)
         queries = self.decoder(queries, tokens, tgt_key_padding_mask=~object_mask)
         logits = torch.einsum("boc,bchw->bohw", self.mask_mlp(queries), pixels)
