@@ -172,7 +172,17 @@ class GroundingModule(LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"].update(self._frozen_state())
+        state = checkpoint["state_dict"]
+        ours = {f"head.{k}" for k in self.head.state_dict()}
+        theirs = {k for k in state if k.startswith("head.")}
+        if ours != theirs:
+            differ = sorted(ours ^ theirs)
+            raise ConfigError(
+                f"The checkpoint's grounding head has other layers than this model's ({len(differ)} "
+                f"differ, e.g. {', '.join(differ[:3])}): it was trained by another version of the head "
+                "(before the visual-token LayerNorm) or another model.init_args.head. Train it again with `fit`."
+            )
+        state.update(self._frozen_state())
 
     # -- forward, loss ---------------------------------------------------------------------------
 

@@ -130,3 +130,15 @@ def test_a_failed_background_write_stops_predict_and_keeps_what_was_written(tmp_
     monkeypatch.setattr(TripletCache, "write", original)
     main(["predict", *scenes_args(tmp_path, counts="{train: 12}")])  # the rerun finishes the rest
     assert len(cache.manifest()) == 12
+
+
+def test_a_checkpoint_of_another_head_version_stops_with_what_to_do(tmp_path, scene_cache):
+    main(["fit", *fresh_run(scene_cache, tmp_path, 1), "--trainer.logger", "false"])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    for key in ("head.token_norm.weight", "head.token_norm.bias"):  # a head from before that layer
+        del checkpoint["state_dict"][key]
+    torch.save(checkpoint, tmp_path / "old_head.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *fresh_run(scene_cache, tmp_path, 1), "--ckpt_path", str(tmp_path / "old_head.ckpt"), "--trainer.logger", "false"])
+    message = str(exit_info.value.code)
+    assert "head.token_norm.bias, head.token_norm.weight" in message and "Train it again with `fit`" in message
