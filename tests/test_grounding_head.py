@@ -88,7 +88,7 @@ def test_group_count_mismatch_is_named():
 def two_object_batch(signatures, generator, batch, scale=100.0):
     """Two objects of different categories per sample, each a 5x5 square on a 16² map. Every
     feature group marks an object's pixels with its category's signature, at UNet-like magnitudes
-    (the visual tokens come out ~30x the text queries' norm)."""
+    (at initialisation the visual tokens come out 4x the text queries' norm)."""
     categories = torch.stack([torch.randperm(len(signatures[0]), generator=generator)[:2] for _ in range(batch)])
     masks = torch.zeros(batch, 2, 16, 16)
     corners = torch.randint(0, 12, (batch, 2, 2), generator=generator).tolist()
