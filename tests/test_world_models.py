@@ -1,8 +1,9 @@
 """The shapes world's shipped models and Protocols I and II in miniature on them: they load
 through ``from_pretrained``, the text-to-image model draws what its prompts name as often as the
 README says, the oracle segments held-out rendered scenes as well as the README says, a CI-sized
-Protocol I run clears stated bars on seen and on unseen categories, and a segmenter trained only on
-what its head labelled segments unseen categories of rendered scenes."""
+Protocol I run clears stated bars on seen and on unseen categories and on two-object images, and
+a segmenter trained only on what its head labelled segments unseen categories of rendered
+scenes."""
 
 from __future__ import annotations
 
