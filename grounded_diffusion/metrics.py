@@ -8,6 +8,9 @@ DDP reduction is exact.
 
 DAAM's paper reports another number, here ``image_noun_miou``: the IoU of every (image, noun)
 pair, averaged over pairs (``daam.evaluate.MeanEvaluator``).
+
+``on_other_object`` tells whether a method keeps the objects of one image apart: the share of the
+pixels it predicts for an object that lie on another object named in the same prompt.
 """
 
 from __future__ import annotations
@@ -80,8 +83,93 @@ class ImageNounIoU(Metric):
         return self.total / self.count if self.count > 0 else torch.tensor(math.nan, dtype=torch.float64)
 
 
+def other_object_counts(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per object slot, [B, O]: its predicted pixels that lie on another object of its image
+    (outside its own truth), and all its predicted pixels; both 0 for an object whose image has
+    no other object with a non-empty truth mask, where the share would be 0 by construction."""
+    preds, target = preds.bool().flatten(2), target.bool().flatten(2)
+    others = (target.sum(1, keepdim=True) > target.long()) & ~target  # [B, O, HW]
+    has_other = others.any(-1)
+    return (preds & others).sum(-1) * has_other, preds.sum(-1) * has_other
+
+
+class OtherObjectShare(Metric):
+    """Of the pixels predicted for the objects of multi-object images, the share that lies on
+    another object named in the same prompt: Σ on-other pixels / Σ predicted pixels.
+
+    A head that ignores its text gives every object of an image the same mask, and about half of
+    each lands on the other object. ``update`` as ``CategoryIoU``'s, where ``target`` holds every
+    named object's truth (empty slots: empty masks) and ``categories`` marks the objects that
+    count (-1: not counted); ``counts``: ``other_object_counts(preds, target)``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("on_other", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("predicted", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor | None, target: Tensor | None, categories: Tensor, counts=None) -> None:
+        on_other, predicted = counts or other_object_counts(preds, target)
+        counted = categories >= 0
+        self.on_other += (on_other * counted).sum()
+        self.predicted += (predicted * counted).sum()
+
+    def compute(self) -> Tensor:
+        if self.predicted == 0:
+            return torch.tensor(math.nan, dtype=torch.float64)
+        return self.on_other.double() / self.predicted
+
+
+class PairConfusion(Metric):
+    """``OtherObjectShare`` per ordered pair of categories: for an object of category a named with
+    one of category b, the pixels predicted for a that lie on b (outside a's own truth), and all
+    pixels predicted for a. ``update(preds, target, categories, named)``: ``categories`` marks the
+    objects that count (-1: not counted), ``named`` every object of the image (-1: empty slot).
+    ``compute()``: [2, C, C], on-other pixels and predicted pixels, row a, column b.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_categories: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_categories = num_categories
+        cells = num_categories**2
+        self.add_state("on_other", torch.zeros(cells, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("predicted", torch.zeros(cells, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, categories: Tensor, named: Tensor) -> None:
+        preds, target = preds.bool().flatten(2), target.bool().flatten(2)  # [B, O, HW]
+        other = target[:, None] & ~target[:, :, None]  # [B, O (object), O (other), HW]
+        on_other = (preds[:, :, None] & other).sum(-1)
+        slots = torch.arange(target.shape[1], device=target.device)
+        counted = (categories[:, :, None] >= 0) & (named[:, None] >= 0) & other.any(-1)
+        counted &= slots[:, None] != slots[None]
+        index = (categories.clamp(min=0)[:, :, None] * self.num_categories + named.clamp(min=0)[:, None]).flatten()
+        self.on_other.index_add_(0, index, (on_other * counted).flatten())
+        self.predicted.index_add_(0, index, (preds.sum(-1)[:, :, None] * counted).flatten())
+
+    def compute(self) -> Tensor:
+        return torch.stack([self.on_other, self.predicted]).view(2, self.num_categories, self.num_categories)
+
+
+def confused_pairs(counts: Tensor, names: Sequence[str], top: int = 10) -> list[dict]:
+    """The category pairs (both directions together) with the most predicted pixels on the other
+    object, from ``PairConfusion.compute()``: [{pair, on_other_object (%), on_other_pixels,
+    predicted_pixels}], most first; pairs without a pixel on the other object are left out."""
+    on_other, predicted = (c + c.T for c in counts.cpu().long())  # a with b and b with a
+    rows = []
+    for a, b in zip(*torch.triu_indices(len(names), len(names), offset=1).tolist()):
+        if on_other[a, b] > 0:
+            pixels, total = int(on_other[a, b]), int(predicted[a, b])
+            rows.append({"pair": [names[a], names[b]], "on_other_object": 100 * pixels / total,
+                         "on_other_pixels": pixels, "predicted_pixels": total})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["on_other_pixels"])[:top]
+
+
 class GroupedIoU(nn.Module):
-    """Both metrics for several methods (ours, DAAM, trivial predictors), per Table-1 group
+    """The metrics above for several methods (ours, DAAM, trivial predictors), per Table-1 group
     (``one_seen`` ... ``two_unseen``) and over the whole set (``all``)."""
 
     def __init__(self, num_categories: int, methods: Sequence[str], groups: Sequence[str] = GROUPS) -> None:
@@ -90,23 +178,25 @@ class GroupedIoU(nn.Module):
         keys = [self._key(m, g) for m in self.methods for g in self.groups]
         self.category_iou = nn.ModuleDict({k: CategoryIoU(num_categories) for k in keys})
         self.image_noun_iou = nn.ModuleDict({k: ImageNounIoU() for k in keys})
+        self.on_other_object = nn.ModuleDict({k: OtherObjectShare() for k in keys})
 
     @staticmethod
     def _key(method: str, group: str) -> str:
         return f"{method}__{group}".replace(".", "p")  # module names may not hold dots
 
     def update(self, method: str, preds: Tensor, target: Tensor, categories: Tensor, groups: Sequence[str]) -> None:
-        counts = slot_counts(preds, target)  # once for every group
+        counts, other_counts = slot_counts(preds, target), other_object_counts(preds, target)  # once for every group
         for group in [*sorted(set(groups)), "all"]:
             rows = torch.tensor([group in (g, "all") for g in groups], device=preds.device)
             in_group = categories.masked_fill(~rows[:, None], -1)  # other groups' slots count as empty
             key = self._key(method, group)
             self.category_iou[key].update(None, None, in_group, counts=counts)
             self.image_noun_iou[key].update(None, None, in_group, counts=counts)
+            self.on_other_object[key].update(None, None, in_group, counts=other_counts)
 
     def compute(self, split: CategorySplit) -> dict[str, dict[str, dict]]:
-        """{method: {group: summarize_iou(...) + image_noun_miou + objects (how many were
-        scored)}}; every rank must call it."""
+        """{method: {group: summarize_iou(...) + image_noun_miou + on_other_object (both in %)
+        + objects (how many were scored)}}; every rank must call it."""
         results: dict[str, dict[str, dict]] = {}
         with warnings.catch_warnings():  # a group no sample belongs to is expected, and NaN
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
@@ -115,13 +205,14 @@ class GroupedIoU(nn.Module):
                     key = self._key(method, group)
                     summary = summarize_iou(self.category_iou[key].compute(), split)
                     summary["image_noun_miou"] = float(self.image_noun_iou[key].compute()) * 100
+                    summary["on_other_object"] = float(self.on_other_object[key].compute()) * 100
                     with self.image_noun_iou[key].sync_context():  # summed over ranks, as compute() sees it
                         summary["objects"] = int(self.image_noun_iou[key].count)
                     results.setdefault(method, {})[group] = summary
         return results
 
     def reset(self) -> None:
-        for metric in [*self.category_iou.values(), *self.image_noun_iou.values()]:
+        for metric in [*self.category_iou.values(), *self.image_noun_iou.values(), *self.on_other_object.values()]:
             metric.reset()
 
 

@@ -117,9 +117,9 @@ def test_segmenter_oracle_labels_on_cuda():
 
 def test_evaluation_metrics_update_on_cuda():
     """Metric updates use no boolean indexing and no int(): they stay on the device."""
-    from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, SemanticIoU
+    from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, SemanticIoU
 
-    metrics = torch.nn.ModuleList([CategoryIoU(4), GroupedIoU(4, ["ours", "daam"]), SemanticIoU(5)])
+    metrics = torch.nn.ModuleList([CategoryIoU(4), GroupedIoU(4, ["ours", "daam"]), SemanticIoU(5), PairConfusion(4)])
     with fake_cuda(metrics):
         preds = torch.zeros(2, 2, 16, 16, dtype=torch.bool, device=CUDA)
         categories = torch.tensor([[0, 3], [2, -1]], device=CUDA)
@@ -127,4 +127,7 @@ def test_evaluation_metrics_update_on_cuda():
         metrics[1].update("ours", preds, preds, categories, ["two_seen", "one_unseen"])
         metrics[2].update(torch.zeros(16, 16, dtype=torch.long, device=CUDA), torch.zeros(16, 16, dtype=torch.long, device=CUDA))
         assert on_cuda(metrics[0].intersection) and on_cuda(metrics[1].image_noun_iou["ours__all"].count)
+        assert on_cuda(metrics[1].on_other_object["ours__all"].on_other)
         assert on_cuda(metrics[2].confusion)
+        metrics[3].update(preds, preds, categories, categories)
+        assert on_cuda(metrics[3].on_other) and on_cuda(metrics[3].predicted)

@@ -94,6 +94,54 @@ def test_image_noun_miou_averages_pairs_and_grouped_iou_splits_by_group():
     assert math.isnan(table["two_unseen"]["miou"]) and math.isnan(table["two_unseen"]["image_noun_miou"])
 
 
+def test_share_on_the_other_object_counts_only_images_with_another_object():
+    """By hand, on 1x4 images. Image A (masks overlap at pixel 0): object 0's other object covers
+    pixels 1-2 outside its own truth, and it predicts 3 pixels, 2 of them there; object 1 has no
+    pixel of another object outside its own truth, so it does not count. Image B: object 0
+    predicts all 4 pixels, 2 on object 1; object 1 predicts 1 pixel, on itself. Image C holds one
+    object: not counted. Share (2 + 2 + 0) / (3 + 4 + 1) = 1/2; without B's object 1, 4/7."""
+    from grounded_diffusion.metrics import GroupedIoU, OtherObjectShare
+
+    preds = masks_from([[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]])
+    target = masks_from([[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]])
+    categories = torch.tensor([[0, 1], [1, 2], [0, -1]])
+    share = OtherObjectShare()
+    share.update(preds, target, categories)
+    assert share.compute().item() == 1 / 2
+    share.reset()
+    share.update(preds, target, torch.tensor([[0, 1], [1, -1], [0, -1]]))  # B's object 1 not scored
+    assert math.isclose(share.compute().item(), 4 / 7)
+
+    grouped = GroupedIoU(3, ["ours"])
+    grouped.update("ours", preds, target, categories, groups=["two_seen", "two_seen", "one_seen"])
+    table = grouped.compute(CategorySplit(("a", "b", "c"), unseen=("c",)))["ours"]
+    assert table["two_seen"]["on_other_object"] == 50 and table["all"]["on_other_object"] == 50
+    assert math.isnan(table["one_seen"]["on_other_object"])  # no image there has another object
+
+
+def test_pair_confusion_counts_each_category_pair_in_both_directions():
+    """The hand-computed case above, per pair: category 0 with 1 (image A) puts 2 of 3 pixels on
+    the other; 1 with 2 (image B) 2 of 4, and 2 with 1 none of 1: the pair 1 + 2, 2 of 5."""
+    from grounded_diffusion.metrics import PairConfusion, confused_pairs
+
+    preds = masks_from([[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]])
+    target = masks_from([[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]])
+    categories = torch.tensor([[0, 1], [1, 2], [0, -1]])
+    pairs = PairConfusion(3)
+    pairs.update(preds, target, categories, categories)
+    on_other, predicted = pairs.compute()
+    assert on_other.tolist() == [[0, 2, 0], [0, 0, 2], [0, 0, 0]]
+    assert predicted.tolist() == [[0, 3, 0], [0, 0, 4], [0, 1, 0]]
+    table = {tuple(row["pair"]): row for row in confused_pairs(pairs.compute(), ["a", "b", "c"])}
+    assert set(table) == {("a", "b"), ("b", "c")}
+    assert math.isclose(table["a", "b"]["on_other_object"], 200 / 3) and table["b", "c"]["on_other_object"] == 40
+    assert (table["b", "c"]["on_other_pixels"], table["b", "c"]["predicted_pixels"]) == (2, 5)
+
+    pairs.reset()  # B's object 1 not scored: it still counts as the other object of object 0
+    pairs.update(preds, target, torch.tensor([[0, 1], [1, -1], [0, -1]]), categories)
+    assert pairs.compute()[1].tolist() == [[0, 3, 0], [0, 0, 4], [0, 0, 0]]
+
+
 def test_daam_masks_normalise_each_map_then_threshold():
     from grounded_diffusion.models.daam import daam_masks
 
