@@ -92,12 +92,9 @@ class WandbEvaluation(Callback):
             for c, v in results["per_category"].items()
         ]
         groups = results["groups"]
-        comparison = [
-            [g, groups["ours"][g]["miou"], groups["daam"][g]["miou"], groups["ours"][g]["image_noun_miou"],
-             groups["daam"][g]["image_noun_miou"]]
-            for g in [*GROUPS, "all"]
-        ]  # fmt: skip
-        comparison_columns = ["group", "ours miou", "daam miou", "ours image_noun_miou", "daam image_noun_miou"]
+        metrics = ("miou", "image_noun_miou", "on_other_object")
+        comparison = [[g, *(groups[m][g][k] for k in metrics for m in ("ours", "daam"))] for g in [*GROUPS, "all"]]
+        comparison_columns = ["group", *(f"{m} {k}" for k in metrics for m in ("ours", "daam"))]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "test.md").write_text(
             f"# Test\n\nOurs vs DAAM per group (%):\n\n{markdown_table(comparison_columns, comparison)}\n\n"

@@ -58,17 +58,19 @@ def mean(values: list[float | None]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+TABLE1_METRICS = ("miou", "image_noun_miou", "on_other_object")
+
+
 def table1(name: str, runs: dict[str, dict]) -> dict:
-    """{method: {split: {group: {miou, image_noun_miou}}}} plus the mean over splits."""
+    """{method: {split: {group: {miou, image_noun_miou, on_other_object}}}} plus the mean over
+    splits (on_other_object: None for runs scored before it existed)."""
     report: dict = {"name": name, "groups": list(GROUPS), "methods": {}}
     for method in ("ours", "daam"):
         per_split = {
-            split: {g: {k: run["groups"][method][g][k] for k in ("miou", "image_noun_miou")} for g in GROUPS}
+            split: {g: {k: run["groups"][method][g].get(k) for k in TABLE1_METRICS} for g in GROUPS}
             for split, run in runs.items()
         }
-        average = {
-            g: {k: mean([per_split[s][g][k] for s in per_split]) for k in ("miou", "image_noun_miou")} for g in GROUPS
-        }
+        average = {g: {k: mean([per_split[s][g][k] for s in per_split]) for k in TABLE1_METRICS} for g in GROUPS}
         report["methods"][method] = {"splits": per_split, "mean": average}
     return report
 
@@ -80,6 +82,11 @@ def markdown(report: dict) -> str:
     for method, label in (("ours", "ours"), ("daam", "DAAM")):
         average = report["methods"][method]["mean"]
         lines.append(table1_row(f"{name}, {label}", [average[g]["miou"] for g in GROUPS]))
+    lines += ["", "Predicted pixels on the other named object (%), mean over splits:", ""]
+    lines += [table1_header("test set"), table1_rule()]
+    for method, label in (("ours", "ours"), ("daam", "DAAM")):
+        average = report["methods"][method]["mean"]
+        lines.append(table1_row(f"{name}, {label}", [average[g]["on_other_object"] for g in GROUPS]))
     lines += ["", "Per split (class-averaged mIoU; DAAM's own image-noun mIoU in parentheses):", ""]
     lines += [table1_header("split, method"), table1_rule()]
     for method, label in (("ours", "ours"), ("daam", "DAAM")):

@@ -12,7 +12,7 @@ from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.losses import grounding_loss
-from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, summarize_iou
+from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import WORD_MATCHING, DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
@@ -97,6 +97,7 @@ class GroundingModule(LightningModule):
         self.test_iou = GroupedIoU(num, methods)
         filtered = self.hparams.test_min_oracle_score is not None
         self.test_iou_unfiltered = GroupedIoU(num, methods) if filtered else None
+        self.test_pairs = PairConfusion(num)  # ours: which categories' masks land on each other
 
     def check_datamodule(self, datamodule) -> None:
         """Config-time check (the CLI calls it before any run): synthesis needs an oracle that
@@ -243,6 +244,7 @@ class GroundingModule(LightningModule):
             heat = normalized_heat_maps(batch["daam"], masks.shape[-2:])
             predictions.update({method: heat > threshold for method, threshold in self.daam_methods.items()})
         scored = categories.masked_fill(~self.scored_objects(batch), -1)  # dropped objects: empty slots
+        self.test_pairs.update(preds, masks, scored, categories)
         for method, pred in predictions.items():
             self.test_iou.update(method, pred, masks, scored, batch["group"])
             if self.test_iou_unfiltered is not None:
@@ -267,9 +269,13 @@ class GroundingModule(LightningModule):
         self._log_summary("test", table["ours"]["all"])
         for method in ("ours", "daam"):
             for group, summary in table[method].items():
-                keys = ("miou", "image_noun_miou", "objects")
+                keys = ["miou", "image_noun_miou", "objects"]
+                if not math.isnan(summary["on_other_object"]):  # NaN where no image has two objects
+                    keys.append("on_other_object")
                 self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in keys}, sync_dist=True)
         results = self._table1_results(table)
+        results["confused_pairs"] = confused_pairs(self.test_pairs.compute(), self.category_split.categories)
+        self.test_pairs.reset()
         if self.test_iou_unfiltered is not None:
             unfiltered = self.test_iou_unfiltered.compute(self.category_split)
             self.test_iou_unfiltered.reset()

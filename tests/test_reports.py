@@ -8,9 +8,13 @@ from grounded_diffusion import reports
 from grounded_diffusion.data.prompts import GROUPS
 
 
-def run(ours: float, daam: float, missing: str | None = None) -> dict:
+def run(ours: float, daam: float, missing: str | None = None, scored_other_object: bool = True) -> dict:
     def groups(value):
-        return {g: {"miou": None if g == missing else value, "image_noun_miou": value / 2} for g in GROUPS}
+        table = {g: {"miou": None if g == missing else value, "image_noun_miou": value / 2} for g in GROUPS}
+        if scored_other_object:  # metrics.json files written before it existed lack it
+            for g in GROUPS:
+                table[g]["on_other_object"] = value / 10 if g.startswith("two") else None
+        return table
 
     return {"groups": {"ours": groups(ours), "daam": groups(daam)}}
 
@@ -19,7 +23,7 @@ def test_splits_are_averaged_per_group_and_written(tmp_path, capsys):
     paths = []
     for number, (ours, daam, missing) in enumerate([(90, 60, None), (80, 50, "two_unseen"), (70, 40, None)], 1):
         path = tmp_path / f"metrics{number}.json"
-        path.write_text(json.dumps(run(ours, daam, missing)))
+        path.write_text(json.dumps(run(ours, daam, missing, scored_other_object=number != 3)))
         paths.append(str(path))
     reports.main([*paths, "--name", "PASCAL-sim", "--out", str(tmp_path / "table")])
     report = json.loads((tmp_path / "table" / "report.json").read_text())
@@ -27,8 +31,11 @@ def test_splits_are_averaged_per_group_and_written(tmp_path, capsys):
     assert ours["one_seen"]["miou"] == pytest.approx(80)
     assert ours["two_unseen"]["miou"] == pytest.approx(80)  # a split without the group is left out
     assert report["methods"]["daam"]["mean"]["one_seen"]["image_noun_miou"] == pytest.approx(25)
+    assert ours["two_seen"]["on_other_object"] == pytest.approx(8.5)  # splits 1 and 2 scored it
+    assert ours["one_seen"]["on_other_object"] is None
     text = (tmp_path / "table" / "report.md").read_text()
     assert "| PASCAL-sim, ours | 80.00 | 80.00 | 80.00 | 80.00 | 80.00 |" in text
+    assert "| PASCAL-sim, DAAM | – | – | 5.50 | 5.50 | 5.50 |" in text  # on the other object
     assert "| split 2, DAAM | 50.00 (25.00) |" in text and "– (25.00)" in text
     assert capsys.readouterr().out.strip().endswith("report.json")
 

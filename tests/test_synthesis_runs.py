@@ -127,6 +127,7 @@ def test_training_replays_latents(latents_cache):
     assert set(unfiltered["daam_tuned"]["seen_miou_by_threshold"]) == {"0.2", "0.4", "0.6"}
     report = (latents_cache / "report" / "report.md").read_text()
     assert "| daam (τ=" in report and "| scored / dropped |" in report
+    assert "Predicted pixels on the other named object" in report
 
 
 def test_a_half_precision_backbone_runs_every_stage(tmp_path):
