@@ -77,16 +77,17 @@ def table1(name: str, runs: dict[str, dict]) -> dict:
 
 def markdown(report: dict) -> str:
     name = report["name"]
-    lines = [f"# {name}: Protocol I (paper Tab. 1)", "", "Class-averaged mIoU (%), mean over splits:", ""]
-    lines += [table1_header("test set"), table1_rule()]
-    for method, label in (("ours", "ours"), ("daam", "DAAM")):
-        average = report["methods"][method]["mean"]
-        lines.append(table1_row(f"{name}, {label}", [average[g]["miou"] for g in GROUPS]))
-    lines += ["", "Predicted pixels on the other named object (%), mean over splits:", ""]
-    lines += [table1_header("test set"), table1_rule()]
-    for method, label in (("ours", "ours"), ("daam", "DAAM")):
-        average = report["methods"][method]["mean"]
-        lines.append(table1_row(f"{name}, {label}", [average[g]["on_other_object"] for g in GROUPS]))
+
+    def mean_table(title: str, metric: str) -> list[str]:
+        lines = [title, "", table1_header("test set"), table1_rule()]
+        for method, label in (("ours", "ours"), ("daam", "DAAM")):
+            average = report["methods"][method]["mean"]
+            lines.append(table1_row(f"{name}, {label}", [average[g][metric] for g in GROUPS]))
+        return lines
+
+    lines = [f"# {name}: Protocol I (paper Tab. 1)", ""]
+    lines += mean_table("Class-averaged mIoU (%), mean over splits:", "miou")
+    lines += ["", *mean_table("Predicted pixels on the other named object (%), mean over splits:", "on_other_object")]
     lines += ["", "Per split (class-averaged mIoU; DAAM's own image-noun mIoU in parentheses):", ""]
     lines += [table1_header("split, method"), table1_rule()]
     for method, label in (("ours", "ours"), ("daam", "DAAM")):
