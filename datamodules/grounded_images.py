@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from grounded_diffusion.data.grounded_folder import GroundedImageFolder
 from grounded_diffusion.data.prompts import PromptList, PromptSet
+from grounded_diffusion.data.samplers import loader_generator
 from grounded_diffusion.data.sources import collate_samples
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.errors import ConfigError
@@ -79,4 +80,5 @@ class GroundedImageDataModule(LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=partial(collate_samples, max_objects=self.max_objects),
+            generator=loader_generator(),
         )

@@ -7,6 +7,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from grounded_diffusion.data.samplers import EpochShuffle, loader_generator
 from grounded_diffusion.data.shapes_world import caption, render_shapes_scene
 
 # Validation scenes come from indices far beyond any training set, so the two never meet.
@@ -50,9 +51,12 @@ class RenderedScenesDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = RenderedScenes(h.num_train, h.image_size, h.seed)
-        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers, drop_last=True)
+        return DataLoader(
+            dataset, batch_size=h.batch_size, sampler=EpochShuffle(dataset), num_workers=h.num_workers,
+            drop_last=True, generator=loader_generator(),
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET)
-        return DataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers)
+        return DataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers, generator=loader_generator())

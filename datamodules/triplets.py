@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
-from grounded_diffusion.data.sources import collate_samples, evaluation_sampler, pad_objects
+from grounded_diffusion.data.samplers import EpochShuffle, evaluation_sampler, loader_generator
+from grounded_diffusion.data.sources import collate_samples, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.errors import ConfigError
@@ -168,22 +169,22 @@ class TripletDataModule(LightningDataModule):
             )
         return TripletSamples(self.cache, records, self.category_split, self.max_objects)
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None, collate_fn=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler=None, collate_fn=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_fn,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(),
         )
 
     def _unrepeated_loader(self, dataset: Dataset) -> DataLoader:
         return self._loader(dataset, sampler=evaluation_sampler(self.trainer, dataset))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, sampler=EpochShuffle(self.train_set))
 
     def val_dataloader(self) -> DataLoader:
         return self._unrepeated_loader(self.val_set)

@@ -57,6 +57,19 @@ def test_test_with_ckpt_path_last_and_no_checkpoint_stops(tmp_path, scene_cache)
     assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(exit_info.value.code)
 
 
+def test_validating_more_often_trains_the_same_weights(scene_cache, tmp_path):
+    """Validation draws nothing from the training's random stream, and the training order depends
+    on the seed and the epoch only (12 steps of batch 4 cross an epoch boundary here)."""
+    weights = []
+    for interval in (12, 3):
+        root = tmp_path / f"every_{interval}"
+        main(["fit", *fresh_run(scene_cache, root, 12), "--trainer.val_check_interval", str(interval), "--trainer.logger", "false"])
+        weights.append(torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def logged_steps(log_dir: Path) -> list[int]:
     """The training steps the newest CSVLogger version logged (a killed run may never flush its
     log, so only the resumed one is read)."""

@@ -143,6 +143,38 @@ def test_datamodule_splits_and_unrepeated_evaluation_shards(tmp_path):
     assert sorted(seen_ids) == [f"v{i}" for i in range(7)]  # every sample once, none padded
 
 
+def test_training_order_is_a_one_process_distributed_samplers_whatever_the_global_rng(monkeypatch):
+    from torch.utils.data import DistributedSampler
+
+    from grounded_diffusion.data.samplers import EpochShuffle
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets
+    data = list(range(50))
+    ours, reference = EpochShuffle(data), DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    orders = []
+    for epoch in range(3):
+        ours.set_epoch(epoch), reference.set_epoch(epoch)
+        torch.manual_seed(100 + epoch)  # plays no part
+        orders.append(list(ours))
+        assert orders[-1] == list(reference)
+    assert sorted(orders[0]) == data and orders[0] != orders[1] != orders[2]
+
+
+def test_iterating_the_loaders_leaves_the_global_rng_alone(tmp_path):
+    """Else validating in the middle of training changes what training draws next."""
+    cache = TripletCache(tmp_path)
+    cache.initialise({"storage": "features"})
+    for i in range(5):
+        write_sample(cache, f"t{i}", "train", ["disc"])
+        write_sample(cache, f"v{i}", "val", ["star"])
+    dm = TripletDataModule(str(tmp_path), vocabulary="scenes", split=1, batch_size=2)
+    dm.setup("fit")
+    before = torch.get_rng_state()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert len(list(loader)) == 3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_datamodule_names_an_empty_split(tmp_path):
     cache = TripletCache(tmp_path)
     cache.initialise({"storage": "features"})

@@ -1,17 +1,18 @@
-"""Two CPU processes (gloo) give the same evaluation numbers as one."""
+"""Two CPU processes (gloo) give the same evaluation numbers as one, and shard training."""
 
 import math
 
 import pytest
 import torch
-from lightning import Trainer, seed_everything
+from lightning import Callback, Trainer, seed_everything
+from torch.utils.data import DistributedSampler
 
 from datamodules.triplets import TripletDataModule
 from grounded_diffusion.models.grounding_head import HeadConfig
 from lightning_modules.grounding import GroundingModule
 
 
-def evaluate(cache_dir, devices, stage="validate"):
+def small_run(cache_dir, devices, **trainer_args):
     seed_everything(0)
     model = GroundingModule(head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
     data = TripletDataModule(cache_dir, vocabulary="scenes", split=1, batch_size=2)
@@ -23,7 +24,13 @@ def evaluate(cache_dir, devices, stage="validate"):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_args,
     )
+    return model, data, trainer
+
+
+def evaluate(cache_dir, devices, stage="validate"):
+    model, data, trainer = small_run(cache_dir, devices)
     return getattr(trainer, stage)(model, data)[0]
 
 
@@ -53,3 +60,27 @@ def test_two_process_test_equals_one_process_per_group_with_daam(scene_cache):
     for key in keys:
         a, b = single[key], double[key]
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), key
+
+
+class RecordTrainingIds(Callback):
+    """Each rank appends the ids of its training batches to ``rank<r>.txt`` (spawned processes
+    return nothing else)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.folder / f"rank{trainer.global_rank}.txt", "a") as handle:
+            handle.writelines(f"{i}\n" for i in batch["id"])
+
+
+def test_two_process_fit_trains_each_rank_on_its_shard_of_the_seeded_order(scene_cache, tmp_path):
+    """Under DDP Lightning swaps our EpochShuffle for its DistributedSampler (same seed)."""
+    cache_dir = str(next(scene_cache.glob("cache-*")))
+    model, data, trainer = small_run(cache_dir, 2, max_steps=3, limit_val_batches=0, callbacks=[RecordTrainingIds(tmp_path)])
+    trainer.fit(model, data)
+    data.setup("fit")
+    for rank in range(2):
+        order = DistributedSampler(data.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        expected = [data.train_set.records[i]["id"] for i in order][: 3 * 2]
+        assert (tmp_path / f"rank{rank}.txt").read_text().split() == expected

@@ -155,6 +155,18 @@ def test_mixture_keeps_real_images_of_seen_classes_only(voc_root):
     assert set(sample["labels"].unique().tolist()) == {PASCAL_VOC.index("tvmonitor"), 255}
 
 
+def test_segmentation_validation_leaves_the_global_rng_alone_and_training_shuffles_by_epoch(voc_root):
+    from datamodules.segmentation import SegmentationDataModule
+    from grounded_diffusion.data.samplers import EpochShuffle
+
+    data = SegmentationDataModule("pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train")], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32, batch_size=1)
+    data.setup("fit")
+    assert isinstance(data.train_dataloader().sampler, EpochShuffle)  # (training's flips do draw from it)
+    before = torch.get_rng_state()
+    assert len(list(data.val_dataloader())) == len(VOC_IMAGES["val"])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # -- grounded generation and synthetic sets through the CLI --------------------------------------
 
 

@@ -18,8 +18,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset
 
 
 def sample_seed(sample_id: str) -> int:
@@ -58,12 +56,3 @@ def collate_samples(samples: Sequence[dict], max_objects: int = 2) -> dict:
             values = [pad_objects(v, max_objects) for v in values]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
-
-
-def evaluation_sampler(trainer, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
-    """Exact evaluation under DDP: each sample on one rank, none repeated (Lightning's default
-    DistributedSampler pads with duplicates); ``None`` (plain order) on a single process."""
-    world = trainer.world_size if trainer is not None else 1
-    if world == 1:
-        return None
-    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)
