@@ -66,13 +66,16 @@ def test_daam_of_the_shipped_model_localises_in_its_finest_layers_and_avoids_the
 
 # A CI-sized Protocol I run on the shipped models (experiments/shapes.yaml, fewer samples and
 # steps): the bars it must clear, in mIoU points, on seen and on unseen categories.
-SEEN_MARGIN_OVER_DAAM, UNSEEN_MARGIN_OVER_FOREGROUND = 30.0, 20.0  # measured: 52.1, 54.8
+SEEN_MARGIN_OVER_DAAM, UNSEEN_MARGIN_OVER_FOREGROUND = 30.0, 20.0  # measured: 54.2, 57.0
 # The mean of the three two-object groups, where the head must tell the objects apart by their
-# names. Measured 53.9; 37.4 with the visual tokens unnormalised (every object the same mask).
+# names. Measured 54.3. The head first learns where the objects are and only later which is which:
+# at 400 steps this run scored 28.6 (both objects one mask), at 600 45.4, hence 800 steps.
 TWO_OBJECT_MIOU_BAR = 45.0
 # Of the pixels the head predicts for an object of a two-object image, the share on the other
-# object (all groups). Measured 18.0; 37.7 with the visual tokens unnormalised.
+# object (all groups). Measured 15.0 (40.1 at 400 steps); with the visual tokens unnormalised,
+# the bug this bar is for, 37.7 (400 steps, an earlier training order).
 ON_OTHER_OBJECT_BAR = 28.0
+CI_STEPS = 800
 CI_COUNTS = "{train: {one_seen: 80, two_seen: 80}, val: {one_seen: 8, two_seen: 8}, test: {one_seen: 16, one_unseen: 16, two_seen: 16, two_seen_unseen: 16, two_unseen: 16}}"
 
 
@@ -84,8 +87,8 @@ def protocol1_run(tmp_path_factory) -> Path:
         "--config", str(REPO / "experiments" / "shapes.yaml"),
         "--data.init_args.source.init_args.counts", CI_COUNTS,
         "--trainer.default_root_dir", str(root),
-        "--trainer.max_steps", "400",
-        "--trainer.val_check_interval", "200",
+        "--trainer.max_steps", str(CI_STEPS),
+        "--trainer.val_check_interval", str(CI_STEPS // 2),
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false",
     ]  # fmt: skip
