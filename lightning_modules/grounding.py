@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, is_dataclass
 
 import torch
 from lightning import LightningModule
@@ -72,7 +73,13 @@ class GroundingModule(LightningModule):
         if daam_word_matching not in WORD_MATCHING:
             raise ConfigError(f"daam_word_matching '{daam_word_matching}' is not one of {WORD_MATCHING}")
         self.save_hyperparameters(ignore=["oracle"])
-        # hparams may hold the CLI's raw config (dicts); the models are built from typed configs.
+        # A checkpoint holds no pickled class, which a weights-only load refuses: configs built in
+        # Python are saved as dicts, as the CLI saves its raw config. The models take typed ones.
+        for name in ("backbone", "head"):
+            if is_dataclass(self.hparams[name]):
+                self.hparams[name] = asdict(self.hparams[name])
+        backbone = BackboneConfig(**backbone) if isinstance(backbone, dict) else backbone
+        head = HeadConfig(**head) if isinstance(head, dict) else head
         self.backbone_config, self.head_config, self.oracle = backbone, head, oracle
         self.configure_models()
         self.results: dict[str, dict] = {}

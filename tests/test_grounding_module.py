@@ -30,6 +30,17 @@ def test_unknown_real_image_mode_fails_at_construction():
         GroundingModule(head=SMALL, real_image_mode="inversion")
 
 
+def test_a_module_built_in_python_saves_hyperparameters_a_weights_only_load_reads(tmp_path):
+    """Its typed configs go into the checkpoint as dicts (a pickled class would stop ``fit
+    --ckpt_path`` and ``load_from_checkpoint``) and build the same module again."""
+    module = GroundingModule(head=SMALL, lr=3e-4)
+    torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / "hparams.pt")
+    saved = torch.load(tmp_path / "hparams.pt", weights_only=True)["hyper_parameters"]
+    again = GroundingModule(**saved)
+    assert again.head_config == SMALL and again.backbone_config == module.backbone_config
+    assert again.hparams.lr == 3e-4
+
+
 def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(monkeypatch):
     """Hand case, 4-pixel masks; categories a (seen), b (unseen); minimum oracle score 0.7.
     s0 one_seen:        a truth 1100 score .9,  ours 1000 (I1 U2)
