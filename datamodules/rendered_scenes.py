@@ -7,7 +7,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from grounded_diffusion.data.samplers import EpochShuffle, loader_generator
+from grounded_diffusion.data.samplers import loader_generator, training_sampler
 from grounded_diffusion.data.shapes_world import caption, render_shapes_scene
 
 # Validation scenes come from indices far beyond any training set, so the two never meet.
@@ -51,8 +51,9 @@ class RenderedScenesDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = RenderedScenes(h.num_train, h.image_size, h.seed)
+        sampler = training_sampler(self.trainer, dataset, h.batch_size)
         return DataLoader(
-            dataset, batch_size=h.batch_size, sampler=EpochShuffle(dataset), num_workers=h.num_workers,
+            dataset, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
             drop_last=True, generator=loader_generator(),
         )  # fmt: skip
 

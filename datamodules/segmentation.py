@@ -9,7 +9,7 @@ from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
-from grounded_diffusion.data.samplers import EpochShuffle, evaluation_sampler, loader_generator
+from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError
 
@@ -147,7 +147,7 @@ class SegmentationDataModule(LightningDataModule):
             self.test_set = self._samples(self.test_set_source, train=False)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = EpochShuffle(dataset) if train else evaluation_sampler(self.trainer, dataset)
+        sampler = training_sampler(self.trainer, dataset, self.batch_size) if train else evaluation_sampler(self.trainer, dataset)
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
             persistent_workers=self.num_workers > 0, collate_fn=None if train else collate_evaluation,

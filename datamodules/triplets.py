@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
-from grounded_diffusion.data.samplers import EpochShuffle, evaluation_sampler, loader_generator
+from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
 from grounded_diffusion.data.sources import collate_samples, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
@@ -184,7 +184,7 @@ class TripletDataModule(LightningDataModule):
         return self._loader(dataset, sampler=evaluation_sampler(self.trainer, dataset))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, sampler=EpochShuffle(self.train_set))
+        return self._loader(self.train_set, sampler=training_sampler(self.trainer, self.train_set, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._unrepeated_loader(self.val_set)

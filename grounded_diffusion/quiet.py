@@ -12,8 +12,8 @@ IGNORED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",
     # lightning's own pytree helper uses torch's deprecated LeafSpec; nothing for us to change.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # A step-based fit resumed mid-epoch starts that epoch's order again from its first batch (a
-    # plain DataLoader cannot resume mid-epoch): some batches twice in a fit counted in steps.
+    # A fit resumed mid-epoch: our training samplers start it where the checkpoint stopped
+    # (data/samplers.py), which Lightning cannot see in a plain DataLoader.
     r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 

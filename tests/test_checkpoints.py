@@ -1,4 +1,5 @@
-"""``last.ckpt`` is always the newest state: after fit, after a kill -9, and for ``test``."""
+"""``last.ckpt`` is always the newest state (after fit, after a kill -9, and for ``test``), and a fit
+resumed from it trains on the batches and random draws of one never stopped."""
 
 import csv
 import os
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import LightningDataModule, LightningModule, Trainer
 
+from callbacks.last_checkpoint import LastCheckpoint
 from conftest import REPO, scenes_args
 from grounded_diffusion.cli import main
+from grounded_diffusion.data.samplers import loader_generator, training_sampler
 
 
 def saved_step(checkpoint: Path) -> int:
@@ -57,17 +61,129 @@ def test_test_with_ckpt_path_last_and_no_checkpoint_stops(tmp_path, scene_cache)
     assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(exit_info.value.code)
 
 
-def test_validating_more_often_trains_the_same_weights(scene_cache, tmp_path):
+def trained_weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def batches_into_epoch(checkpoint: Path) -> int:
+    """How many batches of its epoch the fit had trained when it wrote ``checkpoint``."""
+    loops = torch.load(checkpoint, map_location="cpu", weights_only=True)["loops"]["fit_loop"]
+    return loops["epoch_loop.batch_progress"]["current"]["processed"]
+
+
+@pytest.fixture(scope="module")
+def twelve_steps(scene_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of a 12-step fit that validates once, at its end, and is never stopped."""
+    root = tmp_path_factory.mktemp("twelve_steps")
+    main(["fit", *fresh_run(scene_cache, root, 12), "--trainer.logger", "false"])
+    return trained_weights(root)
+
+
+def test_validating_more_often_trains_the_same_weights(scene_cache, tmp_path, twelve_steps):
     """Validation draws nothing from the training's random stream, and the training order depends
     on the seed and the epoch only (12 steps of batch 4 cross an epoch boundary here)."""
-    weights = []
-    for interval in (12, 3):
-        root = tmp_path / f"every_{interval}"
-        main(["fit", *fresh_run(scene_cache, root, 12), "--trainer.val_check_interval", str(interval), "--trainer.logger", "false"])
-        weights.append(torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"])
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        assert torch.equal(weights[0][key], weights[1][key]), key
+    main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--trainer.val_check_interval", "3", "--trainer.logger", "false"])
+    assert_same_weights(trained_weights(tmp_path), twelve_steps)
+
+
+def test_a_fit_continued_to_more_steps_trains_the_same_weights_as_one_run(scene_cache, tmp_path, twelve_steps):
+    """``fit --ckpt_path last`` with a larger max_steps, from a stop part-way through an epoch."""
+    main(["fit", *fresh_run(scene_cache, tmp_path, 5), "--trainer.logger", "false"])
+    assert batches_into_epoch(tmp_path / "checkpoints" / "last.ckpt") == 2  # of 3: part-way through the 2nd epoch
+    main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--ckpt_path", "last", "--trainer.logger", "false"])
+    assert_same_weights(trained_weights(tmp_path), twelve_steps)
+
+
+class Stopped(Exception):
+    """Stands for a kill: the run ends here, with what the checkpoint callbacks wrote before."""
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 11  # 5 batches of 2 per epoch, the 11th sample dropped (drop_last)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index)])
+
+
+class RecordBatches(LightningModule):
+    """Records the samples of each training batch and a draw from the global random stream, as a
+    random augmentation would; ``stop_before_step`` raises ``Stopped``."""
+
+    def __init__(self, stop_before_step: int | None = None) -> None:
+        super().__init__()
+        self.layer, self.batches, self.stop_before_step = torch.nn.Linear(1, 1), [], stop_before_step
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.stop_before_step:
+            raise Stopped
+        self.batches.append((batch.flatten().int().tolist(), torch.rand(()).item()))
+        return self.layer(batch).sum()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NumbersData(LightningDataModule):
+    """Loaders made as our datamodules make them."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset, generator = Numbers(), loader_generator()
+        sampler = training_sampler(self.trainer, dataset, 2)
+        return torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, drop_last=True, generator=generator)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(Numbers(), batch_size=4, generator=loader_generator())
+
+
+def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, val_check_interval: int | None = None,
+                    stop_before_step: int | None = None, ckpt_path: str | None = None) -> list[tuple[list[int], float]]:  # fmt: skip
+    torch.manual_seed(0 if ckpt_path is None else 1)  # a resumed fit draws on from the checkpoint's state
+    model = RecordBatches(stop_before_step)
+    if val_check_interval:
+        validation = {"val_check_interval": val_check_interval, "check_val_every_n_epoch": None}
+    else:
+        validation = {"limit_val_batches": 0}
+    trainer = Trainer(
+        max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[LastCheckpoint(str(root), every_n_train_steps)], **validation,
+    )  # fmt: skip
+    try:
+        trainer.fit(model, NumbersData(), ckpt_path=ckpt_path)
+    except Stopped:
+        pass
+    return model.batches
+
+
+@pytest.mark.parametrize(
+    "saved_at, stop, arguments",
+    [
+        ("the step interval, mid-epoch", 7, {"every_n_train_steps": 7, "stop_before_step": 9}),
+        ("the step interval, end of an epoch", 5, {"every_n_train_steps": 5, "stop_before_step": 6}),
+        ("a validation, mid-epoch", 3, {"val_check_interval": 3, "stop_before_step": 4}),
+        ("the last step, mid-epoch", 7, {"max_steps": 7}),
+        ("the last step, end of an epoch", 10, {"max_steps": 10}),
+        ("a validation at the last step, mid-epoch", 7, {"max_steps": 7, "val_check_interval": 7}),
+    ],
+)
+def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does(tmp_path, saved_at, stop, arguments):
+    """The reference is the same fit without a stop. Lightning alone (a plain sampler) starts a
+    mid-epoch resume at the epoch's first batch, after a checkpoint written when fit ends it skips
+    the rest of the epoch, and it does not restore the global random stream."""
+    straight = trained_batches(tmp_path / "straight", max_steps=14)
+    before = trained_batches(tmp_path / "run", **{"max_steps": 100, **arguments})
+    assert saved_step(tmp_path / "run" / "last.ckpt") == stop, saved_at
+    after = trained_batches(tmp_path / "run", max_steps=14, ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    assert before[:stop] + after == straight, saved_at
 
 
 def logged_steps(log_dir: Path) -> list[int]:
@@ -78,7 +194,7 @@ def logged_steps(log_dir: Path) -> list[int]:
         return sorted({int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")})
 
 
-def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step(scene_cache, tmp_path):
+def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step_as_if_never_stopped(scene_cache, tmp_path):
     root = tmp_path / "run"
     config = tmp_path / "resume.yaml"
     # The scenes experiment's callbacks, with last.ckpt every 10 steps and a CSV log every step.
@@ -109,6 +225,9 @@ def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step(scene_cache, t
     main(["fit", *fresh_run(scene_cache, root, killed_at + 3), "--config", str(config), "--ckpt_path", "last"])
     assert saved_step(last) == killed_at + 3
     assert logged_steps(tmp_path) == [killed_at, killed_at + 1, killed_at + 2]
+    # The rest of the killed epoch, in its order: the weights of a fit that was never stopped.
+    main(["fit", *fresh_run(scene_cache, tmp_path / "never_stopped", killed_at + 3), "--trainer.logger", "false"])
+    assert_same_weights(trained_weights(root), trained_weights(tmp_path / "never_stopped"))
 
 
 def test_every_allowed_torch_loads_checkpoints_weights_only():

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) give the same evaluation numbers as one, and shard training."""
+"""Two CPU processes (gloo) give the same evaluation numbers as one, and shard training (also
+when resumed)."""
 
 import math
 
@@ -7,6 +8,7 @@ import torch
 from lightning import Callback, Trainer, seed_everything
 from torch.utils.data import DistributedSampler
 
+from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.triplets import TripletDataModule
 from grounded_diffusion.models.grounding_head import HeadConfig
 from lightning_modules.grounding import GroundingModule
@@ -16,12 +18,12 @@ def small_run(cache_dir, devices, **trainer_args):
     seed_everything(0)
     model = GroundingModule(head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
     data = TripletDataModule(cache_dir, vocabulary="scenes", split=1, batch_size=2)
+    trainer_args = {"enable_checkpointing": False, **trainer_args}
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         **trainer_args,
@@ -74,13 +76,29 @@ class RecordTrainingIds(Callback):
             handle.writelines(f"{i}\n" for i in batch["id"])
 
 
-def test_two_process_fit_trains_each_rank_on_its_shard_of_the_seeded_order(scene_cache, tmp_path):
-    """Under DDP Lightning swaps our EpochShuffle for its DistributedSampler (same seed)."""
+def shard_batches(dataset, rank: int, epochs: int, batch_size: int = 2) -> list[list[str]]:
+    """Rank ``rank``'s training batches of 2 processes, epoch after epoch: DistributedSampler's
+    order for seed 0, as Lightning would shard a plain shuffled loader."""
+    order = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+    batches = []
+    for epoch in range(epochs):
+        order.set_epoch(epoch)
+        ids = [dataset.records[i]["id"] for i in order]
+        batches += [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    return batches
+
+
+def test_two_process_fit_stopped_and_resumed_trains_each_rank_on_its_shard_of_the_seeded_order(scene_cache, tmp_path):
+    """Each rank keeps our sampler (a DistributedSampler), which also resumes mid-epoch."""
     cache_dir = str(next(scene_cache.glob("cache-*")))
-    model, data, trainer = small_run(cache_dir, 2, max_steps=3, limit_val_batches=0, callbacks=[RecordTrainingIds(tmp_path)])
-    trainer.fit(model, data)
+    for steps, ckpt_path in ((2, None), (5, str(tmp_path / "last.ckpt"))):
+        callbacks = [RecordTrainingIds(tmp_path), LastCheckpoint(str(tmp_path))]
+        model, data, trainer = small_run(
+            cache_dir, 2, max_steps=steps, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
     data.setup("fit")
     for rank in range(2):
-        order = DistributedSampler(data.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        expected = [data.train_set.records[i]["id"] for i in order][: 3 * 2]
-        assert (tmp_path / f"rank{rank}.txt").read_text().split() == expected
+        assert 2 < len(shard_batches(data.train_set, rank, epochs=1)) < 5  # stopped mid-epoch, resumed into the 2nd
+        expected = shard_batches(data.train_set, rank, epochs=2)[:5]
+        assert (tmp_path / f"rank{rank}.txt").read_text().split() == sum(expected, [])

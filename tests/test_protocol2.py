@@ -292,6 +292,26 @@ def test_mixture_with_real_seen_images_and_table2(synthetic_voc, voc_root, tmp_p
     assert synthetic["num_seen"] == 15 and synthetic["num_unseen"] == 5
 
 
+def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(synthetic_voc, voc_root, tmp_path):
+    """Its training draws from the global random stream (the flips, and Mask2Former's loss points),
+    which ``last.ckpt`` carries; the stop at step 2 is part-way through the first epoch."""
+
+    def fit(out: Path, steps: int, *resume: str) -> dict[str, torch.Tensor]:
+        main(["fit", "--config", str(P2 / "pascal_maskformer.yaml"), "--model.init_args.architecture", "mask2former",
+              "--data.init_args.train", folder_sets(synthetic_voc), "--data.init_args.val.init_args.root", str(voc_root),
+              "--config", str(P2 / "offline.yaml"), "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
+              "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", *resume])  # fmt: skip
+        return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+    never_stopped = fit(tmp_path / "a", 4)
+    fit(tmp_path / "b", 2)
+    resumed = fit(tmp_path / "b", 4, "--ckpt_path", "last")
+    assert never_stopped.keys() == resumed.keys()
+    for key in never_stopped:
+        assert torch.equal(never_stopped[key], resumed[key]), key
+
+
 def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_path, capsys):
     images, annotations = coco_files
     # a COCO-labelled synthetic folder: the VOC-named one relabelled is not needed; train on real COCO instead

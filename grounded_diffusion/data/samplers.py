@@ -1,11 +1,14 @@
 """How the datamodules' loaders order samples and draw random numbers.
 
-Two rules keep a run reproducible:
+Three rules keep a run reproducible:
 
 - **Training order is a function of the seed and the epoch only** (``EpochShuffle``), as Lightning's
   ``DistributedSampler`` makes it under DDP. A plain ``shuffle=True`` draws each epoch's order from
   the global torch RNG, which validation also draws from, so the same fit with another
   ``val_check_interval`` trained on another order (and scored up to 2 points apart).
+- **A fit resumed mid-epoch trains on the rest of that epoch** (``training_sampler``), not on its
+  first batches again: a plain sampler starts the epoch over and Lightning stops it after the
+  batches that were left, so the resumed run repeats some samples and never sees others.
 - **No loader draws from the global RNG** (``loader_generator``): every DataLoader iterator draws
   its workers' base seed from the loader's ``generator``, or from the global RNG when it has none.
   With one, iterating the validation set leaves the random stream of training alone.
@@ -15,12 +18,13 @@ Evaluation under DDP sees each sample exactly once (``evaluation_sampler``).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sized
 
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def run_seed() -> int:
@@ -33,22 +37,45 @@ def loader_generator() -> torch.Generator:
     return torch.Generator().manual_seed(run_seed())
 
 
-class EpochShuffle(RandomSampler):
-    """A fresh permutation each epoch, seeded with ``seed + epoch`` as in ``DistributedSampler``, so
-    a single-process run shuffles as a 1-process DDP run would. Lightning calls ``set_epoch`` at the
-    start of each epoch; under DDP it replaces this sampler (a ``RandomSampler``) by its own."""
+class EpochShuffle(DistributedSampler):
+    """Each epoch a fresh permutation seeded with ``seed + epoch``, of which this rank takes its
+    share. A ``DistributedSampler``, so Lightning keeps it under DDP (and one process shuffles as a
+    1-process DDP run does); Lightning calls ``set_epoch`` at the start of each epoch. It can start
+    one epoch part-way through (``resume_at``)."""
 
-    def __init__(self, data_source: Sized, seed: int | None = None) -> None:
-        super().__init__(data_source)
-        self.seed = run_seed() if seed is None else seed
-        self.epoch = 0
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int | None = None) -> None:
+        seed = run_seed() if seed is None else seed
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.resume_epoch: int | None = None
+        self.resume_offset = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def resume_at(self, epoch: int, offset: int) -> None:
+        """Start ``epoch``'s order (this rank's part of it) at position ``offset``, once. The length
+        stays the whole epoch's, which is what Lightning counts the resumed epoch's batches in."""
+        self.resume_epoch, self.resume_offset = epoch, offset
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+        indices = super().__iter__()
+        if self.epoch != self.resume_epoch:
+            return indices
+        self.resume_epoch = None
+        return itertools.islice(indices, self.resume_offset, None)
+
+
+def training_sampler(trainer, dataset: Sized, batch_size: int) -> EpochShuffle:
+    """Training's sampler: this rank's part of the epoch's order and, in a fit resumed from a
+    checkpoint saved part-way through an epoch, the batches of that epoch it had not trained on yet.
+
+    Lightning restores its loops' progress from the checkpoint before it asks for the training
+    loader, so the loops say which epoch was running and how many of its batches were trained."""
+    if trainer is None:
+        return EpochShuffle(dataset)
+    sampler = EpochShuffle(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+    fit_loop = trainer.fit_loop
+    trained = fit_loop.epoch_loop.batch_progress.current.processed
+    if fit_loop.restarting and 0 < trained * batch_size < len(sampler):
+        sampler.resume_at(fit_loop.epoch_progress.current.processed, trained * batch_size)
+    return sampler
 
 
 def evaluation_sampler(trainer, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
