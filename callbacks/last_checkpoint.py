@@ -69,14 +69,16 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_last_now(trainer, again_this_step=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Only for a fit stopped otherwise (max_time): saved here, the loops' progress counts the
-        # unfinished epoch as done and a resumed fit skips the rest of it.
+        # Only for a fit stopped otherwise: saved here, the loops' progress counts the unfinished
+        # epoch as done and a resumed fit skips the rest of it.
         self._save_last_now(trainer)
 
 
 def is_last_training_batch(trainer: Trainer) -> bool:
-    """Whether the fit stops after this batch for reaching ``max_steps`` or ``max_epochs``."""
-    if 0 < trainer.max_steps <= trainer.global_step:
+    """Whether the fit stops after this batch: for reaching ``max_steps`` or ``max_epochs``, or
+    because a callback asked it to (``max_time``'s Timer does so as the batch ends, before the
+    checkpoint callbacks, which Lightning runs last)."""
+    if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
         return True
     max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
     return trainer.is_last_batch and 0 < max_epochs <= trainer.current_epoch + 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import LightningDataModule, LightningModule, Trainer
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
 
 from callbacks.last_checkpoint import LastCheckpoint
 from conftest import REPO, scenes_args
@@ -133,6 +133,16 @@ class RecordBatches(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class StopAt(Callback):
+    """Asks the fit to stop after ``step``, as ``max_time``'s Timer does when time is up."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
 class NumbersData(LightningDataModule):
     """Loaders made as our datamodules make them."""
 
@@ -146,7 +156,8 @@ class NumbersData(LightningDataModule):
 
 
 def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, val_check_interval: int | None = None,
-                    stop_before_step: int | None = None, ckpt_path: str | None = None) -> list[tuple[list[int], float]]:  # fmt: skip
+                    stop_before_step: int | None = None, stop_at_step: int | None = None,
+                    ckpt_path: str | None = None) -> list[tuple[list[int], float]]:  # fmt: skip
     torch.manual_seed(0 if ckpt_path is None else 1)  # a resumed fit draws on from the checkpoint's state
     model = RecordBatches(stop_before_step)
     if val_check_interval:
@@ -155,7 +166,8 @@ def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, va
         validation = {"limit_val_batches": 0}
     trainer = Trainer(
         max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[LastCheckpoint(str(root), every_n_train_steps)], **validation,
+        num_sanity_val_steps=0, callbacks=[LastCheckpoint(str(root), every_n_train_steps), StopAt(stop_at_step)],
+        **validation,
     )  # fmt: skip
     try:
         trainer.fit(model, NumbersData(), ckpt_path=ckpt_path)
@@ -173,6 +185,7 @@ def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, va
         ("the last step, mid-epoch", 7, {"max_steps": 7}),
         ("the last step, end of an epoch", 10, {"max_steps": 10}),
         ("a validation at the last step, mid-epoch", 7, {"max_steps": 7, "val_check_interval": 7}),
+        ("a callback's stop (as max_time's), mid-epoch", 7, {"stop_at_step": 7}),
     ],
 )
 def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does(tmp_path, saved_at, stop, arguments):
