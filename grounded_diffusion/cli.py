@@ -92,7 +92,8 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["--version"]:
         print(version())
         return
-    quiet_known_noise(evaluating=bool(argv) and argv[0] != "fit")
+    resuming = argv[:1] == ["fit"] and any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
+    quiet_known_noise(evaluating=bool(argv) and argv[0] != "fit", resuming=resuming)
     # exit_on_error=False: a bad option or key raises, and is printed as one line below
     # instead of the full usage text.
     parser_kwargs = {"exit_on_error": False, **{sub: {"parser_mode": "omegaconf+", "exit_on_error": False} for sub in SUBCOMMANDS}}

@@ -25,13 +25,17 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
-def quiet_known_noise(evaluating: bool = False) -> None:
+def quiet_known_noise(evaluating: bool = False, resuming: bool = False) -> None:
     """``evaluating``: test / validate / predict, where a checkpoint's callback states are not
-    restored, so Lightning's notice that the callbacks differ from the fit's does not apply."""
+    restored, so Lightning's notice that the callbacks differ from the fit's does not apply.
+    ``resuming``: a fit with ``--ckpt_path``, which writes on into its own checkpoint folder, so
+    Lightning's notice that the folder is not empty does not apply."""
     for message in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if evaluating:
         warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+    if resuming:
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in logger.filters):
         logger.addFilter(_DropTips())
