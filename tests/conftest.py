@@ -32,6 +32,21 @@ def scenes_args(root: Path, counts: str = "{train: 24, val: 7, test: 9}", steps:
     ]  # fmt: skip
 
 
+def last_weights(root: Path) -> dict:
+    """The weights in ``<root>/checkpoints/last.ckpt``."""
+    import torch
+
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.fixture(scope="session")
 def backbone():
     from grounded_diffusion.models.backbone import StableDiffusionBackbone

@@ -15,7 +15,7 @@ import torch
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 
 from callbacks.last_checkpoint import LastCheckpoint
-from conftest import REPO, scenes_args
+from conftest import REPO, assert_same_weights, last_weights, scenes_args
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.samplers import loader_generator, training_sampler
 
@@ -62,16 +62,6 @@ def test_test_with_ckpt_path_last_and_no_checkpoint_stops(tmp_path, scene_cache)
     assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(exit_info.value.code)
 
 
-def trained_weights(root: Path) -> dict[str, torch.Tensor]:
-    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def batches_into_epoch(checkpoint: Path) -> int:
     """How many batches of its epoch the fit had trained when it wrote ``checkpoint``."""
     loops = torch.load(checkpoint, map_location="cpu", weights_only=True)["loops"]["fit_loop"]
@@ -83,14 +73,14 @@ def twelve_steps(scene_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The weights of a 12-step fit that validates once, at its end, and is never stopped."""
     root = tmp_path_factory.mktemp("twelve_steps")
     main(["fit", *fresh_run(scene_cache, root, 12), "--trainer.logger", "false"])
-    return trained_weights(root)
+    return last_weights(root)
 
 
 def test_validating_more_often_trains_the_same_weights(scene_cache, tmp_path, twelve_steps):
     """Validation draws nothing from the training's random stream, and the training order depends
     on the seed and the epoch only (12 steps of batch 4 cross an epoch boundary here)."""
     main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--trainer.val_check_interval", "3", "--trainer.logger", "false"])
-    assert_same_weights(trained_weights(tmp_path), twelve_steps)
+    assert_same_weights(last_weights(tmp_path), twelve_steps)
 
 
 def test_a_fit_continued_to_more_steps_trains_the_same_weights_as_one_run(scene_cache, tmp_path, twelve_steps):
@@ -100,7 +90,7 @@ def test_a_fit_continued_to_more_steps_trains_the_same_weights_as_one_run(scene_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--ckpt_path", "last", "--trainer.logger", "false"])
-    assert_same_weights(trained_weights(tmp_path), twelve_steps)
+    assert_same_weights(last_weights(tmp_path), twelve_steps)
     # Resuming writes on into the run's own checkpoint folder: no notice that it is not empty.
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
 
@@ -245,7 +235,7 @@ def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step_as_if_never_st
     assert logged_steps(tmp_path) == [killed_at, killed_at + 1, killed_at + 2]
     # The rest of the killed epoch, in its order: the weights of a fit that was never stopped.
     main(["fit", *fresh_run(scene_cache, tmp_path / "never_stopped", killed_at + 3), "--trainer.logger", "false"])
-    assert_same_weights(trained_weights(root), trained_weights(tmp_path / "never_stopped"))
+    assert_same_weights(last_weights(root), last_weights(tmp_path / "never_stopped"))
 
 
 def test_every_allowed_torch_loads_checkpoints_weights_only():

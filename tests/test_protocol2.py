@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO as COCOApi
 
-from conftest import REPO, run_cli, scenes_args
+from conftest import REPO, assert_same_weights, last_weights, run_cli, scenes_args
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.grounded_folder import rle_annotations, semantic_labels
 from grounded_diffusion.data.prompts import PromptList
@@ -302,14 +302,11 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(synthet
               "--config", str(P2 / "offline.yaml"), "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", *resume])  # fmt: skip
-        return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        return last_weights(out)
 
     never_stopped = fit(tmp_path / "a", 4)
     fit(tmp_path / "b", 2)
-    resumed = fit(tmp_path / "b", 4, "--ckpt_path", "last")
-    assert never_stopped.keys() == resumed.keys()
-    for key in never_stopped:
-        assert torch.equal(never_stopped[key], resumed[key]), key
+    assert_same_weights(fit(tmp_path / "b", 4, "--ckpt_path", "last"), never_stopped)
 
 
 def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_path, capsys):
