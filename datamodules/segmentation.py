@@ -16,9 +16,10 @@ from grounded_diffusion.errors import ConfigError
 
 class SegmentationSamples(Dataset):
     """A set's images at ``size`` x ``size`` with labels in the target vocabulary (see
-    ``SegmentationDataModule.background``; 255 ignore). Training: labels resized with the image,
-    horizontal flips. Evaluation: labels at the image's original resolution, untouched (the
-    segmenter's scores are upsampled to them), so the scores are the ZS3 literature's."""
+    ``SegmentationDataModule.background``; 255 ignore). Training: labels resized with the image
+    (the datamodule flips batches on the device). Evaluation: labels at the image's original
+    resolution, untouched (the segmenter's scores are upsampled to them), so the scores are the
+    ZS3 literature's."""
 
     def __init__(self, dataset: SegmentationSet, indices: list[int], lookup: torch.Tensor, size: int, train: bool) -> None:
         self.dataset, self.indices, self.lookup, self.size, self.train = dataset, indices, lookup, size, train
@@ -33,9 +34,19 @@ class SegmentationSamples(Dataset):
         labels = self.lookup[labels.long()]
         if self.train:
             labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0]
-            if torch.rand(()) < 0.5:
-                image, labels = image.flip(-1), labels.flip(-1)
         return {"image": image.clamp(0, 255).round().to(torch.uint8), "labels": labels.to(torch.uint8)}
+
+
+def flip_horizontally(batch: dict) -> dict:
+    """Each image of a training batch mirrored with its labels, with probability 1/2, drawn for the
+    whole batch at once from the global RNG of the batch's device."""
+    image, labels = batch["image"], batch["labels"]
+    flip = torch.rand(len(image), device=image.device) < 0.5
+    return {
+        **batch,
+        "image": torch.where(flip[:, None, None, None], image.flip(-1), image),
+        "labels": torch.where(flip[:, None, None], labels.flip(-1), labels),
+    }
 
 
 def collate_evaluation(samples: list[dict]) -> dict:
@@ -156,6 +167,11 @@ class SegmentationDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Flipped here, not in the loader's workers: the training process's RNG is what a
+        # checkpoint carries, so a resumed fit draws the flips of one never stopped.
+        return flip_horizontally(batch) if self.trainer is not None and self.trainer.training else batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

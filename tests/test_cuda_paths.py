@@ -94,12 +94,15 @@ def test_head_training_and_evaluation_steps_on_cuda():
 
 
 def test_deeplab_segmenter_step_on_cuda():
+    from datamodules.segmentation import flip_horizontally
     from grounded_diffusion.models.segmenters import DeepLabV3
 
     segmenter = DeepLabV3(5, "mobilenet_v3_large", None)
     with fake_cuda(segmenter):
-        images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA)
-        labels = torch.zeros(2, 64, 64, dtype=torch.long, device=CUDA)
+        batch = {"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA),
+                 "labels": torch.zeros(2, 64, 64, dtype=torch.uint8, device=CUDA)}  # fmt: skip
+        batch = flip_horizontally(batch)  # the datamodule's, on the batch's device
+        images, labels = batch["image"], batch["labels"].long()
         loss = segmenter.loss(images, labels)
         assert on_cuda(loss) and on_cuda(segmenter.scores(images.float() / 255))
 

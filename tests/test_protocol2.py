@@ -161,10 +161,32 @@ def test_segmentation_validation_leaves_the_global_rng_alone_and_training_shuffl
 
     data = SegmentationDataModule("pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train")], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32, batch_size=1)
     data.setup("fit")
-    assert isinstance(data.train_dataloader().sampler, EpochShuffle)  # (training's flips do draw from it)
+    assert isinstance(data.train_dataloader().sampler, EpochShuffle)
     before = torch.get_rng_state()
     assert len(list(data.val_dataloader())) == len(VOC_IMAGES["val"])
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_training_batches_are_flipped_with_their_labels_and_evaluation_batches_not(voc_root):
+    from lightning import Trainer
+
+    from datamodules.segmentation import SegmentationDataModule
+
+    image = torch.arange(64 * 3 * 4 * 5).reshape(64, 3, 4, 5)
+    batch = {"image": image, "labels": image[:, 0] + 1}
+    torch.manual_seed(0)
+    expected_flips = torch.rand(64) < 0.5  # the draws the datamodule makes, one per image
+    assert 0 < expected_flips.sum() < 64
+    data = SegmentationDataModule("pascal", "zs3", val=VOCSegmentationSet(str(voc_root), "val"))
+    data.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data.trainer.training = True
+    torch.manual_seed(0)
+    flipped = data.on_after_batch_transfer(batch, 0)
+    for i, flip in enumerate(expected_flips.tolist()):  # columns reversed, labels alike
+        reference = image[i][..., [4, 3, 2, 1, 0]] if flip else image[i]
+        assert torch.equal(flipped["image"][i], reference) and torch.equal(flipped["labels"][i], reference[0] + 1)
+    data.trainer.validating = True
+    assert data.on_after_batch_transfer(batch, 0) is batch
 
 
 # -- grounded generation and synthetic sets through the CLI --------------------------------------
@@ -292,14 +314,17 @@ def test_mixture_with_real_seen_images_and_table2(synthetic_voc, voc_root, tmp_p
     assert synthetic["num_seen"] == 15 and synthetic["num_unseen"] == 5
 
 
-def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(synthetic_voc, voc_root, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_workers, synthetic_voc, voc_root, tmp_path):
     """Its training draws from the global random stream (the flips, and Mask2Former's loss points),
-    which ``last.ckpt`` carries; the stop at step 2 is part-way through the first epoch."""
+    which ``last.ckpt`` carries, also with loader workers; the stop at step 2 is part-way through
+    the first epoch."""
 
     def fit(out: Path, steps: int, *resume: str) -> dict[str, torch.Tensor]:
         main(["fit", "--config", str(P2 / "pascal_maskformer.yaml"), "--model.init_args.architecture", "mask2former",
               "--data.init_args.train", folder_sets(synthetic_voc), "--data.init_args.val.init_args.root", str(voc_root),
-              "--config", str(P2 / "offline.yaml"), "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
+              "--config", str(P2 / "offline.yaml"), "--data.init_args.num_workers", str(num_workers),
+              "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", *resume])  # fmt: skip
         return last_weights(out)
