@@ -77,8 +77,11 @@ class LastCheckpoint(ModelCheckpoint):
 def is_last_training_batch(trainer: Trainer) -> bool:
     """Whether the fit stops after this batch: for reaching ``max_steps`` or ``max_epochs``, or
     because a callback asked it to (``max_time``'s Timer does so as the batch ends, before the
-    checkpoint callbacks, which Lightning runs last)."""
-    if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+    checkpoint callbacks, which Lightning runs last) and ``min_steps`` / ``min_epochs`` let it
+    (Lightning trains on until they are met)."""
+    if trainer.should_stop and trainer.fit_loop._can_stop_early:
+        return True
+    if 0 < trainer.max_steps <= trainer.global_step:
         return True
     max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
     return trainer.is_last_batch and 0 < max_epochs <= trainer.current_epoch + 1

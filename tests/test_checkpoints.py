@@ -194,6 +194,26 @@ def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does
     assert before[:stop] + after == straight, saved_at
 
 
+class SavedSteps(Callback):
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_save_checkpoint(self, trainer: Trainer, *args) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_callbacks_stop_before_min_steps_is_saved_once_when_the_fit_ends(tmp_path):
+    """Lightning trains on until ``min_steps``; ``last.ckpt`` is written then, not at every step
+    after the stop was asked for."""
+    saved = SavedSteps()
+    trainer = Trainer(
+        max_steps=100, min_steps=6, limit_val_batches=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[StopAt(3), LastCheckpoint(str(tmp_path), every_n_train_steps=0), saved],
+    )  # fmt: skip
+    trainer.fit(RecordBatches(), NumbersData())
+    assert trainer.global_step == 6 and saved.steps == [6]
+
+
 def logged_steps(log_dir: Path) -> list[int]:
     """The training steps the newest CSVLogger version logged (a killed run may never flush its
     log, so only the resumed one is read)."""
