@@ -315,10 +315,15 @@ def test_mixture_with_real_seen_images_and_table2(synthetic_voc, voc_root, tmp_p
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_workers, synthetic_voc, voc_root, tmp_path):
+def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_workers, synthetic_voc, voc_root, tmp_path, monkeypatch):
     """Its training draws from the global random stream (the flips, and Mask2Former's loss points),
     which ``last.ckpt`` carries, also with loader workers; the stop at step 2 is part-way through
     the first epoch."""
+    import datamodules.segmentation
+
+    flipped = []  # the training batches the datamodule flipped: each one, in the training process
+    flip = datamodules.segmentation.flip_horizontally
+    monkeypatch.setattr(datamodules.segmentation, "flip_horizontally", lambda batch: flipped.append(os.getpid()) or flip(batch))
 
     def fit(out: Path, steps: int, *resume: str) -> dict[str, torch.Tensor]:
         main(["fit", "--config", str(P2 / "pascal_maskformer.yaml"), "--model.init_args.architecture", "mask2former",
@@ -330,6 +335,7 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_wor
         return last_weights(out)
 
     never_stopped = fit(tmp_path / "a", 4)
+    assert flipped == [os.getpid()] * 4
     fit(tmp_path / "b", 2)
     assert_same_weights(fit(tmp_path / "b", 4, "--ckpt_path", "last"), never_stopped)
 
