@@ -10,7 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class LastCheckpoint(ModelCheckpoint):
     """Writes ``<dirpath>/last.ckpt`` after every validation, every ``every_n_train_steps``
     training steps, and after the fit's last training step; nothing else. Every checkpoint of the
-    fit also carries the global random streams, so that a resumed fit draws on where it stopped.
+    fit also carries the global random streams, so that a resumed fit draws on where it stopped,
+    and a validation gives back the streams it found, so that what it draws (some models draw in
+    eval too) changes nothing the training draws.
 
     The last step's checkpoint is written as the step ends, not when fit ends: by then Lightning's
     loops count the running epoch as finished, so a fit resumed from it with a larger
@@ -31,6 +33,7 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 100) -> None:
         super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
         self._random_state_to_restore: dict | None = None
+        self._random_state_before_validation: dict | None = None
 
     # The global random streams are part of a fit's state, which Lightning leaves out of its
     # checkpoints: with them a resumed fit draws what an uninterrupted one would (the segmenters'
@@ -65,7 +68,13 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # step-based runs: the step interval, validation and the end of fit cover it
 
+    # Without this, how often a fit validates would change what it learns wherever a model draws
+    # in eval: transformers 5.17's Mask2Former decoder draws once a layer (its layerdrop test).
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._random_state_before_validation = random_state()
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        set_random_state(self._random_state_before_validation)  # before the save: it holds the training's streams
         self._save_last_now(trainer, again_this_step=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

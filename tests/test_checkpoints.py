@@ -122,7 +122,7 @@ class RecordBatches(LightningModule):
         return self.layer(batch).sum()
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        pass
+        torch.rand(())  # as transformers 5.17's Mask2Former decoder does in eval too (its layerdrop)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -192,6 +192,12 @@ def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does
     assert saved_step(tmp_path / "run" / "last.ckpt") == stop, saved_at
     after = trained_batches(tmp_path / "run", max_steps=14, ckpt_path=str(tmp_path / "run" / "last.ckpt"))
     assert before[:stop] + after == straight, saved_at
+
+
+def test_validation_draws_leave_the_training_draws_alone(tmp_path):
+    """A model that draws from the global stream while it validates trains on the same draws
+    whether it validates every 2 steps or never."""
+    assert trained_batches(tmp_path / "often", max_steps=8, val_check_interval=2) == trained_batches(tmp_path / "never", max_steps=8)
 
 
 class SavedSteps(Callback):
