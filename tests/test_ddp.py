@@ -2,10 +2,12 @@
 when resumed)."""
 
 import math
+import os
 
 import pytest
 import torch
 from lightning import Callback, Trainer, seed_everything
+from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 from torch.utils.data import DistributedSampler
 
 from callbacks.last_checkpoint import LastCheckpoint
@@ -32,8 +34,17 @@ def small_run(cache_dir, devices, **trainer_args):
 
 
 def evaluate(cache_dir, devices, stage="validate"):
-    model, data, trainer = small_run(cache_dir, devices)
-    return getattr(trainer, stage)(model, data)[0]
+    """Every run computes with the threads of one of 2 spawned ranks (Lightning gives each half
+    the cores): a convolution's float sums can depend on the thread count (torch 2.11's do), and
+    a pixel at the mask threshold would then flip."""
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:  # as Lightning's spawned ranks: they keep it when set
+        torch.set_num_threads(_suggested_max_num_threads(num_processes=2))
+    try:
+        model, data, trainer = small_run(cache_dir, devices)
+        return getattr(trainer, stage)(model, data)[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_two_process_validation_equals_one_process(scene_cache):
