@@ -7,28 +7,34 @@
 #                                                    # the versions of this project's .venv
 #   bash benchmarks/gpu_session.sh STAGE [STAGE...]  # on the GPU machine, with .whl copied along
 #
-# Stages (estimated times on one H100):
-#   check       the GPU, library versions, every project module imports            (< 1 min)
-#   tests       pytest -m gpu: the workflows end to end on CUDA                     (~2 min)
-#   smoke       make smoke: every stage at SD-1.5 shapes, time and peak memory      (~4 min)
-#   storage     benchmarks/cache_storage.py: features vs latents, bytes and speed   (~2 min)
-#   throughput  benchmarks/gpu_throughput.py: plain diffusers vs ours, FLOP bound   (~7 min)
-#   compile     the same with the UNet under torch.compile (inductor), fp16, batch 8 (~5 min)
+# Stages, in the order of a short lease (most wanted first), with the seconds each may take:
+#   check       the GPU, library versions, every project module imports            (60)
+#   tests       pytest -m gpu: the workflows end to end on CUDA                     (300)
+#   throughput  benchmarks/gpu_throughput.py: plain diffusers vs ours, FLOP bound   (360)
+#   smoke       make smoke: every stage at SD-1.5 shapes, time and peak memory      (420)
+#   storage     benchmarks/cache_storage.py: features vs latents, bytes and speed   (240)
+#   compile     the same with the UNet under torch.compile (inductor), fp16, batch 8 (300)
 # Without CUDA, throughput and compile check the script on the tiny model instead.
 #
-# A stage that fails does not stop the next. Logs go to $OUT if set, else outputs/gpu_session/;
-# a table of the stages, their exit codes and times is printed last. PYTHON is the interpreter
-# (default python3), WHEELS_DIR the wheels' folder (default .whl). W&B is not among the wheels:
-# other CLI runs there need --trainer.logger false.
+# BUDGET=SECONDS bounds the whole run: a stage gets at most what is left of it (less 20 s for
+# the table), is stopped when that runs out, and is skipped when under 30 s are left, so the
+# table always prints inside the budget. A failing check stops the run (nothing else can work);
+# any other failing stage does not stop the next. Logs go to $OUT if set, else
+# outputs/gpu_session/; a table of the stages, their exit codes and times is printed last.
+# PYTHON is the interpreter (default python3), WHEELS_DIR the wheels' folder (default .whl).
+# W&B is not among the wheels: other CLI runs there need --trainer.logger false.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
 WHL=${WHEELS_DIR:-.whl}
 LOGS=${OUT:-$REPO/outputs/gpu_session}
-STAGES="check tests smoke storage throughput compile"
+STAGES="check tests throughput smoke storage compile"
+BUDGET=${BUDGET:-}
 # The image lacks these (and the project needs them), or they are what those need.
-WHEELS=(diffusers importlib_metadata jsonargparse docstring_parser typeshed_client omegaconf
+# tests/test_gpu_session.py checks that, with benchmarks/gpu_image_packages.txt, they hold every
+# requirement of the project and of each other.
+WHEELS=(diffusers importlib_metadata lazy_importer jsonargparse docstring_parser typeshed_client omegaconf
         open_clip_torch ftfy wcwidth pycocotools)
 
 download_wheels() {
@@ -70,27 +76,47 @@ stage_command() {
     esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+# The most seconds a stage may take (its estimate on one H200, with room to spare).
+stage_limit() {
+    case $1 in check) echo 60 ;; tests) echo 300 ;; throughput) echo 360 ;; smoke) echo 420 ;; storage) echo 240 ;; compile) echo 300 ;; esac
+}
+
+[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
 if [ "$1" = wheels ]; then download_wheels; exit; fi
 for stage in "$@"; do
     stage_command 0 "$stage" >/dev/null || { echo "error: unknown stage '$stage' (stages: $STAGES; or 'wheels' alone)"; exit 2; }
 done
+[[ -z $BUDGET || $BUDGET =~ ^[0-9]+$ ]] || { echo "error: BUDGET must be a number of seconds, not '$BUDGET'"; exit 2; }
 use_wheels
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))") || exit 2
 mkdir -p "$LOGS"
 
 summary=()
+ran=()
 for stage in "$@"; do
+    limit=$(stage_limit "$stage")
+    if [ -n "$BUDGET" ]; then
+        left=$((BUDGET - SECONDS - 20))
+        if [ "$left" -lt 30 ]; then summary+=("| $stage | skipped: under 30 s of BUDGET left | 0 |"); continue; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     command=$(stage_command "$cuda" "$stage")
-    echo "=== $stage: $command"
+    echo "=== $stage (at most $limit s): $command"
     start=$SECONDS
-    bash -c "$command" 2>&1 | tee "$LOGS/$stage.log"
-    summary+=("| $stage | ${PIPESTATUS[0]} | $((SECONDS - start)) |")
+    timeout --kill-after=10 "$limit" bash -c "$command" 2>&1 | tee "$LOGS/$stage.log"
+    code=${PIPESTATUS[0]}
+    [ "$code" = 124 ] || [ "$code" = 137 ] && code="$code: stopped after $limit s"
+    summary+=("| $stage | $code | $((SECONDS - start)) |")
+    ran+=("$stage")
+    if [ "$stage" = check ] && [ "$code" != 0 ]; then
+        echo "error: check failed, so no other stage can work; its output: $LOGS/check.log"
+        break
+    fi
 done
 
 # Each script prints its table last: those tails, then one line per stage.
-for stage in "$@"; do
+for stage in "${ran[@]}"; do
     echo; echo "--- $stage ($LOGS/$stage.log)"; tail -n 12 "$LOGS/$stage.log"
 done
 echo; echo "| stage | exit code | seconds |"; echo "|---|---|---|"

@@ -81,6 +81,7 @@ def main() -> None:
                 t_plain = best_time(plain_generation, warmup=True)
                 t_ours = best_time(synthesis, warmup=True)
             rows.append((dtype, batch, batch / t_plain, batch / t_ours))
+            print(f"{dtype}, batch {batch}: plain {rows[-1][2]:.3f} img/s, ours {rows[-1][3]:.3f} img/s", flush=True)  # kept if stopped
         with torch.inference_mode():
             images = torch.randint(0, 256, (8, 3, 512, 512), dtype=torch.uint8, device=device)
             oracle_rate = 8 / best_time(lambda: oracle(images, [["dog"]] * 8), warmup=True)
