@@ -5,9 +5,15 @@ synthesise the test set, fit, test) as CLI subprocesses, one value after another
 per GPU with ``--gpus``. The test metrics of every value are collected into ``results.csv``,
 ``results.md`` and ``results.png`` (seen and unseen mIoU against the parameter).
 
+With ``seeds`` (a grid key, or ``--seeds``) every value runs once per seed (``--seed_everything``),
+in ``<out>/<value>/seed<N>``, and the tables give each value's mean ± standard deviation over its
+seeds. ``{value_dir}`` in a stage argument is ``<out>/<value>``, shared by the seeds of a value: a
+synthesis cache put there is built by the first seed and found complete by the others.
+
     python -m grounded_diffusion.launch experiments/ablations/coco_seen_counts.grid.yaml
     python -m grounded_diffusion.launch experiments/ablations/coco_seen_counts.grid.yaml --gpus 0,1,2,3
     python -m grounded_diffusion.launch GRID --config experiments/offline.yaml   # CPU smoke run
+    python -m grounded_diffusion.launch GRID --seeds 0 1 2                       # 3 fits a value
 
 A value whose ``report/metrics.json`` exists is not run again (``--force`` reruns it); the
 stages resume on their own (a synthesis skips finished samples).
@@ -21,6 +27,7 @@ import json
 import os
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,9 +41,10 @@ from grounded_diffusion.cli import SUBCOMMANDS
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.reports import markdown_table
 
-COLUMNS = ["value", "x", "seen_miou", "unseen_miou", "harmonic_miou"] + [
+METRICS = ["seen_miou", "unseen_miou", "harmonic_miou"] + [
     f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS
 ]
+COLUMNS = ["value", "seed", "x", *METRICS]
 
 
 def load_grid(path: Path) -> dict:
@@ -58,7 +66,22 @@ def load_grid(path: Path) -> dict:
     stages = grid["stages"]
     if not isinstance(stages, list) or not all(isinstance(s, list) and s and s[0] in SUBCOMMANDS for s in stages):
         raise ConfigError(f"{path}: each stage must be a list starting with one of {SUBCOMMANDS}, e.g. [fit, --config, X.yaml]; got {stages!r}")
+    check_seeds(grid.get("seeds"), f"{path}: seeds")
     return grid
+
+
+def check_seeds(seeds, where: str) -> None:
+    if seeds is None:
+        return
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{where} must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not {seeds!r}")
+
+
+def runs(grid: dict, value, out: Path) -> list[tuple[int | None, Path]]:
+    """(seed, run folder) of each run of ``value``: one without seeds, else one per seed."""
+    if not grid.get("seeds"):
+        return [(None, out / slug(value))]
+    return [(seed, out / slug(value) / f"seed{seed}") for seed in grid["seeds"]]
 
 
 def slug(value) -> str:
@@ -73,62 +96,99 @@ def numeric(value) -> float | None:
     return float(found.group()) if found else None
 
 
-def commands(grid: dict, value, run_dir: Path, configs: list[str], single_device: bool) -> list[list[str]]:
+def commands(grid: dict, value, seed: int | None, out: Path, run_dir: Path, configs: list[str], single_device: bool) -> list[list[str]]:
     extra = [a for c in configs for a in ("--config", c)]
     extra += [f"--{grid['parameter']}={json.dumps(value) if isinstance(value, bool) else value}"]
-    extra += [f"--trainer.default_root_dir={run_dir}"]
+    extra += [f"--trainer.default_root_dir={run_dir}"] + ([f"--seed_everything={seed}"] if seed is not None else [])
     if single_device:
         extra += ["--trainer.devices=1", "--trainer.strategy=auto"]
-    return [[sys.executable, "-m", "grounded_diffusion", *stage, *extra] for stage in grid["stages"]]
+    value_dir = str(out / slug(value))
+    return [[sys.executable, "-m", "grounded_diffusion", *(a.replace("{value_dir}", value_dir) for a in stage), *extra]
+            for stage in grid["stages"]]  # fmt: skip
 
 
 def run_value(grid, value, out: Path, configs, gpu: str | None, force: bool, dry_run: bool) -> str:
-    run_dir = out / slug(value)
-    if (run_dir / "report" / "metrics.json").exists() and not force:
-        return f"{value}: done before, kept"
+    """Every run of ``value``, one after another (its seeds may share a synthesis cache)."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    for number, command in enumerate(commands(grid, value, run_dir, configs, gpu is not None), 1):
-        if dry_run:
-            print(" ".join(command))
+    outcomes = []
+    for seed, run_dir in runs(grid, value, out):
+        name = value if seed is None else f"{value}, seed {seed}"
+        if (run_dir / "report" / "metrics.json").exists() and not force:
+            outcomes.append(f"{name}: done before, kept")
             continue
-        log = run_dir / "logs" / f"{number}-{command[3]}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        print(f"[{value}] {command[3]} ... (log: {log})", flush=True)
-        with open(log, "w") as handle:
-            code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        if code != 0:
-            return f"{value}: FAILED at stage {number} ({' '.join(command[3:])}), exit {code}; see {log}"
-        print(f"[{value}] {command[3]} done in {time.perf_counter() - started:.0f} s", flush=True)
-    return f"{value}: ran"
+        for number, command in enumerate(commands(grid, value, seed, out, run_dir, configs, gpu is not None), 1):
+            if dry_run:
+                print(" ".join(command))
+                continue
+            log = run_dir / "logs" / f"{number}-{command[3]}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            print(f"[{name}] {command[3]} ... (log: {log})", flush=True)
+            with open(log, "w") as handle:
+                code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            if code != 0:
+                outcomes.append(f"{name}: FAILED at stage {number} ({' '.join(command[3:])}), exit {code}; see {log}")
+                return "\n".join(outcomes)  # its other seeds would fail alike
+            print(f"[{name}] {command[3]} done in {time.perf_counter() - started:.0f} s", flush=True)
+        outcomes.append(f"{name}: ran")
+    return "\n".join(outcomes)
 
 
 def collect(grid: dict, out: Path) -> list[dict]:
+    """One row per finished run: the value, its seed (None without seeds) and its test metrics."""
     rows = []
     for value in grid["values"]:
-        path = out / slug(value) / "report" / "metrics.json"
-        if not path.exists():
-            continue
-        metrics = json.loads(path.read_text())
-        row = {"value": value, "x": numeric(value)}
-        row.update({k: metrics.get(k) for k in ("seen_miou", "unseen_miou", "harmonic_miou")})
-        for method in ("ours", "daam"):
-            for group in GROUPS:
-                row[f"{method}_{group}"] = metrics.get("groups", {}).get(method, {}).get(group, {}).get("miou")
-        rows.append(row)
+        for seed, run_dir in runs(grid, value, out):
+            path = run_dir / "report" / "metrics.json"
+            if not path.exists():
+                continue
+            metrics = json.loads(path.read_text())
+            row = {"value": value, "seed": seed, "x": numeric(value)}
+            row.update({k: metrics.get(k) for k in ("seen_miou", "unseen_miou", "harmonic_miou")})
+            for method in ("ours", "daam"):
+                for group in GROUPS:
+                    row[f"{method}_{group}"] = metrics.get("groups", {}).get(method, {}).get(group, {}).get("miou")
+            rows.append(row)
     return rows
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per value (in grid order): the number of seeds and, per metric, the mean and the sample
+    standard deviation over them (None with one seed)."""
+    summary = []
+    for value in dict.fromkeys(row["value"] for row in rows):
+        runs_of_value = [row for row in rows if row["value"] == value]
+        entry = {"value": value, "seeds": len(runs_of_value), "x": runs_of_value[0]["x"]}
+        for metric in METRICS:
+            numbers = [row[metric] for row in runs_of_value if row[metric] is not None]
+            entry[metric] = statistics.fmean(numbers) if numbers else None
+            entry[f"{metric}_sd"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+        summary.append(entry)
+    return summary
+
+
+def mean_sd(entry: dict, metric: str) -> str:
+    if entry[metric] is None:
+        return "–"
+    return f"{entry[metric]:.2f}" + (f" ± {entry[metric + '_sd']:.2f}" if entry[metric + "_sd"] is not None else "")
+
+
 def write_results(grid: dict, rows: list[dict], out: Path) -> None:
+    seeded = bool(grid.get("seeds"))
+    columns = COLUMNS if seeded else [c for c in COLUMNS if c != "seed"]
     with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
-    (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{table}\n")
-    points = [r for r in rows if r["x"] is not None]
+    text = markdown_table(columns, [[row[c] for c in columns] for row in rows])
+    summary = summarise(rows)
+    if seeded:
+        means = markdown_table(["value", "seeds", *METRICS], [[e["value"], e["seeds"], *(mean_sd(e, m) for m in METRICS)] for e in summary])
+        text = f"Mean ± standard deviation over seeds:\n\n{means}\n\nEach run:\n\n{text}"
+    (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{text}\n")
+    points = [e for e in summary if e["x"] is not None]
     if points:
         import matplotlib
 
@@ -137,7 +197,9 @@ def write_results(grid: dict, rows: list[dict], out: Path) -> None:
 
         figure, axis = plt.subplots(figsize=(5, 3.5))
         for key, label in (("seen_miou", "seen"), ("unseen_miou", "unseen")):
-            axis.plot([r["x"] for r in points], [r[key] if r[key] is not None else float("nan") for r in points], "o-", label=label)
+            means = [e[key] if e[key] is not None else float("nan") for e in points]
+            spreads = [e[f"{key}_sd"] or 0.0 for e in points]  # error bars: the seeds' standard deviation
+            axis.errorbar([e["x"] for e in points], means, yerr=spreads, fmt="o-", capsize=3, label=label)
         axis.set_xlabel(grid.get("x_label", grid["parameter"]))
         axis.set_ylabel("mIoU (%)")
         axis.set_title(grid["name"])
@@ -153,11 +215,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", default=[], help="extra config for every stage (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/ablations/<grid name>")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids: one grid value per GPU at a time")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every value once per seed "
+                        "(replaces the grid's seeds); tables give mean ± standard deviation")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rerun values that have results")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.grid)
+        if args.seeds is not None:
+            check_seeds(args.seeds, "--seeds")
+            grid["seeds"] = args.seeds
     except UserError as error:
         sys.exit(f"error: {error}")
     out = args.out or Path("outputs") / "ablations" / grid["name"]
@@ -187,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = collect(grid, out)
     write_results(grid, rows, out)
     print("\n".join(outcomes))
-    print(f"results: {out / 'results.md'} ({len(rows)}/{len(grid['values'])} values)")
+    total = len(grid["values"]) * len(grid.get("seeds") or [None])
+    print(f"results: {out / 'results.md'} ({len(rows)}/{total} runs)")
     if any("FAILED" in o for o in outcomes):
         sys.exit(1)
 

@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -34,18 +35,24 @@ def test_grids_name_real_configs(grid, capsys):
     spec = launch.load_grid(grid)
     launch.main([str(grid), "--dry-run", "--gpus", "0,1", "--out", "/nonexistent/dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == len(spec["values"]) * len(spec["stages"])
+    assert len(printed) == len(spec["values"]) * len(spec.get("seeds") or [None]) * len(spec["stages"])
     assert all("--trainer.devices=1" in line for line in printed)  # one run per GPU
     for stage in spec["stages"]:
         assert (REPO / stage[2]).exists()
 
 
-def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
+def small_run_config(tmp_path):
+    """An overlay that makes every stage of a grid run in seconds."""
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({
         "data": {"init_args": {"source": {"init_args": {"counts": {"train": 16, "val": 4, "test": 6}}}, "batch_size": 4}},
         "trainer": {"max_steps": 2, "val_check_interval": 2, "enable_progress_bar": False},
     }))  # fmt: skip
+    return small
+
+
+def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
+    small = small_run_config(tmp_path)
     grid = tmp_path / "zero.grid.yaml"
     grid.write_text(yaml.safe_dump({
         "name": "zero_masks_smoke",
@@ -63,6 +70,34 @@ def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
     assert "| False | 0.00 |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     launch.main([str(grid), "--config", str(small), "--out", str(out)])  # finished values are kept
+
+
+def test_launcher_runs_each_value_once_per_seed_on_one_synthesis(tmp_path):
+    small = small_run_config(tmp_path)
+    scenes, cache = str(REPO / "experiments/scenes.yaml"), "--data.init_args.cache_dir={value_dir}/cache"
+    grid = tmp_path / "seeded.grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "seeded_smoke", "parameter": "model.init_args.ignore_zero_masks", "values": [True], "seeds": [0, 1],
+        "stages": [["predict", "--config", scenes, cache], ["fit", "--config", scenes, cache],
+                   ["test", "--config", scenes, cache, "--ckpt_path", "last"]],
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    launch.main([str(grid), "--config", str(small), "--out", str(out), "--seeds", "0"])  # the command line's seeds win
+    assert not (out / "True" / "seed1").exists()
+    built = {f: f.stat().st_mtime_ns for f in (out / "True" / "cache").rglob("*") if f.is_file()}
+    assert built and (out / "True" / "seed0" / "report" / "metrics.json").exists()
+
+    launch.main([str(grid), "--config", str(small), "--out", str(out)])  # seed 0 kept, seed 1 runs
+    assert {f: f.stat().st_mtime_ns for f in (out / "True" / "cache").rglob("*") if f.is_file()} == built  # one synthesis
+    heads = [torch.load(out / "True" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+             for seed in (0, 1)]  # fmt: skip
+    name = next(k for k in heads[0] if k.startswith("head.") and k.endswith("weight"))
+    assert not torch.equal(heads[0][name], heads[1][name])  # another seed, another initial head
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["value"], r["seed"]) for r in rows] == [("True", "0"), ("True", "1")]
+    mean = sum(float(r["seen_miou"]) for r in rows) / 2
+    text = (out / "results.md").read_text()
+    assert f"| True | 2 | {mean:.2f} ± " in text and "| True | 1 |" in text  # the mean row, then each run
 
 
 def test_the_shapes_seen_count_grid_runs_nested_splits_of_the_world():

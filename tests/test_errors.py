@@ -170,6 +170,8 @@ def test_reports_cli_names_a_missing_file_and_the_wrong_table(tmp_path):
         ("name: x\nparameter: p\nvalues: 3\nstages: [[fit]]\n", "values must be a non-empty list, not 3"),
         ("name: x\nparameter: p\nvalues: [1]\nstages: [fit, --config, a.yaml]\n", "each stage must be a list starting with one of"),
         ("name: x\nvalues: [1]\n", "lacks ['parameter', 'stages']"),
+        ("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\nseeds: [0, 0]\n", "seeds must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not [0, 0]"),
+        ("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\nseeds: 3\n", "seeds must be a non-empty list"),
     ],
 )  # fmt: skip
 def test_launcher_names_what_is_wrong_with_a_grid(text, expected, tmp_path):
@@ -179,6 +181,14 @@ def test_launcher_names_what_is_wrong_with_a_grid(text, expected, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         launch.main([str(grid), "--out", str(tmp_path / "out")])
     assert str(exit_info.value.code).startswith("error: ") and expected in str(exit_info.value.code)
+
+
+def test_launcher_names_bad_seeds_on_the_command_line(tmp_path):
+    grid = tmp_path / "good.grid.yaml"
+    grid.write_text("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\n")
+    with pytest.raises(SystemExit, match=r"^error: --seeds must be a non-empty list of distinct whole numbers >= 0, e.g. \[0, 1, 2\], not \[1, 1\]$"):
+        launch.main([str(grid), "--out", str(tmp_path / "out"), "--seeds", "1", "1"])
+    assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
 # -- data checked before any training step ---------------------------------------------------

@@ -78,10 +78,12 @@ class HeatMapProcessor(AttnProcessor2_0):
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
         if encoder_hidden_states is not None and self.tracer.traces(hidden_states.shape[1]):
+            # Only the conditional branch is traced: the last B samples of a guidance batch.
+            cond = -self.tracer.batch
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            key = attn.head_to_batch_dim(attn.to_k(context))
-            probs = attn.get_attention_scores(query, key, None)  # [batch * heads, pixels, tokens]
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states[cond:]))
+            key = attn.head_to_batch_dim(attn.to_k(context[cond:]))
+            probs = attn.get_attention_scores(query, key, None)  # [B * heads, pixels, tokens]
             self.tracer.add(self.layer, probs.unflatten(0, (-1, attn.heads)))
         return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
@@ -122,15 +124,19 @@ class DAAMTracer:
         resolution (its probabilities are then not even computed)."""
         return self.latent_size // int(pixels**0.5) != 8
 
+    @property
+    def batch(self) -> int:
+        """B, the number of traced prompts."""
+        return self.token_index.shape[0]
+
     def add(self, layer: int, probs: Tensor) -> None:
         """probs [N, heads, pixels, 77] of one call; N = B (conditional only) or 2B (guidance)."""
-        batch = self.token_index.shape[0]
         if not self.traces(probs.shape[2]):
             return
         if self.token_index.device != probs.device:  # once per trace, not on every attention call
             self.token_index = self.token_index.to(probs.device)
         index = self.token_index[:, None, None, :]
-        cond = probs[-batch:].float()
+        cond = probs[-self.batch :].float()
         kept = cond.gather(-1, index.expand(*cond.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
         self.sums[layer] = self.sums.get(layer, 0) + kept
 
