@@ -77,11 +77,15 @@ def check_seeds(seeds, where: str) -> None:
         raise ConfigError(f"{where} must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not {seeds!r}")
 
 
+def value_dir(out: Path, value) -> Path:
+    return out / slug(value)
+
+
 def runs(grid: dict, value, out: Path) -> list[tuple[int | None, Path]]:
     """(seed, run folder) of each run of ``value``: one without seeds, else one per seed."""
     if not grid.get("seeds"):
-        return [(None, out / slug(value))]
-    return [(seed, out / slug(value) / f"seed{seed}") for seed in grid["seeds"]]
+        return [(None, value_dir(out, value))]
+    return [(seed, value_dir(out, value) / f"seed{seed}") for seed in grid["seeds"]]
 
 
 def slug(value) -> str:
@@ -102,8 +106,8 @@ def commands(grid: dict, value, seed: int | None, out: Path, run_dir: Path, conf
     extra += [f"--trainer.default_root_dir={run_dir}"] + ([f"--seed_everything={seed}"] if seed is not None else [])
     if single_device:
         extra += ["--trainer.devices=1", "--trainer.strategy=auto"]
-    value_dir = str(out / slug(value))
-    return [[sys.executable, "-m", "grounded_diffusion", *(a.replace("{value_dir}", value_dir) for a in stage), *extra]
+    shared = str(value_dir(out, value))
+    return [[sys.executable, "-m", "grounded_diffusion", *(a.replace("{value_dir}", shared) for a in stage), *extra]
             for stage in grid["stages"]]  # fmt: skip
 
 

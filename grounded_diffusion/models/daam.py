@@ -130,14 +130,14 @@ class DAAMTracer:
         return self.token_index.shape[0]
 
     def add(self, layer: int, probs: Tensor) -> None:
-        """probs [N, heads, pixels, 77] of one call; N = B (conditional only) or 2B (guidance)."""
+        """probs [B, heads, pixels, 77] of one call, its conditional branch."""
         if not self.traces(probs.shape[2]):
             return
         if self.token_index.device != probs.device:  # once per trace, not on every attention call
             self.token_index = self.token_index.to(probs.device)
         index = self.token_index[:, None, None, :]
-        cond = probs[-self.batch :].float()
-        kept = cond.gather(-1, index.expand(*cond.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
+        probs = probs.float()
+        kept = probs.gather(-1, index.expand(*probs.shape[:3], index.shape[-1]))  # [B, heads, pixels, K]
         self.sums[layer] = self.sums.get(layer, 0) + kept
 
     def layer_sides(self) -> dict[int, int]:
