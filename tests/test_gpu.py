@@ -5,6 +5,8 @@ steps that need real values (DDIM sampling, Mask R-CNN, backward)."""
 import json
 
 import pytest
+from host_syncs import CudaSyncWarnings, HostSyncs
+from test_host_syncs import assert_sampling_adds_no_sync_per_step
 
 from conftest import REPO, scenes_args
 from grounded_diffusion.cli import main
@@ -51,3 +53,11 @@ def test_protocol2_segmenter_on_gpu(tmp_path):
     main(["fit", *args])
     main(["test", *args, "--ckpt_path", "last"])
     assert json.loads((tmp_path / "run" / "zs3" / "report.json").read_text())["architecture"] == "maskformer"
+
+
+@pytest.mark.parametrize("counter", [CudaSyncWarnings, HostSyncs])
+def test_sampling_adds_no_host_sync_per_step_on_gpu(counter):
+    """On CUDA, by PyTorch's own count (sync debug mode) and by the dispatch count the CPU tests
+    use: capture and DAAM add no synchronizing call per step to diffusers' sampling loop."""
+    plain, ours = assert_sampling_adds_no_sync_per_step("cuda", counter)
+    print(f"{counter.__name__}, 5 steps: plain {plain.count}, ours {ours.count}; ours adds {dict(ours.where - plain.where)}")
