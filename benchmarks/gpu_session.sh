@@ -7,7 +7,8 @@
 #                                                    # the versions of this project's .venv
 #   bash benchmarks/gpu_session.sh STAGE [STAGE...]  # on the GPU machine, with .whl copied along
 #
-# Stages, in the order of a short lease (most wanted first), with the seconds each may take:
+# Stages, in the order of a short lease (most wanted first), with the seconds each may take
+# (stage_limit reads them here):
 #   check       the GPU, library versions, every project module imports            (60)
 #   tests       pytest -m gpu: the workflows end to end on CUDA                     (300)
 #   throughput  benchmarks/gpu_throughput.py: plain diffusers vs ours, FLOP bound   (360)
@@ -26,6 +27,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
+SELF=$REPO/benchmarks/$(basename "$0")
 PY=${PYTHON:-python3}
 WHL=${WHEELS_DIR:-.whl}
 LOGS=${OUT:-$REPO/outputs/gpu_session}
@@ -76,15 +78,19 @@ stage_command() {
     esac
 }
 
-# The most seconds a stage may take (its estimate on one H200, with room to spare).
+# The most seconds a stage may take: the number in brackets in the header above, the one place
+# it is written (an estimate on one H200, with room to spare).
 stage_limit() {
-    case $1 in check) echo 60 ;; tests) echo 300 ;; throughput) echo 360 ;; smoke) echo 420 ;; storage) echo 240 ;; compile) echo 300 ;; esac
+    sed -n "s/^#   $1 .*(\([0-9][0-9]*\))\$/\1/p" "$SELF"
 }
 
-[ $# -gt 0 ] || { sed -n '2,27p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^[^#]/{/^#/p}' "$SELF"; exit 2; }
 if [ "$1" = wheels ]; then download_wheels; exit; fi
 for stage in "$@"; do
     stage_command 0 "$stage" >/dev/null || { echo "error: unknown stage '$stage' (stages: $STAGES; or 'wheels' alone)"; exit 2; }
+done
+for stage in $STAGES; do
+    [ -n "$(stage_limit "$stage")" ] || { echo "error: the header of $SELF gives no limit '(SECONDS)' for the stage '$stage'"; exit 2; }
 done
 [[ -z $BUDGET || $BUDGET =~ ^[0-9]+$ ]] || { echo "error: BUDGET must be a number of seconds, not '$BUDGET'"; exit 2; }
 use_wheels
