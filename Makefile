@@ -33,20 +33,28 @@ quickstart: $(STAMP)
 
 # Protocol II in miniature (Tab. 2), after `make quickstart`, whose head labels the synthetic set:
 # grounded generation over all 20 categories -> a segmenter trained on it (and the rows with real
-# scenes) -> zero-shot mIoU on rendered "real" scenes.
-define SEGMENTER_ROW
-	$(RUN) fit --config $(P2)/shapes_segmenter.yaml $(1)
-	$(RUN) test --config $(P2)/shapes_segmenter.yaml $(1) --ckpt_path last --verbose false
+# scenes) -> zero-shot mIoU on rendered "real" scenes. `make protocol2 SEEDS="0 1 2"` trains each
+# row's segmenter once per seed (seed 0 in <row>_lraspp, seed N in <row>_lraspp_seedN) and the
+# table gives each row's mean ± standard deviation; finished runs are kept (delete one to redo it).
+SEEDS ?= 0
+P2_ROWS := real_seen synthetic with_real_seen real_all
+p2_run = outputs/protocol2/shapes_$(1)_lraspp$(if $(filter 0,$(2)),,_seed$(2))
+p2_overlay = $(if $(filter synthetic,$(1)),,--config $(P2)/shapes_$(1).yaml)
+# $(1): the row, $(2): the seed
+define SEGMENTER_RUN
+	test -f $(call p2_run,$(1),$(2))/zs3/report.json || { \
+	  $(RUN) fit --config $(P2)/shapes_segmenter.yaml $(call p2_overlay,$(1)) --seed_everything $(2) --trainer.default_root_dir $(call p2_run,$(1),$(2)) && \
+	  $(RUN) test --config $(P2)/shapes_segmenter.yaml $(call p2_overlay,$(1)) --seed_everything $(2) --trainer.default_root_dir $(call p2_run,$(1),$(2)) \
+	    --ckpt_path last --verbose false; }
+
 endef
 protocol2: $(STAMP)
 	@test -f $(HEAD) || { echo "error: no $(HEAD); run make quickstart first (its head labels the synthetic set)"; exit 1; }
+	@for seed in $(SEEDS); do case $$seed in *[!0-9]*) echo "error: SEEDS must be whole numbers >= 0, e.g. SEEDS=\"0 1 2\", not '$$seed'"; exit 1;; esac; done
 	$(RUN) predict --config $(P2)/shapes_build.yaml --ckpt_path $(HEAD)
-	$(call SEGMENTER_ROW,--config $(P2)/shapes_real_seen.yaml)
-	$(call SEGMENTER_ROW,)
-	$(call SEGMENTER_ROW,--config $(P2)/shapes_with_real_seen.yaml)
-	$(call SEGMENTER_ROW,--config $(P2)/shapes_real_all.yaml)
+	$(foreach row,$(P2_ROWS),$(foreach seed,$(SEEDS),$(call SEGMENTER_RUN,$(row),$(seed))))
 	$(PY) -m grounded_diffusion.reports --table 2 --out outputs/protocol2/shapes_table2 \
-	  $(foreach run,real_seen synthetic with_real_seen real_all,outputs/protocol2/shapes_$(run)_lraspp/zs3/report.json)
+	  $(foreach row,$(P2_ROWS),$(foreach seed,$(SEEDS),$(call p2_run,$(row),$(seed))/zs3/report.json))
 
 # The real-image path (paper §4.1) on procedural scenes with exact masks, tiny random SD.
 scenes: $(STAMP)

@@ -27,7 +27,6 @@ import json
 import os
 import queue
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -39,7 +38,7 @@ import yaml
 from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.cli import SUBCOMMANDS
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.reports import markdown_table
+from grounded_diffusion.reports import markdown_table, mean_sd, spread
 
 METRICS = ["seen_miou", "unseen_miou", "harmonic_miou"] + [
     f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS
@@ -166,17 +165,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         runs_of_value = [row for row in rows if row["value"] == value]
         entry = {"value": value, "seeds": len(runs_of_value), "x": runs_of_value[0]["x"]}
         for metric in METRICS:
-            numbers = [row[metric] for row in runs_of_value if row[metric] is not None]
-            entry[metric] = statistics.fmean(numbers) if numbers else None
-            entry[f"{metric}_sd"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+            entry[metric], entry[f"{metric}_sd"] = spread([row[metric] for row in runs_of_value if row[metric] is not None])
         summary.append(entry)
     return summary
-
-
-def mean_sd(entry: dict, metric: str) -> str:
-    if entry[metric] is None:
-        return "–"
-    return f"{entry[metric]:.2f}" + (f" ± {entry[metric + '_sd']:.2f}" if entry[metric + "_sd"] is not None else "")
 
 
 def write_results(grid: dict, rows: list[dict], out: Path) -> None:
@@ -189,7 +180,7 @@ def write_results(grid: dict, rows: list[dict], out: Path) -> None:
     text = markdown_table(columns, [[row[c] for c in columns] for row in rows])
     summary = summarise(rows)
     if seeded:
-        means = markdown_table(["value", "seeds", *METRICS], [[e["value"], e["seeds"], *(mean_sd(e, m) for m in METRICS)] for e in summary])
+        means = markdown_table(["value", "seeds", *METRICS], [[e["value"], e["seeds"], *(mean_sd(e[m], e[f"{m}_sd"]) for m in METRICS)] for e in summary])
         text = f"Mean ± standard deviation over seeds:\n\n{means}\n\nEach run:\n\n{text}"
     (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{text}\n")
     points = [e for e in summary if e["x"] is not None]

@@ -15,6 +15,9 @@ per dataset::
 
     python -m grounded_diffusion.reports --table 2 --out outputs/table2 \
         outputs/protocol2/voc_synthetic/zs3/report.json outputs/protocol2/voc_mixture/zs3/report.json
+
+Runs of one segmenter on the same training data (fits with other ``--seed_everything``) make one
+row, with the mean ± standard deviation over them; every run is listed below it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +37,17 @@ GROUP_TITLES = ("one: seen", "one: unseen", "two: seen", "two: seen+unseen", "tw
 
 def pct(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def spread(numbers: list[float]) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation (None with fewer than two numbers)."""
+    mean_value = statistics.fmean(numbers) if numbers else None
+    return mean_value, statistics.stdev(numbers) if len(numbers) > 1 else None
+
+
+def mean_sd(mean_value: float | None, sd: float | None) -> str:
+    """"12.34 ± 0.56", "12.34" without a spread, "–" without a mean."""
+    return pct(mean_value) + (f" ± {sd:.2f}" if mean_value is not None and sd is not None else "")
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:
@@ -100,12 +116,33 @@ def markdown(report: dict) -> str:
 DATASETS = {"pascal": "PASCAL VOC", "coco": "COCO", "shapes": "shapes world"}
 
 
+ZS3_METRICS = ("seen_miou", "unseen_miou", "harmonic_miou")
+TRAINING = ("architecture", "real_seen", "real_all", "synthetic")  # what makes a Tab. 2 row
+
+
 def table2(rows: list[dict]) -> dict:
-    """ZS3 runs (each a ``ZS3Report`` report.json) grouped by dataset, in the given order."""
+    """ZS3 runs (each a ``ZS3Report`` report.json) grouped by dataset, in the given order, and
+    per dataset the Tab. 2 rows: runs of one segmenter on the same training data, averaged."""
     datasets: dict[str, list[dict]] = {}
     for row in rows:
         datasets.setdefault(DATASETS.get(row["vocabulary"], row["vocabulary"]), []).append(row)
-    return {"table": 2, "datasets": datasets}
+    return {"table": 2, "datasets": datasets, "rows": {name: table2_rows(runs) for name, runs in datasets.items()}}
+
+
+def table2_rows(runs: list[dict]) -> list[dict]:
+    """One row per segmenter and training data, in the order first seen: the number of runs, and
+    per metric the mean and standard deviation over them."""
+    same_training: dict[tuple, list[dict]] = {}
+    for run in runs:
+        same_training.setdefault(tuple(run.get(k) for k in TRAINING), []).append(run)
+    rows = []
+    for group in same_training.values():
+        # The run folders of one row differ by their seed only (make protocol2 SEEDS=...: <row>_seed<N>).
+        row = {"name": re.sub(r"[_-]seed\d+$", "", group[0]["name"]), "runs": len(group), **{k: group[0].get(k) for k in TRAINING}}
+        for metric in ZS3_METRICS:
+            row[metric], row[f"{metric}_sd"] = spread([run[metric] for run in group])
+        rows.append(row)
+    return rows
 
 
 def real_cell(row: dict, num_classes: int) -> str:
@@ -117,18 +154,24 @@ def real_cell(row: dict, num_classes: int) -> str:
 
 def table2_markdown(report: dict) -> str:
     lines = ["# Protocol II: zero-shot segmentation of real images (paper Tab. 2)", ""]
-    for dataset, rows in report["datasets"].items():
-        first = rows[0]
+    for dataset, runs in report["datasets"].items():
+        first = runs[0]
         seen, unseen = first["num_seen"], first["num_unseen"]
         columns = ["run", "segmenter", f"Real / {seen}", f"Synthetic / {seen}+{unseen} (# objects)", "seen", "unseen", "harmonic"]
-        cells = [
-            [r["name"], r["architecture"], real_cell(r, seen + unseen), r["synthetic"] or "✗",
-             r["seen_miou"], r["unseen_miou"], r["harmonic_miou"]]
-            for r in rows
-        ]  # fmt: skip
+
+        def training(r: dict) -> list:
+            return [r["name"], r["architecture"], real_cell(r, seen + unseen), r["synthetic"] or "✗"]
+
         background = "background ignored" if first.get("background") == "ignore" else "background counted as seen"
         lines += [f"## {dataset} (mIoU %, {background}; unseen: {', '.join(first['unseen'])})", ""]
-        lines += [markdown_table(columns, cells), ""]
+        each_run = markdown_table(columns, [training(r) + [r[m] for m in ZS3_METRICS] for r in runs])
+        rows = report["rows"][dataset]
+        if all(row["runs"] == 1 for row in rows):
+            lines += [each_run, ""]
+            continue
+        means = [training(r) + [r["runs"]] + [mean_sd(r[m], r[f"{m}_sd"]) for m in ZS3_METRICS] for r in rows]
+        lines += ["Mean ± standard deviation over the runs of each row (seeds):", ""]
+        lines += [markdown_table(columns[:4] + ["runs"] + columns[4:], means), "", "Each run:", "", each_run, ""]
     return "\n".join(lines)
 
 
