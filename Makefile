@@ -34,8 +34,9 @@ quickstart: $(STAMP)
 # Protocol II in miniature (Tab. 2), after `make quickstart`, whose head labels the synthetic set:
 # grounded generation over all 20 categories -> a segmenter trained on it (and the rows with real
 # scenes) -> zero-shot mIoU on rendered "real" scenes. `make protocol2 SEEDS="0 1 2"` trains each
-# row's segmenter once per seed (seed 0 in <row>_lraspp, seed N in <row>_lraspp_seedN) and the
-# table gives each row's mean ± standard deviation; finished runs are kept (delete one to redo it).
+# row's segmenter once per seed (seed 0 in <row>_lraspp, seed N in <row>_lraspp_seedN), a seed's
+# four rows before the next seed's, and the table gives each row's mean ± standard deviation;
+# finished runs are kept (rerun to go on after a stop; delete a run's folder to redo it).
 SEEDS ?= 0
 P2_ROWS := real_seen synthetic with_real_seen real_all
 p2_run = outputs/protocol2/shapes_$(1)_lraspp$(if $(filter 0,$(2)),,_seed$(2))
@@ -52,7 +53,7 @@ protocol2: $(STAMP)
 	@test -f $(HEAD) || { echo "error: no $(HEAD); run make quickstart first (its head labels the synthetic set)"; exit 1; }
 	@for seed in $(SEEDS); do case $$seed in *[!0-9]*) echo "error: SEEDS must be whole numbers >= 0, e.g. SEEDS=\"0 1 2\", not '$$seed'"; exit 1;; esac; done
 	$(RUN) predict --config $(P2)/shapes_build.yaml --ckpt_path $(HEAD)
-	$(foreach row,$(P2_ROWS),$(foreach seed,$(SEEDS),$(call SEGMENTER_RUN,$(row),$(seed))))
+	$(foreach seed,$(SEEDS),$(foreach row,$(P2_ROWS),$(call SEGMENTER_RUN,$(row),$(seed))))
 	$(PY) -m grounded_diffusion.reports --table 2 --out outputs/protocol2/shapes_table2 \
 	  $(foreach row,$(P2_ROWS),$(foreach seed,$(SEEDS),$(call p2_run,$(row),$(seed))/zs3/report.json))
 
