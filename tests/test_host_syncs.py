@@ -1,4 +1,4 @@
-"""No host syncs in the per-step loops (issue: a GPU waits for nothing between steps).
+"""No host syncs in the per-step loops, so that a GPU never waits for its host between steps.
 
 Counted on the CPU with ``HostSyncs`` (tests/host_syncs.py): every ``.item()``, ``int(t)``,
 ``if tensor:``, ``nonzero`` and boolean-mask index, which on a GPU would make the host wait. The
