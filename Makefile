@@ -42,11 +42,10 @@ P2_ROWS := real_seen synthetic with_real_seen real_all
 p2_run = outputs/protocol2/shapes_$(1)_lraspp$(if $(filter 0,$(2)),,_seed$(2))
 p2_overlay = $(if $(filter synthetic,$(1)),,--config $(P2)/shapes_$(1).yaml)
 # $(1): the row, $(2): the seed
+p2_args = --config $(P2)/shapes_segmenter.yaml $(call p2_overlay,$(1)) --seed_everything $(2) --trainer.default_root_dir $(call p2_run,$(1),$(2))
 define SEGMENTER_RUN
 	test -f $(call p2_run,$(1),$(2))/zs3/report.json || { \
-	  $(RUN) fit --config $(P2)/shapes_segmenter.yaml $(call p2_overlay,$(1)) --seed_everything $(2) --trainer.default_root_dir $(call p2_run,$(1),$(2)) && \
-	  $(RUN) test --config $(P2)/shapes_segmenter.yaml $(call p2_overlay,$(1)) --seed_everything $(2) --trainer.default_root_dir $(call p2_run,$(1),$(2)) \
-	    --ckpt_path last --verbose false; }
+	  $(RUN) fit $(call p2_args,$(1),$(2)) && $(RUN) test $(call p2_args,$(1),$(2)) --ckpt_path last --verbose false; }
 
 endef
 protocol2: $(STAMP)

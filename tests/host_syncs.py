@@ -4,7 +4,9 @@ On a GPU, an op whose result Python must read (``.item()``, ``int(t)``, ``if ten
 output size depends on the values (``nonzero``, a boolean mask as an index) makes the host wait
 for the device, and a sampling or training loop that does so every step runs with the GPU idle
 between steps. These ops reach PyTorch's dispatcher alike on every device, so a dispatch mode can
-count them on the CPU: the count of a CPU run is what the same code does to a GPU's tensors."""
+count them on the CPU: the count of a CPU run is what the same code does to a GPU's tensors.
+Not seen on the CPU: ``.tolist()``, ``.numpy()`` and ``.cpu()``, which there skip the dispatcher
+(``CudaSyncWarnings`` sees them on a GPU)."""
 
 from __future__ import annotations
 
@@ -21,19 +23,26 @@ READS_A_VALUE = {aten._local_scalar_dense.default, aten.equal.default}
 SIZE_FROM_VALUES = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default}
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts the ops that sync a GPU with its host, on tensors of ``device_type`` (``cpu``:
-    a CPU run standing in for a GPU one; ``cuda``: a real GPU run, where the CPU tensors of an
-    optimiser's step counts cost nothing). ``where`` tells the Python lines they came from."""
+class SyncCount:
+    """``where``: the Python lines the syncs came from, with how many each; ``count``: all."""
 
-    def __init__(self, device_type: str = "cpu") -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.device_type = device_type
         self.where: collections.Counter[str] = collections.Counter()
 
     @property
     def count(self) -> int:
         return sum(self.where.values())
+
+
+class HostSyncs(SyncCount, TorchDispatchMode):
+    """Counts the ops that sync a GPU with its host, on tensors of ``device_type`` (``cpu``:
+    a CPU run standing in for a GPU one; ``cuda``: a real GPU run, where the CPU tensors of an
+    optimiser's step counts cost nothing)."""
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
 
     def syncs(self, func, args) -> bool:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -50,16 +59,13 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class CudaSyncWarnings:
+class CudaSyncWarnings(SyncCount):
     """The same count on a real GPU, by PyTorch itself: ``torch.cuda.set_sync_debug_mode('warn')``
-    warns at every synchronizing CUDA call, copies to the host included."""
+    warns at every synchronizing CUDA call, copies to the host included. ``device_type``: for the
+    same call as ``HostSyncs``; only CUDA has the mode."""
 
     def __init__(self, device_type: str = "cuda") -> None:
-        self.where: collections.Counter[str] = collections.Counter()
-
-    @property
-    def count(self) -> int:
-        return sum(self.where.values())
+        super().__init__()
 
     def __enter__(self) -> CudaSyncWarnings:
         self.caught = warnings.catch_warnings(record=True)
