@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -14,6 +16,8 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
 from grounded_diffusion.models.segmenters import ARCHITECTURES, Segmenter, build_segmenter, save_segmenter
 from grounded_diffusion.quiet import quiet_known_noise
+
+LR_SCHEDULES = ("poly", "constant")
 
 
 class SemanticSegmentationModule(LightningModule):
@@ -33,6 +37,9 @@ class SemanticSegmentationModule(LightningModule):
         pretrained_backbone: start from the backbone's ImageNet weights.
         num_queries: MaskFormer/Mask2Former queries.
         lr / weight_decay: AdamW (paper: 1e-4 / 1e-4).
+        lr_schedule: ``poly`` (MaskFormer's own recipe: the learning rate falls as
+            ``(1 - step / total_steps) ** poly_power`` to 0 at the fit's last step) or ``constant``.
+        poly_power: the exponent of ``poly`` (MaskFormer's: 0.9).
     """
 
     def __init__(
@@ -45,12 +52,16 @@ class SemanticSegmentationModule(LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         background: str = "ignore",
+        lr_schedule: str = "poly",
+        poly_power: float = 0.9,
     ) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
         if background not in BACKGROUND_MODES:
             raise ConfigError(f"model.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"model.init_args.lr_schedule '{lr_schedule}' is not one of {LR_SCHEDULES}")
         self.save_hyperparameters()
         self.classes = resolve_vocabulary(vocabulary)
         self.num_classes = len(self.classes) + (background == "class")
@@ -132,5 +143,26 @@ class SemanticSegmentationModule(LightningModule):
             num_classes=self.num_classes, classes=list(self.classes), background=h.background,
         )  # fmt: skip
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A fit resumed under another schedule would restart it silently (checkpoints from before
+        # the schedule existed had none: constant).
+        saved = checkpoint.get("hyper_parameters", {}).get("lr_schedule", "constant")
+        if self.trainer.state.fn == "fit" and saved != self.hparams.lr_schedule:
+            raise ConfigError(
+                f"The checkpoint was trained with lr_schedule '{saved}', this fit has '{self.hparams.lr_schedule}': "
+                f"resume it with --model.init_args.lr_schedule {saved}, or start a new fit."
+            )
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        if h.lr_schedule == "constant":
+            return {"optimizer": optimizer}
+        # Over the whole fit (max_steps, or the epochs' batches): a resumed fit goes on with the
+        # schedule of the one it resumes (the scheduler's state is in last.ckpt).
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("lr_schedule 'poly' decays over the whole fit, which has no end here: set "
+                              "trainer.max_steps (or trainer.max_epochs), or model.init_args.lr_schedule: constant.")  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total), power=h.poly_power)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

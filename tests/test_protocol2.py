@@ -325,19 +325,53 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_wor
     flip = datamodules.segmentation.flip_horizontally
     monkeypatch.setattr(datamodules.segmentation, "flip_horizontally", lambda batch: flipped.append(os.getpid()) or flip(batch))
 
-    def fit(out: Path, steps: int, *resume: str) -> dict[str, torch.Tensor]:
+    def fit(out: Path, *extra: str) -> dict[str, torch.Tensor]:
         main(["fit", "--config", str(P2 / "pascal_maskformer.yaml"), "--model.init_args.architecture", "mask2former",
               "--data.init_args.train", folder_sets(synthetic_voc), "--data.init_args.val.init_args.root", str(voc_root),
               "--config", str(P2 / "offline.yaml"), "--data.init_args.num_workers", str(num_workers),
               "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
-              "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", *resume])  # fmt: skip
+              "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", *extra])  # fmt: skip
         return last_weights(out)
 
-    never_stopped = fit(tmp_path / "a", 4)
+    never_stopped = fit(tmp_path / "a")
     assert flipped == [os.getpid()] * 4
-    fit(tmp_path / "b", 2)
-    assert_same_weights(fit(tmp_path / "b", 4, "--ckpt_path", "last"), never_stopped)
+    # Stopped after step 2 of the same 4-step fit (as max_time stops one): the learning-rate
+    # schedule, which runs over the whole fit, goes on where it was.
+    fit(tmp_path / "b", "--trainer.callbacks+=" + json.dumps({"class_path": "test_checkpoints.StopAt", "init_args": {"step": 2}}))
+    assert torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert_same_weights(fit(tmp_path / "b", "--ckpt_path", "last"), never_stopped)
+    with pytest.raises(SystemExit, match="trained with lr_schedule 'poly', this fit has 'constant'"):
+        fit(tmp_path / "b", "--model.init_args.lr_schedule", "constant", "--ckpt_path", "last")
+
+
+def test_segmenter_learning_rate_follows_maskformers_poly_schedule_or_stays_constant():
+    """Against the formula by hand: lr * (1 - step / total) ** 0.9, over the fit's total steps."""
+    from types import SimpleNamespace
+
+    from lightning_modules.segmentation import SemanticSegmentationModule
+
+    def learning_rates(schedule: str) -> list[float]:
+        module = SemanticSegmentationModule("shapes", "lraspp", None, False, lr=1e-3, lr_schedule=schedule)
+        module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+        configured = module.configure_optimizers()
+        optimizer, scheduler = configured["optimizer"], configured.get("lr_scheduler", {}).get("scheduler")
+        rates = []
+        for _ in range(11):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        return rates
+
+    assert learning_rates("poly") == pytest.approx([1e-3 * (1 - step / 10) ** 0.9 for step in range(11)], abs=1e-12)
+    assert learning_rates("constant") == [1e-3] * 11
+    with pytest.raises(ConfigError, match="lr_schedule 'cosine' is not one of"):
+        SemanticSegmentationModule("shapes", "lraspp", None, False, lr_schedule="cosine")
+    endless = SemanticSegmentationModule("shapes", "lraspp", None, False)
+    endless.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))  # max_steps -1, max_epochs -1
+    with pytest.raises(ConfigError, match="set trainer.max_steps"):
+        endless.configure_optimizers()
 
 
 def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_path, capsys):
