@@ -1,8 +1,9 @@
 """Generation throughput against two references, measured in one run: the plain diffusers
 ``StableDiffusionPipeline`` (target: our synthesis step, which adds feature capture, DAAM and the
 oracle, at >= 0.8x its images/s at the same batch and dtype), and the card's FLOP bound for SD-1.5
-generation (0.80 TFLOP per UNet forward at a 64² latent, 100 forwards per image: 50 steps x both
-guidance branches; the bound uses the bf16 matmul rate measured here).
+generation (each UNet forward's FLOPs, counted by ``benchmarks/flops.py``: 0.80 TFLOP at SD-1.5's
+64² latent; 100 forwards per image: 50 steps x both guidance branches; the bf16 matmul rate measured
+here).
 
     python benchmarks/gpu_throughput.py                       # SD-1.5 shapes, batch 1 8 16, fp16 and bf16 (a GPU)
     python benchmarks/gpu_throughput.py --tiny --steps 4      # the embedded model: checks the script on a CPU
@@ -17,15 +18,15 @@ from __future__ import annotations
 import argparse
 
 import torch
+from flops import tiny_sd_unet_config, unet_forward_tflop
 from timing import best_time, synchronize
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.oracle import MaskRCNNOracle
-from grounded_diffusion.models.tiny_sd import build_sd15_shaped_stable_diffusion
+from grounded_diffusion.models.tiny_sd import SD15_UNET, TINY_SD_ID, build_sd15_shaped_stable_diffusion
 
-UNET_TFLOP = 0.80  # one SD-1.5 UNet forward at a 64² latent, one sample
 SMALL_DETECTOR = {"min_size": 128, "max_size": 128}
 
 
@@ -50,16 +51,17 @@ def main() -> None:
     split = CategorySplit.named("pascal", 1)
 
     rate = matmul_tflops(device, torch.bfloat16 if device == "cuda" else torch.float32, 8192 if device == "cuda" else 1024)
+    unet_tflop = unet_forward_tflop(tiny_sd_unet_config() if args.tiny else SD15_UNET)
     forwards = 2 * args.steps  # both guidance branches
-    bound = rate / (UNET_TFLOP * forwards)  # images/s if every FLOP ran at the matmul rate
+    bound = rate / (unet_tflop * forwards)  # images/s if every FLOP ran at the matmul rate
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name}: matmul {rate:.1f} TFLOP/s -> SD-1.5 FLOP bound {bound:.2f} images/s at {args.steps} steps"
-          + (" (the bound is for SD-1.5 shapes; --tiny rows are not comparable to it)" if args.tiny else ""))  # fmt: skip
+    print(f"{name}: matmul {rate:.3g} TFLOP/s, UNet {unet_tflop:.3g} TFLOP per forward -> FLOP bound "
+          f"{bound:.3g} images/s at {args.steps} steps")  # fmt: skip
 
     rows = []
     for dtype in dtypes:
         pipeline = None if args.tiny else build_sd15_shaped_stable_diffusion()
-        config = BackboneConfig(model_id="embedded/tiny-sd" if args.tiny else "sd15-shaped-random", dtype=dtype,
+        config = BackboneConfig(model_id=TINY_SD_ID if args.tiny else "sd15-shaped-random", dtype=dtype,
                                 branches="uncond+cond", num_inference_steps=args.steps, capture_step=min(5, args.steps),
                                 compile_backend=args.compile)  # fmt: skip
         backbone = StableDiffusionBackbone(config, pipeline=pipeline).to(device)
@@ -81,11 +83,11 @@ def main() -> None:
                 t_plain = best_time(plain_generation, warmup=True)
                 t_ours = best_time(synthesis, warmup=True)
             rows.append((dtype, batch, batch / t_plain, batch / t_ours))
-            print(f"{dtype}, batch {batch}: plain {rows[-1][2]:.3f} img/s, ours {rows[-1][3]:.3f} img/s", flush=True)  # kept if stopped
+            print(f"{dtype}, batch {batch}: plain {rows[-1][2]:.3g} img/s, ours {rows[-1][3]:.3g} img/s", flush=True)  # kept if stopped
         with torch.inference_mode():
             images = torch.randint(0, 256, (8, 3, 512, 512), dtype=torch.uint8, device=device)
             oracle_rate = 8 / best_time(lambda: oracle(images, [["dog"]] * 8), warmup=True)
-        print(f"oracle ({dtype}, Mask R-CNN{' at 128 px' if args.tiny else ', 800 px input'}): {oracle_rate:.2f} images/s")
+        print(f"oracle ({dtype}, Mask R-CNN{' at 128 px' if args.tiny else ', 800 px input'}): {oracle_rate:.3g} images/s")
         del backbone, oracle, plain, pipeline
         synchronize()
 
@@ -93,7 +95,7 @@ def main() -> None:
     print(f"| dtype | batch | plain diffusers (img/s) | ours: synthesis step (img/s) | ours / plain | plain / FLOP bound |")
     print("|---|---|---|---|---|---|")
     for dtype, batch, plain_rate, ours_rate in rows:
-        print(f"| {dtype} | {batch} | {plain_rate:.3f} | {ours_rate:.3f} | {ours_rate / plain_rate:.2f} | {plain_rate / bound:.2f} |")
+        print(f"| {dtype} | {batch} | {plain_rate:.3g} | {ours_rate:.3g} | {ours_rate / plain_rate:.3f} | {plain_rate / bound:.3f} |")
 
 
 if __name__ == "__main__":

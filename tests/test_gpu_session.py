@@ -25,6 +25,17 @@ def test_check_stage_imports_every_module_and_ends_with_the_table(tmp_path):
     assert table[0] == "| stage | exit code | seconds |" and table[2].startswith("| check | 0 | ")
 
 
+def test_throughput_stage_runs_the_benchmark_on_the_tiny_model_without_cuda(tmp_path):
+    """The stage a lease wants most, run for real: a crash here would cost the lease its figures."""
+    run = session("throughput", wheels=tmp_path / "no_wheels", out=tmp_path / "out")
+    assert run.returncode == 0, run.stdout + run.stderr
+    log = (tmp_path / "out" / "throughput.log").read_text()
+    assert "CPU: matmul " in log and " TFLOP per forward -> FLOP bound " in log
+    rows = [line for line in log.splitlines() if line.startswith("| float32 | ")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2"]  # batches 1 and 2, every column filled
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[2:])
+
+
 def test_unknown_stage_is_refused_before_anything_runs(tmp_path):
     run = session("check", "thruput", wheels=tmp_path, out=tmp_path / "out")
     assert run.returncode == 2

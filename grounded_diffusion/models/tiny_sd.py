@@ -36,6 +36,7 @@ TINY_SD2_ID = "embedded/tiny-sd2"
 TINY_SDXL_ID = "embedded/tiny-sdxl"
 # Bump when an architecture below changes, so stale copies in the cache are rebuilt.
 TINY_SD_VERSION = 1
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}  # over diffusers' defaults, which are SD-1.x's
 
 
 def default_cache_root() -> Path:
@@ -191,7 +192,7 @@ def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline
     """Stable Diffusion 1.5's architecture (UNet 860 M, CLIP ViT-L/14 text encoder, SD's VAE) with
     random weights: the real shapes and costs, for benchmarks of size and speed."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD-1.x's
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = sd_vae(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215)
     text_encoder = CLIPTextModel(tiny_clip_config(768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
     return assemble_pipeline(unet, vae, text_encoder)
