@@ -145,9 +145,10 @@ class SemanticSegmentationModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A fit resumed under another schedule would restart it silently (checkpoints from before
-        # the schedule existed had none: constant).
+        # the schedule existed had none: constant). load_from_checkpoint has no trainer: nothing resumes.
         saved = checkpoint.get("hyper_parameters", {}).get("lr_schedule", "constant")
-        if self.trainer.state.fn == "fit" and saved != self.hparams.lr_schedule:
+        resuming_fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming_fit and saved != self.hparams.lr_schedule:
             raise ConfigError(
                 f"The checkpoint was trained with lr_schedule '{saved}', this fit has '{self.hparams.lr_schedule}': "
                 f"resume it with --model.init_args.lr_schedule {saved}, or start a new fit."

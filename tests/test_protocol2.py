@@ -343,6 +343,11 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_wor
     assert_same_weights(fit(tmp_path / "b", "--ckpt_path", "last"), never_stopped)
     with pytest.raises(SystemExit, match="trained with lr_schedule 'poly', this fit has 'constant'"):
         fit(tmp_path / "b", "--model.init_args.lr_schedule", "constant", "--ckpt_path", "last")
+    # Outside a fit, the checkpoint loads as any Lightning one does (no trainer, nothing to resume).
+    from lightning_modules.segmentation import SemanticSegmentationModule
+
+    loaded = SemanticSegmentationModule.load_from_checkpoint(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert_same_weights(loaded.state_dict(), never_stopped)
 
 
 def test_segmenter_learning_rate_follows_maskformers_poly_schedule_or_stays_constant():
