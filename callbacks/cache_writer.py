@@ -9,6 +9,7 @@ import torch
 
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 
 from grounded_diffusion.data.cache import TripletCache, encode_image, pack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
@@ -42,10 +43,16 @@ class TripletCacheWriter(BasePredictionWriter):
             raise ConfigError(f"image_quality {image_quality} is not in 1..100")
         self.storage, self.image_format, self.image_quality = storage, image_format, image_quality
 
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # A build with nothing left to do never reaches on_predict_start; a cache whose cache.json
+        # was lost (every sample done) gets it back here, or its samples would be stranded.
+        if stage == "predict" and len(trainer.datamodule.predict_set) == 0:
+            self._initialise_cache(trainer, pl_module)
+            rank_zero_info(f"The cache at {self.cache.root} holds every sample this config asks for: nothing to build.")
+
+    def _initialise_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
         self.cache: TripletCache = datamodule.cache
-        self.unseen = datamodule.category_split.unseen
         metadata = {
             "storage": self.storage,
             "vocabulary": list(datamodule.category_split.categories),
@@ -55,6 +62,10 @@ class TripletCacheWriter(BasePredictionWriter):
             self.cache.initialise(metadata)
         trainer.strategy.barrier()
         self.cache.initialise(metadata)  # the other ranks check that it matches
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._initialise_cache(trainer, pl_module)
+        self.unseen = trainer.datamodule.category_split.unseen
         self.started, self.written = time.perf_counter(), 0
         # Encoding and writing run in one background thread while the GPU makes the next batch.
         self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="cache-writer"), []

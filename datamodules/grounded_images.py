@@ -15,7 +15,8 @@ from grounded_diffusion.data.prompts import PromptList, PromptSet
 from grounded_diffusion.data.samplers import loader_generator
 from grounded_diffusion.data.sources import collate_samples
 from grounded_diffusion.data.vocabulary import CategorySplit
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.files import FolderLock
 
 
 class GroundedImageDataModule(LightningDataModule):
@@ -45,6 +46,9 @@ class GroundedImageDataModule(LightningDataModule):
         max_per_group: int | None = None,
     ) -> None:
         super().__init__()
+        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
+        check_in_range("data.init_args.num_workers", num_workers, 0, None, 0)
+        check_in_range("data.init_args.max_per_group", max_per_group, 1, None)
         self.prepare_data_per_node = False
         if isinstance(prompts, PromptSet):
             if vocabulary is None:
@@ -54,6 +58,7 @@ class GroundedImageDataModule(LightningDataModule):
             self.category_split = CategorySplit(tuple(prompts.classes))
         prompts.check(self.category_split)
         self.prompts, self.folder = prompts, GroundedImageFolder(out_dir)
+        self.lock = FolderLock(out_dir, "The grounded image folder", "data.init_args.out_dir")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_objects, self.max_per_group = max_objects, max_per_group
 
@@ -63,7 +68,14 @@ class GroundedImageDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         self.prompts.prepare()
+        self.lock.acquire()  # one build at a time, before repair() clears temporary files
         self.folder.repair()
+
+    def teardown(self, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.lock.release()
 
     def setup(self, stage: str) -> None:
         if stage != "predict":

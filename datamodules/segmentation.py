@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
 from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_in_range
 
 
 class SegmentationSamples(Dataset):
@@ -94,6 +94,8 @@ class SegmentationDataModule(LightningDataModule):
         super().__init__()
         if background not in BACKGROUND_MODES:
             raise ConfigError(f"data.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
+        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
+        check_in_range("data.init_args.num_workers", num_workers, 0, None, 4)
         self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
         self.vocabulary, self.background = vocabulary, background
         self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val

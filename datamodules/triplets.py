@@ -20,7 +20,8 @@ from grounded_diffusion.data.samplers import evaluation_sampler, loader_generato
 from grounded_diffusion.data.sources import collate_samples, pad_objects
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.files import FolderLock
 
 
 class TripletSamples(Dataset):
@@ -94,11 +95,17 @@ class TripletDataModule(LightningDataModule):
         max_per_group: int | None = None,
     ) -> None:
         super().__init__()
+        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
+        check_in_range("data.init_args.num_workers", num_workers, 0, None, 0)
+        check_in_range("data.init_args.max_objects", max_objects, 1, None, 2)
+        check_in_range("data.init_args.max_per_group", max_per_group, 1, None)
         # One process in the whole job prepares the source and repairs the cache (both live on a
         # filesystem every node sees); the others wait at Lightning's pre-setup barrier.
         self.prepare_data_per_node = False
         self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
         self.cache = TripletCache(cache_dir)
+        # One build at a time: a second predict on the same cache would build every sample twice.
+        self.lock = FolderLock(cache_dir, "The triplet cache", "data.init_args.cache_dir")
         self.source = source
         self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
         self.max_per_group = max_per_group
@@ -119,8 +126,15 @@ class TripletDataModule(LightningDataModule):
         if self.trainer is not None and self.trainer.state.fn == "predict":
             if self.source is None:
                 raise ConfigError("predict builds the cache from data.source, which is not set")
-            self.source.prepare()
+            self.source.prepare()  # (checks every file: a bad one stops the run before anything is written)
+            self.lock.acquire()  # before repair(), which clears the temporary files of a build
             self.cache.repair()
+
+    def teardown(self, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.lock.release()
 
     def setup(self, stage: str) -> None:
         if stage == "predict":

@@ -13,14 +13,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
-from grounded_diffusion.cli_support import check_accelerator, check_loggers, is_out_of_memory, out_of_memory_message, version
+from grounded_diffusion.checkpoint_io import AtomicCheckpointIO, check_checkpoint_kind, read_checkpoint
+from grounded_diffusion.cli_support import (
+    check_accelerator,
+    check_fit_length,
+    check_loggers,
+    check_output_folders,
+    disk_full_message,
+    is_out_of_memory,
+    out_of_memory_message,
+    version,
+)
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
+
+# A config names importable code (as any LightningCLI config): its class paths are imported and
+# instantiated. None of the standard library's is a model, datamodule, callback or logger, and
+# importing some runs code (``this``) or their instantiation does (``os.system``): refused by
+# name, before any import.
+set_parsing_settings(import_path_denylist=sorted(n for n in sys.stdlib_module_names if n.isidentifier()))
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
@@ -33,9 +50,11 @@ class GroundedDiffusionCLI(LightningCLI):
         # on), and --print_config prints the config after interpolation, which jsonargparse's
         # own action cannot (it prints before the subcommand's interpolations are resolved).
         if isinstance(args, (dict, Namespace)):
+            self._command_line_keys = []
             self.config = parser.parse_object(args)
             return
         argv = list(sys.argv[1:] if args is None else args)
+        self._command_line_keys = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
         printing = [a for a in argv if a.split("=")[0] == PRINT_CONFIG]
         self.config = parser.parse_args([a for a in argv if a not in printing])
         if printing:
@@ -53,11 +72,37 @@ class GroundedDiffusionCLI(LightningCLI):
         dumped = parser.dump(config, format="yaml", skip_unset=False, skip_validation=True)
         return parser.parse_object(OmegaConf.to_container(OmegaConf.create(dumped), resolve=True))
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters into the config here, over the
+        # config's own values (so that a generation config runs the head it is given). The
+        # checkpoint must be readable and of the configured model; and a model setting given on
+        # the command line wins over the checkpoint's (an lr given when resuming was dropped).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        config = self.config[subcommand]
+        check_checkpoint_kind(read_checkpoint(ckpt_path, map_location="cpu"), ckpt_path, config["model"]["class_path"])
+        given = {key: config[key] for key in self._command_line_keys if key.startswith("model.") and key in config}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[subcommand][key] = value
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.config[self.subcommand] = self._resolved(self.subcommand)
-            check_accelerator(self.config[self.subcommand])
-            check_loggers(self.config[self.subcommand])
+            config = self.config[self.subcommand]
+            check_accelerator(config)
+            check_loggers(config)
+            check_output_folders(config, self.subcommand)
+            if self.subcommand == "fit":
+                check_fit_length(config)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # (a configured plugin stays)
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -65,6 +110,10 @@ class GroundedDiffusionCLI(LightningCLI):
         except Exception as error:
             if is_out_of_memory(error):
                 raise UserError(out_of_memory_message(self.config[subcommand], subcommand)) from error
+            run_folder = self.config[subcommand].get("trainer", {}).get("default_root_dir") or "."
+            full = None if find_user_error(error) else disk_full_message(error, run_folder)
+            if full is not None:  # met where no writer of ours said it (a logger's file, a report)
+                raise UserError(full) from error
             raise
 
     def after_instantiate_classes(self) -> None:
@@ -108,10 +157,10 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as error:
         sys.exit(f"error: {one_line_config_error(error, argv)}")
     except Exception as error:
-        user_error = find_user_error(error) or spawned_user_error(error)
-        if user_error is None:
+        message = find_user_error(error) or spawned_user_error(error)
+        if message is None:
             raise
-        sys.exit(f"error: {user_error}")
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

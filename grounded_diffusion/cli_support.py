@@ -1,13 +1,16 @@
-"""What the command line needs besides LightningCLI: config resolvers for folder names, device
-checks, the out-of-memory message, the version line."""
+"""What the command line needs besides LightningCLI: config resolvers for folder names, device,
+output-folder and run-length checks, the out-of-memory and disk-full messages, the version line."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from omegaconf import OmegaConf
 
 from grounded_diffusion.data.vocabulary import vocabulary_label
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, error_chain
+from grounded_diffusion.files import check_writable_folder, disk_full_error, is_disk_full
 
 
 def run_name(vocabulary, split) -> str:
@@ -25,13 +28,50 @@ OmegaConf.register_resolver("vocabulary_label", vocabulary_label, replace=True)
 def check_accelerator(config) -> None:
     """A GPU config on a machine without one: one line before anything is built (Lightning
     says "No supported gpu backend found!" after the model has loaded)."""
-    accelerator = str(config.get("trainer", {}).get("accelerator", "auto"))
+    trainer = config.get("trainer", {})
+    accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator is '{accelerator}' but this machine has no CUDA GPU (torch.cuda.is_available() is "
             "False). Run on a GPU machine, or on this CPU with --config experiments/offline.yaml (tiny model) or "
             "--trainer.accelerator cpu."
         )
+    check_devices(trainer.get("devices", "auto"), accelerator)
+
+
+def check_devices(devices, accelerator: str) -> None:
+    """``trainer.devices`` as a count: at most the GPUs this machine has (CUDA runs), or its CPU
+    cores (CPU runs: one process each)."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    have, what = (torch.cuda.device_count(), "CUDA GPUs") if on_gpu else (os.cpu_count() or 1, "CPU cores")
+    count = devices if isinstance(devices, int) else int(devices) if str(devices).isdigit() else None
+    if count is not None and count > have:
+        raise ConfigError(
+            f"trainer.devices is {count} but this machine has {have} {what} (trainer.accelerator '{accelerator}'): "
+            f"the nearest valid value is {have}; more devices come with more machines (trainer.num_nodes)"
+        )
+
+
+def check_fit_length(config) -> None:
+    """A fit that would train nothing ends without a checkpoint and without a word."""
+    trainer = config.get("trainer", {})
+    for key in ("max_steps", "max_epochs"):
+        if trainer.get(key) == 0:
+            raise ConfigError(
+                f"trainer.{key} is 0: the fit would train nothing and write no checkpoint; give a positive number "
+                f"(nearest valid value 1) or -1 / null to leave the length to the other limit"
+            )
+
+
+def check_output_folders(config, subcommand: str) -> None:
+    """Every folder the run writes can be written (before anything is built): the run folder, and
+    for ``predict`` the cache or image folder it fills."""
+    check_writable_folder(config.get("trainer", {}).get("default_root_dir") or ".", "trainer.default_root_dir")
+    if subcommand == "predict":
+        data = config.get("data", {}).get("init_args", {}) or {}
+        for key in ("cache_dir", "out_dir"):
+            if data.get(key):
+                check_writable_folder(data[key], f"data.init_args.{key}")
 
 
 def check_loggers(config) -> None:
@@ -62,6 +102,15 @@ def out_of_memory_message(config, subcommand: str) -> str:
     kept = ("every sample already written is kept: rerun the same command to go on" if subcommand == "predict"
             else "resume with --ckpt_path last" if subcommand == "fit" else "nothing was written")  # fmt: skip
     return f"CUDA ran out of memory at data.init_args.batch_size {size} (per GPU): lower it, {smaller}; {kept}."
+
+
+def disk_full_message(error: BaseException, run_folder: str) -> str | None:
+    """One line for a full disk in ``error``'s chain (the file it names, else the run folder),
+    or None when the disk is not full."""
+    full = next((e for e in error_chain(error) if is_disk_full(e)), None)
+    if full is None:
+        return None
+    return str(disk_full_error(full.filename or run_folder, "finished samples and checkpoints are kept"))
 
 
 def version() -> str:

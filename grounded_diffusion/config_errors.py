@@ -52,6 +52,8 @@ def _init_keys(class_path: str) -> list[str]:
 
 def _class_candidates(module_path: str) -> list[str]:
     """Classes defined in a module, or the submodules of a package."""
+    if not module_path:
+        return []
     try:
         module = importlib.import_module(module_path)
     except ImportError:
@@ -62,8 +64,46 @@ def _class_candidates(module_path: str) -> list[str]:
     return names
 
 
+def _innermost(message: str) -> tuple[list[str], str]:
+    """The keys down to the innermost ``Parser key`` of a jsonargparse report, and that key's own
+    section (its indented block: not the other Union alternatives tried beside it)."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = message.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.lstrip().startswith(f'Parser key "{keys[-1]}"'))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    section = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        section.append(line)
+    return keys, "\n".join(section)
+
+
+def _wrong_class(message: str) -> str | None:
+    """A class path that names no subclass of what its key takes (or names the standard library,
+    which jsonargparse is told to refuse unimported): the key, the class path and the base class."""
+    if 'Parser key "' not in message:
+        return None
+    keys, section = _innermost(message)
+    denied = re.findall(r"Importing '([^']+)' is not allowed, denied by", section)
+    if not denied and "does not correspond to a subclass of" not in section:
+        return None
+    subtypes = re.findall(r"Subtypes: \[(.*)\]", section)  # e.g. [list[a.B], <class 'a.B'>, <class 'NoneType'>]
+    names = [name for pair in re.findall(r"<class '([^']+)'>|\[([\w.]+)\]", subtypes[-1] if subtypes else "") for name in pair if name]
+    base = " or ".join(dict.fromkeys(n for n in names if n != "NoneType"))
+    given = [g.strip() for g in re.findall(r"Given value: (.+)", section) if not g.startswith("NestedArg")]
+    class_path = denied[-1] if denied else given[-1] if given else None
+    if not base or not class_path:
+        return None
+    why = "the standard library holds none, and a config may not name it" if denied else "a class_path there must name one"
+    return f"{'.init_args.'.join(keys)}: '{class_path}' is not a subclass of {base}: {why} (your own subclasses work)"
+
+
 def one_line_config_error(error: Exception, argv: list[str]) -> str:
     message = str(error)
+    wrong_class = _wrong_class(message)
+    if wrong_class:
+        return wrong_class
     group = re.match(r'Parser key "([^"]+)"', message)
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if group and problem:

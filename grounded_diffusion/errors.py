@@ -2,7 +2,7 @@
 
 import difflib
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,16 +17,19 @@ class UserError(Exception):
     """Bad input or missing set-up; the message names the bad value and the fix."""
 
 
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the errors behind it (causes and contexts), each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        yield error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+
+
 def find_user_error(error: BaseException | None) -> UserError | None:
     """The UserError behind ``error``, if any (jsonargparse wraps errors raised while it
     instantiates the configured classes)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return next((e for e in error_chain(error) if isinstance(e, UserError)), None)
 
 
 def spawned_user_error(error: BaseException) -> str | None:
@@ -54,3 +57,14 @@ def torchvision_weights_file(weights) -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def check_in_range(key: str, value, low=None, high=None, default=None) -> None:
+    """``low <= value <= high`` (either bound may be None), or one line that names the key, the
+    bad value, the nearest valid value and the default."""
+    if value is None or ((low is None or value >= low) and (high is None or value <= high)):
+        return
+    nearest = low if low is not None and value < low else high
+    interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    usual = f", default {default}" if default is not None else ""
+    raise ConfigError(f"{key} is {value}, outside {interval}: the nearest valid value is {nearest}{usual}")

@@ -15,6 +15,8 @@ IGNORED_WARNINGS = (
     # A fit resumed mid-epoch: our training samplers start it where the checkpoint stopped
     # (data/samplers.py), which Lightning cannot see in a plain DataLoader.
     r"You're resuming from a checkpoint that ended before the epoch ended",
+    # A predict rerun on a finished build has nothing left to do; the cache writer says so.
+    r"Total length of `DataLoader` across ranks is zero",
 )
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_in_range
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
@@ -19,6 +19,7 @@ from grounded_diffusion.models.daam import WORD_MATCHING, DAAMTracer, normalized
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 from grounded_diffusion.quiet import quiet_known_noise
+from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
 TRIVIAL = ("all_foreground", "all_background")
 REAL_IMAGE_MODES = ("noise", "ddim_inversion")
@@ -72,6 +73,15 @@ class GroundingModule(LightningModule):
             raise ConfigError(f"real_image_mode '{real_image_mode}' is not one of {REAL_IMAGE_MODES}")
         if daam_word_matching not in WORD_MATCHING:
             raise ConfigError(f"daam_word_matching '{daam_word_matching}' is not one of {WORD_MATCHING}")
+        for key, value, default in [
+            ("mask_threshold", mask_threshold, 0.5),
+            ("daam_threshold", daam_threshold, 0.4),
+            ("test_min_oracle_score", test_min_oracle_score, 0.7),
+            *(("daam_thresholds", t, None) for t in daam_thresholds or []),
+        ]:
+            check_in_range(f"model.init_args.{key}", value, 0.0, 1.0, default)
+        check_in_range("model.init_args.lr", lr, 0.0, None, 1e-4)
+        check_in_range("model.init_args.weight_decay", weight_decay, 0.0, None, 1e-4)
         self.save_hyperparameters(ignore=["oracle"])
         # A checkpoint holds no pickled class, which a weights-only load refuses: configs built in
         # Python are saved as dicts, as the CLI saves its raw config. The models take typed ones.
@@ -83,6 +93,7 @@ class GroundingModule(LightningModule):
         self.backbone_config, self.head_config, self.oracle = backbone, head, oracle
         self.configure_models()
         self.results: dict[str, dict] = {}
+        self.samples_source = "the training data"
 
     def configure_models(self) -> None:
         self.backbone = StableDiffusionBackbone(self.backbone_config)
@@ -151,6 +162,7 @@ class GroundingModule(LightningModule):
         if not hasattr(datamodule, "category_split"):
             raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
         self.category_split = datamodule.category_split
+        self.samples_source = f"the triplet cache {datamodule.cache.root}"  # (for errors that name a sample)
         self.check_cache(datamodule.cache.metadata())
         embeds = self.backbone.category_embeddings(self.category_split.categories).float()
         self.register_buffer("category_embeds", embeds, persistent=False)
@@ -191,6 +203,7 @@ class GroundingModule(LightningModule):
                 "(before the visual-token LayerNorm) or another model.init_args.head. Train it again with `fit`."
             )
         state.update(self._frozen_state())
+        apply_resumed_lr(self, checkpoint)
 
     # -- forward, loss ---------------------------------------------------------------------------
 
@@ -211,12 +224,8 @@ class GroundingModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self._logits(batch)
         loss = grounding_loss(logits, batch["masks"], batch["categories"], self.hparams.ignore_zero_masks)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The loss is {loss.item()} at step {self.global_step} (samples {batch['id']}). "
-                "Nothing was updated with it. Lower model.init_args.lr, or train in float32 "
-                "(trainer.precision: 32), and resume from the last checkpoint with --ckpt_path last."
-            )
+        inputs = batch["features"] if "features" in batch else [batch["latents"]]
+        check_finite_loss(self, loss, inputs, batch["id"], self.samples_source)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 

@@ -16,6 +16,7 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
 from grounded_diffusion.models.segmenters import ARCHITECTURES, Segmenter, build_segmenter, save_segmenter
 from grounded_diffusion.quiet import quiet_known_noise
+from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
 LR_SCHEDULES = ("poly", "constant")
 
@@ -78,7 +79,8 @@ class SemanticSegmentationModule(LightningModule):
         if datamodule.category_split.categories != self.classes:
             raise ConfigError(
                 f"The model predicts the classes of vocabulary {self.hparams.vocabulary!r} but the data is labelled "
-                f"with {datamodule.vocabulary!r}: set model.init_args.vocabulary and data.init_args.vocabulary alike."
+                f"with {getattr(datamodule, 'vocabulary', datamodule.category_split.categories)!r}: set "
+                "model.init_args.vocabulary and data.init_args.vocabulary alike."
             )
         if getattr(datamodule, "background", self.hparams.background) != self.hparams.background:
             raise ConfigError(
@@ -98,11 +100,7 @@ class SemanticSegmentationModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.segmenter.loss(self._images(batch), batch["labels"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The loss is {loss.item()} at step {self.global_step}; nothing was updated with it. "
-                "Lower model.init_args.lr or train in float32, and resume with --ckpt_path last."
-            )
+        check_finite_loss(self, loss)  # (images are uint8: always finite)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
@@ -153,6 +151,7 @@ class SemanticSegmentationModule(LightningModule):
                 f"The checkpoint was trained with lr_schedule '{saved}', this fit has '{self.hparams.lr_schedule}': "
                 f"resume it with --model.init_args.lr_schedule {saved}, or start a new fit."
             )
+        apply_resumed_lr(self, checkpoint)
 
     def configure_optimizers(self) -> dict:
         h = self.hparams

@@ -26,6 +26,7 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.models.shapes_sd import shapes_text_encoder, shapes_unet
 from grounded_diffusion.models.tiny_sd import assemble_pipeline, sd15_scheduler
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 from lightning_modules.autoencoder import to_model_range
 
 SAMPLE_PROMPTS = (
@@ -106,8 +107,7 @@ class TextToImageModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"The loss is {loss.item()} at step {self.global_step}; lower model.init_args.lr and resume with --ckpt_path last.")
+        check_finite_loss(self, loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
@@ -154,6 +154,7 @@ class TextToImageModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.ema.load_state_dict(checkpoint["ema"])
+        apply_resumed_lr(self, checkpoint)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self._trained_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

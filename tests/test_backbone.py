@@ -130,7 +130,7 @@ def test_bad_settings_are_named():
         StableDiffusionBackbone(BackboneConfig(branches="both"))
     with pytest.raises(ValueError, match="Unknown UNet blocks \\['middle'\\]"):
         StableDiffusionBackbone(BackboneConfig(blocks=["middle"]))
-    with pytest.raises(ValueError, match="capture_step=60"):
+    with pytest.raises(ValueError, match=r"capture_step is 60, outside \[1, 50\]: the nearest valid value is 50"):
         StableDiffusionBackbone(BackboneConfig(capture_step=60))
 
 

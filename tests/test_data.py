@@ -11,7 +11,7 @@ from datamodules.triplets import TripletDataModule, TripletSamples
 from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
 from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 
 
@@ -94,7 +94,7 @@ def test_cache_is_safetensors_and_json_and_tolerates_a_torn_manifest(tmp_path):
     write_sample(cache, "a")  # a rewrite replaces, never duplicates
     with open(cache.manifest_path, "a") as f:
         f.write('{"id": "c", "pro')  # a line cut off mid-write
-    with pytest.warns(UserWarning, match="unreadable line"):
+    with pytest.warns(UserWarning, match="a torn last line skipped"):
         assert [r["id"] for r in cache.manifest()] == ["a", "b"]
     assert sorted(p.name for p in cache.samples_dir.iterdir()) == ["a.safetensors", "b.safetensors"]
     with pytest.warns(UserWarning, match="removed a torn last line"):
@@ -113,10 +113,11 @@ def test_cache_refuses_other_settings_and_names_corrupt_files(tmp_path):
         cache.initialise({"storage": "features", "capture_timestep": 1})
     write_sample(cache, "a")
     cache.sample_path("a").write_bytes(b"not a safetensors file")
-    with pytest.raises(CacheError, match="missing or corrupt"):
+    with pytest.raises(CacheError, match="header too large. The file is missing or damaged: rerun the cache's predict"):
         cache.load("a")
-    with pytest.raises(CacheError, match="unsafe id|may only hold"):
+    with pytest.raises(UserError, match=r"sample id '../escape' is not a plain name"):
         write_sample(cache, "../escape")
+    assert not (tmp_path / "escape.safetensors").exists()
 
 
 class FakeTrainer:

@@ -83,7 +83,7 @@ def test_print_config_is_resolved(capsys):
 def test_manifest_line_without_id(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"id": "a"}\n{"prompt": "x"}\n')
-    with pytest.raises(UserError, match=r"manifest.jsonl:2: the line has no sample id .*delete that line"):
+    with pytest.raises(UserError, match=r"manifest.jsonl:2: the line is not a sample's record .*delete that line"):
         JsonlManifest(manifest).records()
 
 
@@ -93,7 +93,7 @@ def test_truncated_cache_json(scene_cache, tmp_path, capsys):
     broken.mkdir()
     (broken / "cache.json").write_text((cache / "cache.json").read_text()[:40])
     message = cli_error(["fit", *scenes_args(scene_cache), "--data.init_args.cache_dir", str(broken)], capsys)
-    assert f"{broken / 'cache.json'} is not valid JSON" in message and "delete it, then rerun" in message
+    assert f"{broken / 'cache.json'} is not valid JSON" in message and "Delete it and rerun the cache's predict command" in message
 
 
 def test_missing_cache_names_the_configs_that_build_it(tmp_path, capsys):

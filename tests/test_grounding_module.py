@@ -21,7 +21,10 @@ def test_nan_loss_stops_with_the_samples_named():
         "masks": torch.ones(1, 2, 16, 16, dtype=torch.bool),
         "categories": torch.tensor([[0, -1]]),
     }
-    with pytest.raises(FloatingPointError, match="scene-train-000042.*--ckpt_path last"):
+    with pytest.raises(FloatingPointError, match="the data, not the learning rate: sample scene-train-000042 of the training data holds NaN"):
+        module.training_step(batch, 0)
+    batch["features"] = [torch.full_like(f, 3e38) for f in features]  # finite inputs, an infinite loss
+    with pytest.raises(FloatingPointError, match="The learning rate is too high for it .*start the fit again"):
         module.training_step(batch, 0)
 
 

@@ -19,14 +19,13 @@ Layout::
 
 A sample file is written to a temporary name and renamed into place; only then is its manifest
 line appended, with one ``write`` on an O_APPEND file (several ranks may append at once). The
-manifest is the list of finished samples: a build that is interrupted and rerun skips them.
+manifest is the list of finished samples: a build that is interrupted and rerun skips them, and
+one that finds a listed sample unreadable (a damaged disk, a file cut short) builds it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,14 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
-from grounded_diffusion.data.manifest import JsonlManifest
+from grounded_diffusion.data.manifest import JsonlManifest, check_sample_id
 from grounded_diffusion.errors import UserError
+from grounded_diffusion.files import atomic_write
 
 FORMAT_VERSION = 3  # 3: image compressed (JPEG or PNG), latents in the UNet's dtype
 IMAGE_KEYS = ("image.jpeg", "image.png")
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+KEPT = "every sample already written is kept, and the rerun goes on from them"
 
 
 class CacheError(UserError, RuntimeError):
@@ -98,15 +98,20 @@ class TripletCache:
                 "`grounded-diffusion predict --config <the same experiment configs>`."
             )
         try:
-            return json.loads(self.metadata_path.read_text())
-        except json.JSONDecodeError as error:
+            metadata = json.loads(self.metadata_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CacheError(
-                f"{self.metadata_path} is not valid JSON ({error.msg} at line {error.lineno}): the file is truncated "
-                "or edited. Rerunning the cache's predict command rewrites it only if it is gone: delete it, then rerun."
+                f"{self.metadata_path} is not valid JSON ({error}): the file is truncated or edited. Delete it and "
+                "rerun the cache's predict command: it writes it again (its samples are kept)."
             ) from error
+        if not isinstance(metadata, dict):
+            raise CacheError(f"{self.metadata_path} holds no settings object: delete it and rerun the cache's predict command")
+        return metadata
 
     def initialise(self, metadata: Mapping) -> None:
-        """Create the cache, or check that an existing one was made the same way."""
+        """Create the cache, or check that an existing one was made the same way. A cache whose
+        ``cache.json`` is gone but whose samples are there (a damaged or deleted file) gets it
+        back, once its samples are found to fit these settings."""
         metadata = {"format_version": FORMAT_VERSION, **metadata}
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         if self.metadata_path.exists():
@@ -119,38 +124,72 @@ class TripletCache:
                     "Use another cache_dir, or delete this one to rebuild it."
                 )
             return
-        tmp = self.metadata_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(metadata, indent=2))
-        os.replace(tmp, self.metadata_path)
+        self.check_samples_fit(metadata)
+        text = json.dumps(metadata, indent=2)
+        atomic_write(self.metadata_path, lambda tmp: tmp.write_text(text), KEPT)
+
+    def check_samples_fit(self, metadata: Mapping) -> None:
+        """The samples already listed hold what ``metadata`` says a sample holds: the storage
+        mode's tensors, and feature groups of its channel counts (the first sample is read)."""
+        records = self.manifest()
+        if not records or not self.sample_path(records[0]["id"]).exists():
+            return
+        tensors, _ = self.load(records[0]["id"])
+        if metadata["storage"] == "latents":
+            found, wanted = "latents" in tensors, True
+        else:
+            groups = sum(1 for k in tensors if k.startswith("features."))
+            found = [int(tensors[f"features.{g}"].shape[0]) for g in range(groups)]
+            wanted = list(metadata["feature_groups"])
+        if found != wanted:
+            raise CacheError(
+                f"The cache at '{self.root}' has no cache.json and its samples were built with other settings than "
+                f"this run's (storage {metadata['storage']}, feature groups {metadata['feature_groups']}); "
+                "use another cache_dir, or delete this one to rebuild it."
+            )
 
     # -- samples -------------------------------------------------------------------------------
 
     def sample_path(self, sample_id: str) -> Path:
-        return self.samples_dir / f"{sample_id}.safetensors"
+        return self.samples_dir / f"{check_sample_id(sample_id, str(self.manifest_path))}.safetensors"
 
     def write(self, record: Mapping, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
         """Atomically write one sample, then record it in the manifest."""
-        sample_id = record["id"]
-        if not SAFE_ID.match(sample_id):
-            raise CacheError(f"Sample id '{sample_id}' may only hold letters, digits, '.', '_' and '-'")
-        path = self.sample_path(sample_id)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
+        data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata))
+        atomic_write(self.sample_path(record["id"]), lambda tmp: tmp.write_bytes(data), KEPT)
         self.manifest_file.append(record)
 
     def repair(self) -> None:
-        """Clear what an interrupted build left: temporary sample files, and a torn last manifest
-        line (so that appends start on a fresh line). Call it from one process before a build."""
+        """Clear what an interrupted build left: temporary sample files, damaged manifest lines
+        (a torn last one, so that appends start on a fresh line), and listed samples whose file
+        is gone or unreadable (cut short, overwritten), which the build then makes again. Call
+        it from one process before a build."""
         for leftover in self.samples_dir.glob(".*.tmp*"):
             leftover.unlink(missing_ok=True)
         self.manifest_file.repair()
         records = self.manifest()
         missing = self.missing_files(records)
-        if missing:  # listed but their files are gone: build them again
+        unreadable = [r["id"] for r in records if r["id"] not in set(missing) and not self.readable(r["id"])]
+        if missing:
             warnings.warn(f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them")
-            gone = set(missing)
+        if unreadable:
+            warnings.warn(
+                f"{self.manifest_path}: {len(unreadable)} listed sample files are unreadable (first: "
+                f"{self.sample_path(unreadable[0])}); rebuilding them"
+            )
+        if missing or unreadable:
+            gone = {*missing, *unreadable}
             self.manifest_file.rewrite([r for r in records if r["id"] not in gone])
+            for sample_id in unreadable:
+                self.sample_path(sample_id).unlink(missing_ok=True)
+
+    def readable(self, sample_id: str) -> bool:
+        """Whether a sample file's header is whole and covers the file (a cheap read)."""
+        try:
+            with safe_open(self.sample_path(sample_id), "pt"):
+                return True
+        except (SafetensorError, OSError):
+            return False
 
     def missing_files(self, records: list[dict]) -> list[str]:
         """Ids of listed samples whose file is gone (a cheap stat each)."""
@@ -180,6 +219,6 @@ class TripletCache:
             return load_file(path), metadata
         except (SafetensorError, OSError) as err:
             raise CacheError(
-                f"Cannot read sample '{sample_id}' ({path}): {err}. The file is missing or corrupt; "
-                f"remove its line from {self.manifest_path} and rerun the predict command to rebuild it."
+                f"Cannot read sample '{sample_id}' ({path}): {err}. The file is missing or damaged: rerun the cache's "
+                "predict command (it finds such samples and builds them again), or delete the file and rerun it."
             ) from err

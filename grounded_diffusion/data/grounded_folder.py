@@ -20,7 +20,7 @@ interrupted build skips what is finished and ``finalize`` rebuilds the lists fro
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,10 +30,13 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from torch import Tensor
 
-from grounded_diffusion.data.manifest import JsonlManifest
+from grounded_diffusion.data.manifest import JsonlManifest, check_sample_id
 from grounded_diffusion.data.validation import IGNORE_LABEL
 from grounded_diffusion.data.voc import PALETTE_RGB, voc_palette
 from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.files import atomic_write
+
+KEPT = "every image already written is kept, and the rerun goes on from them"
 
 
 def semantic_labels(probs: Tensor, labels: Tensor, threshold: float = 0.5, ignore_band: float = 0.0) -> Tensor:
@@ -121,14 +124,23 @@ class GroundedImageFolder:
             for leftover in (self.root / sub).glob(".*.tmp*"):
                 leftover.unlink(missing_ok=True)
         self.manifest.repair()
+        records = self.manifest.records()
+        kept = [r for r in records if all(p.is_file() for p in self.files(r["id"]))]
+        if len(kept) < len(records):  # listed, but an image or label map is gone: make them again
+            warnings.warn(f"{self.manifest.path}: {len(records) - len(kept)} listed samples lack a file; rebuilding them")
+            self.manifest.rewrite(kept)
+
+    def files(self, sample_id: str) -> tuple[Path, Path]:
+        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
 
     def write(self, record: dict, image: np.ndarray, labels: np.ndarray, overlay_image: np.ndarray | None) -> None:
         """One sample: image HxWx3 uint8, label map HxW uint8, optional overlay; manifest last."""
-        sample_id = record["id"]
-        _atomic_write(self.root / "JPEGImages" / f"{sample_id}.jpg", lambda t: Image.fromarray(image).save(t, format="JPEG", quality=95))
+        sample_id = check_sample_id(record["id"], str(self.manifest.path))
+        image_path, label_path = self.files(sample_id)
+        _atomic_write(image_path, lambda t: Image.fromarray(image).save(t, format="JPEG", quality=95))
         label_png = Image.fromarray(labels, mode="P")
         label_png.putpalette(self.palette)
-        _atomic_write(self.root / "SegmentationClass" / f"{sample_id}.png", lambda t: label_png.save(t, format="PNG"))
+        _atomic_write(label_path, lambda t: label_png.save(t, format="PNG"))
         if overlay_image is not None:
             _atomic_write(self.root / "overlays" / f"{sample_id}.png", lambda t: Image.fromarray(overlay_image).save(t, format="PNG"))
         self.manifest.append(record)
@@ -163,6 +175,4 @@ class GroundedImageFolder:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write, KEPT)

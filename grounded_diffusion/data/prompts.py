@@ -89,9 +89,9 @@ class PromptSet:
     def prepare(self) -> None:
         if self.templates_file is not None:
             path = Path(self.templates_file)
-            if not path.is_file():
-                raise ConfigError(f"templates_file '{path}' does not exist")
-            self.templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            self.templates = [line.strip() for line in read_text_file(path, "templates_file").splitlines() if line.strip()]
+            if not self.templates:
+                raise ConfigError(f"templates_file '{path}' holds no template (one per line, e.g. 'a photograph of a {{c1}}')")
             self._check_templates(self.templates, str(path))
 
     def check(self, split: CategorySplit) -> None:
@@ -218,6 +218,16 @@ class ListedPrompts(Dataset):
         return self.prompts.sample(self.indices[index])
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one line saying why it cannot be one."""
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte {error.start}): give a text file, one entry per line") from None
+
+
 def read_prompt_file(file: str) -> list[dict]:
     """Lines ``prompt | category, category`` (blank lines and ``#`` comments skipped)."""
     path = Path(file)
@@ -227,10 +237,8 @@ def read_prompt_file(file: str) -> list[dict]:
             "Prompt file 'None': to give prompts without a file, set the whole PromptList: --data.init_args.prompts "
             "'{class_path: PromptList, init_args: {file: null, prompts: [{prompt: ..., categories: [...]}]}}'"
         )
-    if not path.is_file():
-        raise ConfigError(f"Prompt file '{path}' does not exist")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, "Prompt file").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         prompt, sep, names = line.partition("|")

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from grounded_diffusion.data.shapes_world import shape_mask
+from grounded_diffusion.data.validation import DataError
 from grounded_diffusion.data.voc import VOCFolder, write_voc_folder
 from grounded_diffusion.data.vocabulary import SCENES
 
@@ -89,3 +90,7 @@ class ProceduralScenes(VOCFolder):
         if not (marker.exists() and marker.read_text() == wanted):
             write_scene_folder(self.root, self.counts, self.image_size, self.seed)
             marker.write_text(wanted)
+        try:  # a folder written earlier may have lost or damaged files since
+            super().prepare()
+        except DataError as error:
+            raise DataError(f"{error}. The folder is generated: delete {self.root} and rerun to write it again") from None

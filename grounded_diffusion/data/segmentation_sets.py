@@ -6,6 +6,8 @@ image holds (to keep "real images of seen classes only")."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
 from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
-from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs
+from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs, decoded_image
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
@@ -147,17 +149,26 @@ class COCOSegmentationSet(SegmentationSet):
         return {self.label_of[a["category_id"]] for a in annotations if not a.get("iscrowd")}
 
     def validate(self) -> None:
-        """Every image exists at the size its annotations give (labels are drawn from them)."""
-        for info in self.coco.loadImgs(self.ids):
-            path = self.images / info["file_name"]
-            if not path.is_file():
-                raise DataError(f"COCO image {path} (listed in the annotation file) does not exist; point `images` at its folder")
-            with Image.open(path) as image:
-                if image.size != (info["width"], info["height"]):
-                    raise DataError(
-                        f"COCO image {path} is {image.size[0]}x{image.size[1]} but its annotations say "
-                        f"{info['width']}x{info['height']}; use the annotation file of these images"
-                    )
+        """Every image exists, decodes, and has the size its annotations give (labels are drawn
+        from them); one ``DataError`` naming the first bad image."""
+        infos = self.coco.loadImgs(self.ids)
+        with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:  # PIL decodes outside the GIL
+            problems = [p for p in pool.map(self._image_problem, infos) if p]
+        if problems:
+            more = f" (and {len(problems) - 1} more of {len(infos)})" if len(problems) > 1 else ""
+            raise DataError(f"COCO image {problems[0]}{more}")
+
+    def _image_problem(self, info: dict) -> str | None:
+        path = self.images / info["file_name"]
+        if not path.is_file():
+            return f"{path} (listed in the annotation file) does not exist; point `images` at its folder"
+        image = decoded_image(path)
+        if isinstance(image, str):
+            return image
+        if image.size != (info["width"], info["height"]):
+            return (f"{path} is {image.size[0]}x{image.size[1]} but its annotations say {info['width']}x{info['height']}; "
+                    "use the annotation file of these images")  # fmt: skip
+        return None
 
 
 class FolderSegmentationSet(SegmentationSet):

@@ -17,31 +17,48 @@ from grounded_diffusion.errors import UserError
 IGNORE_LABEL = 255
 # Label PNGs hold one class index per pixel; VOC writes palette ("P") PNGs, many tools grayscale.
 LABEL_MODES = ("P", "L", "I", "I;16")
+# Images the diffusion model sees (resized to its size) must have this many pixels a side: 2 latent
+# pixels at SD's 8x downsampling; below it an object's mask is a block covering the image.
+MIN_SIDE = 16
 
 
 class DataError(UserError, ValueError):
     """A dataset file is missing or does not fit its image or class list."""
 
 
-def _problem(image: Path, labels: Path, num_classes: int, need_object: bool) -> str | None:
+def decoded_image(path: Path):
+    """The whole image (a truncated JPEG opens, and fails only when decoded), or the reason it
+    cannot be read."""
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture
+    except (OSError, SyntaxError, ValueError) as error:  # (PIL raises all three on damaged files)
+        return f"cannot read {path} ({error}): the file is damaged or not an image; replace it or remove its id from the image set"
+
+
+def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min_side: int) -> str | None:
     """What is wrong with one image + label-map pair, or None."""
     for path in (image, labels):
         if not path.is_file():
             return f"{path} does not exist"
-    try:
-        with Image.open(image) as picture:
-            image_size = picture.size
-        with Image.open(labels) as label_png:
-            if label_png.mode not in LABEL_MODES:
-                return (f"{labels} is a {label_png.mode} image; a label map holds one class index per pixel "
-                        "(a palette or grayscale PNG, value k = class k)")  # fmt: skip
-            if label_png.size != image_size:
-                return (f"{labels} is {label_png.size[0]}x{label_png.size[1]} but its image {image.name} is "
-                        f"{image_size[0]}x{image_size[1]}; label maps must match their images pixel for pixel "
-                        "(resize the label map with nearest-neighbour interpolation)")  # fmt: skip
-            values = np.unique(np.asarray(label_png))
-    except OSError as error:
-        return f"cannot read {image} or {labels} ({error})"
+    picture = decoded_image(image)
+    if isinstance(picture, str):
+        return picture
+    if min(picture.size) < min_side:
+        return (f"{image} is {picture.size[0]}x{picture.size[1]}, under {min_side} pixels a side: too small to segment "
+                "(resized to the model's size it would be a few blocks); remove its id from the image set")  # fmt: skip
+    label_png = decoded_image(labels)
+    if isinstance(label_png, str):
+        return label_png
+    if label_png.mode not in LABEL_MODES:
+        return (f"{labels} is a {label_png.mode} image; a label map holds one class index per pixel "
+                "(a palette or grayscale PNG, value k = class k)")  # fmt: skip
+    if label_png.size != picture.size:
+        return (f"{labels} is {label_png.size[0]}x{label_png.size[1]} but its image {image.name} is "
+                f"{picture.size[0]}x{picture.size[1]}; label maps must match their images pixel for pixel "
+                "(resize the label map with nearest-neighbour interpolation)")  # fmt: skip
+    values = np.unique(np.asarray(label_png))
     bad = [int(v) for v in values if num_classes < v < IGNORE_LABEL]
     if bad:
         return (f"{labels} holds label {bad[0]} but only {num_classes} classes are listed (1..{num_classes}; 0 background, "
@@ -52,13 +69,14 @@ def _problem(image: Path, labels: Path, num_classes: int, need_object: bool) -> 
 
 
 def check_image_label_pairs(
-    pairs: Sequence[tuple[Path, Path]], num_classes: int, what: str, need_object: bool = False
+    pairs: Sequence[tuple[Path, Path]], num_classes: int, what: str, need_object: bool = False, min_side: int = 1
 ) -> None:
-    """Every image and label map exists, is readable, has the same size, and holds only labels
-    0..num_classes or 255; with ``need_object`` each also holds at least one class. Raise one
-    ``DataError`` naming the first bad file, what is wrong and the fix, and how many more are bad."""
+    """Every image and label map exists, decodes in full, has the same size (at least
+    ``min_side`` a side), and holds only labels 0..num_classes or 255; with ``need_object`` each
+    also holds at least one class. Raise one ``DataError`` naming the first bad file, what is
+    wrong and the fix, and how many more are bad."""
     workers = min(16, (os.cpu_count() or 1) * 2)
-    check = lambda pair: _problem(*pair, num_classes, need_object)  # noqa: E731
+    check = lambda pair: _problem(*pair, num_classes, need_object, min_side)  # noqa: E731
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
         results = pool.map(check, pairs)
         problems = [p for p in tqdm(results, total=len(pairs), desc=f"checking {what}", disable=len(pairs) < 500, leave=False) if p]

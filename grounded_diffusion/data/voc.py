@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE
 from grounded_diffusion.data.sources import select_items
-from grounded_diffusion.data.validation import check_image_label_pairs
+from grounded_diffusion.data.validation import MIN_SIDE, check_image_label_pairs
 from grounded_diffusion.data.vocabulary import PASCAL_VOC, CategorySplit, check_categories, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
@@ -107,7 +107,7 @@ class VOCFolder:
                 "a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt."
             )
         pairs = [self.files(i) for s in self.splits for i in self.ids(s)]
-        check_image_label_pairs(pairs, len(self.classes), f"VOC folder {self.root}", need_object=True)
+        check_image_label_pairs(pairs, len(self.classes), f"VOC folder {self.root}", need_object=True, min_side=MIN_SIDE)
 
     def files(self, sample_id: str) -> tuple[Path, Path]:
         return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"

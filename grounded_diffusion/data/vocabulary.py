@@ -144,6 +144,13 @@ class CategorySplit:
         listed in ``unseen``, or everything but ``seen``; none of them: every category is seen."""
         categories = resolve_vocabulary(vocabulary)
         given = [name for name, value in (("split", split), ("unseen", unseen), ("seen", seen)) if value is not None]
+        both = sorted(set(seen or ()) & set(unseen or ()))
+        if both:
+            raise ConfigError(f"{', '.join(both)} listed as both seen and unseen; give only one list (the other categories are the rest)")
+        for name, names in (("unseen", unseen), ("seen", seen)):
+            twice = sorted({n for n in names or () if list(names).count(n) > 1})
+            if twice:
+                raise ConfigError(f"{name} lists {', '.join(twice)} more than once; list each category once")
         if len(given) > 1:
             raise ConfigError(f"Give one of split, unseen or seen (the others null), not {' and '.join(given)}")
         if split is not None:

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.errors import ConfigError, UserError, check_in_range
 from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND
 from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
@@ -77,6 +77,11 @@ class BackboneConfig:
     num_inference_steps: int = 50
     channels_last: bool = False
     compile_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        # At config time, before any weights load.
+        check_in_range("model.init_args.backbone.num_inference_steps", self.num_inference_steps, 1, None, 50)
+        check_in_range("model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5)
 
     def identity(self) -> dict:
         """The settings the features depend on (what a cache records); speed switches left out."""

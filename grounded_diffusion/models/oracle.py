@@ -17,7 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
-from grounded_diffusion.errors import ConfigError, torchvision_weights_file
+from grounded_diffusion.errors import ConfigError, check_in_range, torchvision_weights_file
 from grounded_diffusion.models.backbone import MissingWeightsError
 from grounded_diffusion.models.segmenters import load_segmenter
 from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND, SHAPES_ORACLE_ID
@@ -87,6 +87,8 @@ class MaskRCNNOracle(Oracle):
         super().__init__()
         if instances not in INSTANCE_MODES:
             raise ConfigError(f"instances '{instances}' is not one of {INSTANCE_MODES}")
+        check_in_range("model.init_args.oracle.init_args.score_threshold", score_threshold, 0.0, 1.0, 0.5)
+        check_in_range("model.init_args.oracle.init_args.mask_threshold", mask_threshold, 0.0, 1.0, 0.5)
         self.architecture, self.weights_name = architecture, weights
         self.score_threshold, self.instances, self.mask_threshold = score_threshold, instances, mask_threshold
         enum = torchvision.models.get_model_weights(architecture)
