@@ -169,7 +169,8 @@ class TripletCache:
         self.manifest_file.repair()
         records = self.manifest()
         missing = self.missing_files(records)
-        unreadable = [r["id"] for r in records if r["id"] not in set(missing) and not self.readable(r["id"])]
+        gone = set(missing)
+        unreadable = [r["id"] for r in records if r["id"] not in gone and not self.readable(r["id"])]
         if missing:
             warnings.warn(f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them")
         if unreadable:
@@ -178,7 +179,7 @@ class TripletCache:
                 f"{self.sample_path(unreadable[0])}); rebuilding them"
             )
         if missing or unreadable:
-            gone = {*missing, *unreadable}
+            gone.update(unreadable)
             self.manifest_file.rewrite([r for r in records if r["id"] not in gone])
             for sample_id in unreadable:
                 self.sample_path(sample_id).unlink(missing_ok=True)
