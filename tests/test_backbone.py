@@ -24,7 +24,7 @@ def latents_and_prompts(backbone, n, seed=0):
 def test_authors_25_blocks_grouped_by_resolution(backbone):
     assert len(backbone.block_names) == 25
     assert backbone.block_names[0] == "input_blocks.0" and backbone.block_names[-1] == "output_blocks.11"
-    # CompVis grouping worked out by hand for widths (32, 32, 64, 64), as DESIGN.md does for SD-1.5
+    # CompVis grouping worked out by hand for widths (32, 32, 64, 64), as docs/design.md §2 gives for SD-1.5
     # (an output block that ends a level is counted after its upsampler, at the finer size):
     # 2x2:   input 9-11 (3x64)    + middle (64) + output 0-1 (2x64)   = 384
     # 4x4:   input 6-8 (32+2x64)  + output 2-4 (3x64)                 = 352

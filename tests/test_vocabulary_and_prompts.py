@@ -22,7 +22,7 @@ def test_coco_has_80_classes_and_the_standard_zero_shot_split_1():
     assert len(COCO) == len(set(COCO)) == 80
     split = CategorySplit.named("coco", 1)
     assert len(split.seen) == 65 and len(split.unseen) == 15
-    # The standard 65/15 split (DESIGN.md §3), written out here independently.
+    # The standard 65/15 split (docs/design.md §3), written out here independently.
     assert set(split.unseen) == {
         "airplane", "train", "parking meter", "cat", "bear", "suitcase", "frisbee", "snowboard",
         "fork", "sandwich", "hot dog", "toilet", "mouse", "toaster", "hair drier",

@@ -1,4 +1,4 @@
-"""Category vocabularies and their seen/unseen splits (DESIGN.md §3)."""
+"""Category vocabularies and their seen/unseen splits (docs/design.md §3)."""
 
 from __future__ import annotations
 
