@@ -32,6 +32,7 @@ from grounded_diffusion.cli_support import (
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
+from grounded_diffusion.training import last_checkpoint_exists
 
 # A config names importable code (as any LightningCLI config): its class paths are imported and
 # instantiated. None of the standard library's is a model, datamodule, callback or logger, and
@@ -127,8 +128,8 @@ class GroundedDiffusionCLI(LightningCLI):
         # Lightning only warns and then evaluates an untrained model; fit may start fresh.
         if self.subcommand in (None, "fit") or self.config[self.subcommand].get("ckpt_path") != "last":
             return
-        callbacks = self.trainer.checkpoint_callbacks
-        if not any(callback._find_last_checkpoints(self.trainer) for callback in callbacks):
+        if not last_checkpoint_exists(self.trainer):
+            callbacks = self.trainer.checkpoint_callbacks
             folders = ", ".join(sorted({str(c.dirpath) for c in callbacks})) or "(no ModelCheckpoint configured)"
             raise ConfigError(
                 f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "

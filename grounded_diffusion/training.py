@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from lightning import LightningModule
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -27,8 +27,8 @@ def nonfinite_samples(inputs: Sequence[Tensor], ids: Sequence[str]) -> list[str]
     return [sample_id for sample_id, is_bad in zip(ids, bad.tolist()) if is_bad]
 
 
-def last_checkpoint_exists(module: LightningModule) -> bool:
-    trainer = module.trainer
+def last_checkpoint_exists(trainer: Trainer) -> bool:
+    """Whether ``--ckpt_path last`` finds a checkpoint in this fit's checkpoint folders."""
     return any(callback._find_last_checkpoints(trainer) for callback in trainer.checkpoint_callbacks)
 
 
@@ -51,7 +51,7 @@ def check_finite_loss(
     lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else module.hparams.get("lr")
     go_on = (
         "and resume from the last checkpoint: --ckpt_path last"
-        if trainer is not None and last_checkpoint_exists(module)
+        if trainer is not None and last_checkpoint_exists(trainer)
         else "and start the fit again (no checkpoint was written before this step)"
     )
     raise TrainingDiverged(

@@ -6,8 +6,6 @@ image holds (to keep "real images of seen classes only")."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
 from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
-from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs, decoded_image
+from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs, decoded_image, find_problems
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
@@ -152,8 +150,7 @@ class COCOSegmentationSet(SegmentationSet):
         """Every image exists, decodes, and has the size its annotations give (labels are drawn
         from them); one ``DataError`` naming the first bad image."""
         infos = self.coco.loadImgs(self.ids)
-        with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:  # PIL decodes outside the GIL
-            problems = [p for p in pool.map(self._image_problem, infos) if p]
+        problems = find_problems(infos, self._image_problem, f"COCO images in {self.images}")
         if problems:
             more = f" (and {len(problems) - 1} more of {len(infos)})" if len(problems) > 1 else ""
             raise DataError(f"COCO image {problems[0]}{more}")

@@ -4,7 +4,7 @@ training step, not at its first validation thousands of steps later."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,6 +68,14 @@ def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min
     return None
 
 
+def find_problems(items: Sequence, problem: Callable[[object], str | None], what: str) -> list[str]:
+    """``problem(item)`` of every item that has one, in order; run in threads (PIL decodes
+    outside the GIL), with a progress bar for large sets."""
+    with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:
+        results = pool.map(problem, items)
+        return [p for p in tqdm(results, total=len(items), desc=f"checking {what}", disable=len(items) < 500, leave=False) if p]
+
+
 def check_image_label_pairs(
     pairs: Sequence[tuple[Path, Path]], num_classes: int, what: str, need_object: bool = False, min_side: int = 1
 ) -> None:
@@ -75,11 +83,7 @@ def check_image_label_pairs(
     ``min_side`` a side), and holds only labels 0..num_classes or 255; with ``need_object`` each
     also holds at least one class. Raise one ``DataError`` naming the first bad file, what is
     wrong and the fix, and how many more are bad."""
-    workers = min(16, (os.cpu_count() or 1) * 2)
-    check = lambda pair: _problem(*pair, num_classes, need_object, min_side)  # noqa: E731
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
-        results = pool.map(check, pairs)
-        problems = [p for p in tqdm(results, total=len(pairs), desc=f"checking {what}", disable=len(pairs) < 500, leave=False) if p]
+    problems = find_problems(pairs, lambda pair: _problem(*pair, num_classes, need_object, min_side), what)
     if problems:
         more = f" (and {len(problems) - 1} more bad pairs of {len(pairs)})" if len(problems) > 1 else ""
         raise DataError(f"{what}: {problems[0]}{more}")
