@@ -9,6 +9,7 @@ WORLD := outputs/world
 WEIGHTS := grounded_diffusion/weights
 P2 := experiments/protocol2
 HEAD := outputs/shapes/checkpoints/last.ckpt
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: quickstart protocol2 scenes world test smoke install clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The registry's torch + torchvision (CUDA builds run on CPU too); a CPU-only torch wheel
 	# would not load the registry's torchvision.
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,demo]"
 	# The reference DAAM (parity test): its pinned requirements are obsolete, its code is not.
 	$(PY) -m pip install --quiet --no-deps "daam==0.2.0"
 	touch $(STAMP)
@@ -26,10 +27,13 @@ install: $(STAMP)
 
 # Protocol I in miniature on the embedded default, the shapes world: its trained Stable Diffusion
 # and oracle synthesise the triplets (seen categories) and the five test groups -> fit -> test vs DAAM.
+# Last, the head is exported as a portable folder (outputs/shapes/head) for the Python API and
+# the demo page: `grounded-diffusion demo --head outputs/shapes/head`.
 quickstart: $(STAMP)
 	$(RUN) predict $(SHAPES)
 	$(RUN) fit $(SHAPES)
 	$(RUN) test $(SHAPES) --ckpt_path last --verbose false
+	$(RUN) export --ckpt_path $(HEAD) --out outputs/shapes/head
 
 # Protocol II in miniature (Tab. 2), after `make quickstart`, whose head labels the synthetic set:
 # grounded generation over all 20 categories -> a segmenter trained on it (and the rows with real
@@ -74,7 +78,11 @@ world: $(STAMP)
 	cp -r $(WORLD)/oracle/segmenter $(WEIGHTS)/shapes-oracle
 	$(PY) -m grounded_diffusion.world --per-group 50
 
-test: $(STAMP)
+# Debian's Chromium: the demo page's headless-browser test (tests/test_api.py).
+$(CHROMIUM):
+	apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 # The whole method once at Stable Diffusion 1.5's real sizes (random weights), CPU or CUDA:

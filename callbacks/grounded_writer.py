@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from callbacks.cache_writer import show_speed
-from grounded_diffusion.data.grounded_folder import GroundedImageFolder, overlay, rle_annotations, semantic_labels
+from grounded_diffusion.data.grounded_folder import GroundedImageFolder
 from grounded_diffusion.errors import ConfigError
 
 
@@ -43,26 +42,7 @@ class GroundedImageWriter(BasePredictionWriter):
         self.started, self.written = time.perf_counter(), 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        probs = prediction["probs"].float()
-        labels = torch.tensor(
-            [[self.classes.index(c) + 1 for c in cs] + [0] * (probs.shape[1] - len(cs)) for cs in prediction["categories"]],
-            device=probs.device,
-        )
-        label_maps = semantic_labels(probs, labels, self.mask_threshold, self.ignore_band).cpu().numpy()
-        masks = (probs >= self.mask_threshold).cpu().numpy()
-        images = prediction["image"].permute(0, 2, 3, 1).cpu().numpy()
-        for i, sample_id in enumerate(prediction["id"]):
-            categories = prediction["categories"][i]
-            record = {
-                "id": sample_id,
-                "split": prediction["split"][i],
-                "prompt": prediction["prompt"][i],
-                "categories": categories,
-                "size": list(label_maps[i].shape),
-                "masks": rle_annotations(masks[i, : len(categories)]),
-            }
-            drawn = overlay(images[i], label_maps[i]) if self.overlays else None
-            self.folder.write(record, images[i], label_maps[i], drawn)
+        self.folder.write_batch(prediction, self.classes, self.mask_threshold, self.ignore_band, self.overlays)
         self.written += len(prediction["id"])
         show_speed(trainer, self.written, self.started)
 

@@ -2,6 +2,8 @@
 
     grounded-diffusion fit --config experiments/pascal_split1.yaml
     grounded-diffusion fit --config experiments/pascal_split1.yaml --config experiments/offline.yaml
+    grounded-diffusion export --ckpt_path CHECKPOINT --out FOLDER   # a portable head folder
+    grounded-diffusion demo --head FOLDER                            # the Gradio demo page
 
 Several ``--config`` files merge left to right; omegaconf interpolation (``${...}``) is resolved
 after merging ("omegaconf+" mode), so a later file or a CLI override can feed an earlier one;
@@ -10,6 +12,7 @@ after merging ("omegaconf+" mode), so a later file or a CLI override can feed an
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from grounded_diffusion.training import last_checkpoint_exists
 set_parsing_settings(import_path_denylist=sorted(n for n in sys.stdlib_module_names if n.isidentifier()))
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TOOLS = {"export": "grounded_diffusion.export", "demo": "grounded_diffusion.demo"}
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 PRINT_CONFIG = "--print_config"
 
@@ -137,10 +141,25 @@ class GroundedDiffusionCLI(LightningCLI):
             )
 
 
+def run_tool(name: str, argv: list[str]) -> None:
+    """``export`` and ``demo``: plain argparse commands beside the Lightning ones."""
+    module = importlib.import_module(TOOLS[name])
+    try:
+        module.main(argv)
+    except Exception as error:
+        message = find_user_error(error)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["--version"]:
         print(version())
+        return
+    if argv[:1] and argv[0] in TOOLS:
+        run_tool(argv[0], list(argv[1:]))
         return
     resuming = argv[:1] == ["fit"] and any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
     quiet_known_noise(evaluating=bool(argv) and argv[0] != "fit", resuming=resuming)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from grounded_diffusion.cli import SUBCOMMANDS, main as run_experiment
+from grounded_diffusion.cli import SUBCOMMANDS, TOOLS, main as run_experiment
 
-OWN = {*SUBCOMMANDS, "-h", "--help", "--version"}
+OWN = {*SUBCOMMANDS, *TOOLS, "-h", "--help", "--version"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,16 +6,20 @@ each latent resolution alone localise the named object, and from their inverted 
 
     python -m grounded_diffusion.world --per-group 50
     python -m grounded_diffusion.world --daam-by-resolution --per-group 50
+    python -m grounded_diffusion.world --segment outputs/shapes/head   # a head's mIoU on rendered scenes
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
+from torchmetrics.classification import MulticlassJaccardIndex
 from tqdm import tqdm
 
 from grounded_diffusion.data.prompts import GROUPS, PromptSet
+from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.metrics import CategoryIoU
 from grounded_diffusion.models.backbone import load_pipeline
@@ -113,6 +117,37 @@ def print_daam_by_resolution(pipe, args) -> None:
         print(f"| {row} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
 
 
+@torch.no_grad()
+def segment_scores(generator, split: CategorySplit, scenes: int = 200, seed: int = 3, mode: str | None = None,
+                   batch_size: int = 25, progress: bool = True) -> dict[str, float]:  # fmt: skip
+    """mIoU (%) of a trained head segmenting rendered scenes (``GroundedGenerator.segment``, the
+    real-image path): each scene with the names of the objects it holds and the paper's caption as
+    prompt; its label map scored against the scene's own (torchmetrics), over the categories present:
+    all, seen and unseen by the head."""
+    rendered = [render_shapes_scene(i, seed=seed) for i in range(scenes)]
+    out = generator.segment([s[0] for s in rendered], [s[2] for s in rendered], mode=mode, batch_size=batch_size, progress=progress)
+    to_world = torch.tensor([0] + [SHAPES_WORLD.index(c) + 1 for c in out.classes])  # the output's labels -> the world's
+    predicted = torch.stack([to_world[torch.from_numpy(m).long()] for m in out.label_maps()])
+    truth = torch.from_numpy(np.stack([s[1] for s in rendered])).long()
+    iou = MulticlassJaccardIndex(num_classes=len(SHAPES_WORLD) + 1, average="none")(predicted, truth)[1:]
+    present = torch.bincount(truth.flatten(), minlength=len(SHAPES_WORLD) + 1)[1:] > 0
+
+    def mean(names) -> float:
+        values = [iou[SHAPES_WORLD.index(c)] for c in names if present[SHAPES_WORLD.index(c)]]
+        return 100 * float(torch.stack(values).mean())
+
+    return {"miou": mean(SHAPES_WORLD), "seen_miou": mean(split.seen), "unseen_miou": mean(split.unseen)}
+
+
+def print_segment_scores(args) -> None:
+    from grounded_diffusion.generator import GroundedGenerator
+
+    generator = GroundedGenerator.from_pretrained(args.segment, device="cpu")
+    scores = segment_scores(generator, CategorySplit.named("shapes", 1), args.scenes, seed=3)
+    print(f"\nsegment() of {args.scenes} rendered scenes (seed 3) with {args.segment}, mIoU (%): "
+          + ", ".join(f"{k.removesuffix('_miou') if k != 'miou' else 'all'} {v:.1f}" for k, v in scores.items()))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-id", default=SHAPES_SD_ID)
@@ -122,7 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1, help="prompt set seed (the quickstart synthesises with 0)")
     parser.add_argument("--daam-by-resolution", action="store_true", help="DAAM per latent resolution instead (one-object prompts)")
+    parser.add_argument("--segment", metavar="HEAD", help="a trained head's folder: its mIoU on rendered scenes instead")
+    parser.add_argument("--scenes", type=int, default=200, help="rendered scenes that --segment scores")
     args = parser.parse_args(argv)
+    if args.segment:
+        print_segment_scores(args)
+        return
     pipe = load_pipeline(args.model_id, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.daam_by_resolution:

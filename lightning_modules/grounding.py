@@ -12,6 +12,7 @@ from torch import Tensor
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.inference import REAL_IMAGE_MODES, ground_generated, real_image_latents
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
@@ -22,7 +23,6 @@ from grounded_diffusion.quiet import quiet_known_noise
 from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
 TRIVIAL = ("all_foreground", "all_background")
-REAL_IMAGE_MODES = ("noise", "ddim_inversion")
 
 
 class GroundingModule(LightningModule):
@@ -345,17 +345,12 @@ class GroundingModule(LightningModule):
         return self._synthesise(batch)
 
     def _ground(self, batch: dict) -> dict:
-        """Generate, then segment every named category with the head (open vocabulary: any
-        name is embedded by the text encoder). probs: [B, O, H, W] at image size, 0 in empty slots."""
-        generation = self.backbone.generate(batch["prompt"], batch["seed"], self.hparams.guidance_scale)
-        names = list(dict.fromkeys(c for cs in batch["categories"] for c in cs))
-        embeds = self.backbone.category_embeddings(names).float()
-        slots = max(len(cs) for cs in batch["categories"])
-        index = torch.tensor([[names.index(c) for c in cs] + [-1] * (slots - len(cs)) for cs in batch["categories"]])
-        index = index.to(embeds.device)
-        logits = self.head([f.float() for f in generation.features], embeds[index.clamp(min=0)], index >= 0, generation.images.shape[-2:])
-        probs = logits.sigmoid().masked_fill((index < 0)[..., None, None], 0)
-        return {**batch, "image": generation.images, "probs": probs.half()}
+        """Generate, then segment every named category with the head. probs: [B, O, H, W] at
+        image size, 0 in empty slots."""
+        images, probs = ground_generated(
+            self.backbone, self.head, batch["prompt"], batch["categories"], batch["seed"], self.hparams.guidance_scale
+        )
+        return {**batch, "image": images, "probs": probs}
 
     def _synthesise(self, batch: dict) -> dict:
         h = self.hparams
@@ -375,11 +370,10 @@ class GroundingModule(LightningModule):
 
     def _convert_images(self, batch: dict) -> dict:
         backbone = self.backbone
-        latents = backbone.encode_images(batch["image"].float() / 127.5 - 1)
         prompt_embeds = backbone.encode_prompts(batch["prompt"])
-        # One draw per sample id: the same features in any batch, on any rank.
-        noise = backbone.initial_noise([sample_seed(i) for i in batch["id"]], latents.shape[1:])
-        latents = backbone.latents_at_capture_step(latents, prompt_embeds, noise, self.hparams.real_image_mode)
+        # One noise draw per sample id: the same features in any batch, on any rank.
+        seeds = [sample_seed(i) for i in batch["id"]]
+        latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, self.hparams.real_image_mode)
         timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
         # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
         tracer = DAAMTracer(backbone.unet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def readme_blocks(heading: str, language: str) -> list[str]:
+    """The ``language`` code blocks of the README section under ``heading``."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading) :].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
 @pytest.fixture(scope="session")

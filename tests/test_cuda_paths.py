@@ -93,6 +93,19 @@ def test_head_training_and_evaluation_steps_on_cuda():
         assert on_cuda(logits) and on_cuda(loss)
 
 
+def test_segmentation_of_real_images_by_the_python_api_path_on_cuda(backbone):
+    """What GroundedGenerator.segment runs per batch (grounded_diffusion.inference): uint8 images
+    on the GPU, noise drawn on the CPU per seed, category slots built on the CPU."""
+    from grounded_diffusion.inference import REAL_IMAGE_MODES, segment_real
+
+    head = GroundingHead(backbone.feature_channels(), backbone.text_dim, SMALL_HEAD)
+    with fake_cuda(backbone, head):
+        images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA)
+        for mode in REAL_IMAGE_MODES:
+            probs = segment_real(backbone, head, images, ["a dog", "a cat and a dog"], [["dog"], ["cat", "dog"]], [1, 2], mode)
+            assert on_cuda(probs) and probs.shape == (2, 2, 64, 64)
+
+
 def test_deeplab_segmenter_step_on_cuda():
     from datamodules.segmentation import flip_horizontally
     from grounded_diffusion.models.segmenters import DeepLabV3

@@ -2,13 +2,12 @@
 classes: a `background` first line, multi-word names, no trailing newline, no test image set."""
 
 import json
-import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, readme_blocks
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.segmentation_sets import FolderSegmentationSet
 from grounded_diffusion.data.vocabulary import CategorySplit, read_classes_file
@@ -32,13 +31,6 @@ def make_own_folder(root: Path) -> Path:
     write_voc_folder(root, CLASSES, samples)
     (root / "classes.txt").write_text("background\n" + "\n".join(CLASSES))  # a VOC tool's list, no final newline
     return root
-
-
-def readme_blocks(heading: str, language: str) -> list[str]:
-    """The ``language`` code blocks of the README section under ``heading``."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index(heading) :].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
 def readme_commands(heading: str) -> list[list[str]]:

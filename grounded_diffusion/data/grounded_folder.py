@@ -145,6 +145,34 @@ class GroundedImageFolder:
             _atomic_write(self.root / "overlays" / f"{sample_id}.png", lambda t: Image.fromarray(overlay_image).save(t, format="PNG"))
         self.manifest.append(record)
 
+    def write_batch(
+        self, batch: dict, classes: Sequence[str], mask_threshold: float = 0.5, ignore_band: float = 0.0, overlays: bool = True
+    ) -> None:
+        """Write a batch of grounded images: ``batch`` holds ``id``, ``split``, ``prompt`` and
+        ``categories`` (lists), ``image`` (uint8 [B, 3, H, W]) and ``probs`` ([B, O, H, W], each
+        image's categories in its first slots). A category's mask is where its probability
+        reaches ``mask_threshold``; the label map and ``ignore_band``: see ``semantic_labels``."""
+        probs = batch["probs"].float()
+        labels = torch.tensor(
+            [[classes.index(c) + 1 for c in cs] + [0] * (probs.shape[1] - len(cs)) for cs in batch["categories"]],
+            device=probs.device,
+        )
+        label_maps = semantic_labels(probs, labels, mask_threshold, ignore_band).cpu().numpy()
+        masks = (probs >= mask_threshold).cpu().numpy()
+        images = batch["image"].permute(0, 2, 3, 1).cpu().numpy()
+        for i, sample_id in enumerate(batch["id"]):
+            categories = batch["categories"][i]
+            record = {
+                "id": sample_id,
+                "split": batch["split"][i],
+                "prompt": batch["prompt"][i],
+                "categories": categories,
+                "size": list(label_maps[i].shape),
+                "masks": rle_annotations(masks[i, : len(categories)]),
+            }
+            drawn = overlay(images[i], label_maps[i]) if overlays else None
+            self.write(record, images[i], label_maps[i], drawn)
+
     def finalize(self) -> dict:
         """Image-set lists per split and the COCO JSON, from the manifest (call from one process)."""
         records = sorted(self.manifest.records(), key=lambda r: r["id"])

@@ -155,6 +155,12 @@ class PromptSamples(Dataset):
         return self.prompts.sample(*self.items[index], self.split)
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The initial-noise seed of the ``index``-th given prompt (its sample id ``{index:06d}``)
+    under ``seed``: ``predict`` with a PromptList and the Python API draw the same noise."""
+    return sample_seed(f"{seed}/{index:06d}")
+
+
 class PromptList:
     """Prompts given one by one, each with the category names to ground in it (grounded
     generation). Any names: the head is open-vocabulary.
@@ -199,7 +205,7 @@ class PromptList:
             "split": self.split,
             "prompt": self.entries[index]["prompt"],
             "categories": self.entries[index]["categories"],
-            "seed": sample_seed(f"{self.seed}/{sample_id}"),
+            "seed": prompt_seed(self.seed, index),
         }
 
     def dataset(self, category_split: CategorySplit, exclude: set[str] = frozenset(), max_per_group: int | None = None) -> Dataset:

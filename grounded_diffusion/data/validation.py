@@ -26,15 +26,15 @@ class DataError(UserError, ValueError):
     """A dataset file is missing or does not fit its image or class list."""
 
 
-def decoded_image(path: Path):
+def decoded_image(path: Path, fix: str = "replace it or remove its id from the image set"):
     """The whole image (a truncated JPEG opens, and fails only when decoded), or the reason it
-    cannot be read."""
+    cannot be read, ending with ``fix``."""
     try:
         with Image.open(path) as picture:
             picture.load()
             return picture
     except (OSError, SyntaxError, ValueError) as error:  # (PIL raises all three on damaged files)
-        return f"cannot read {path} ({error}): the file is damaged or not an image; replace it or remove its id from the image set"
+        return f"cannot read {path} ({error}): the file is damaged or not an image; {fix}"
 
 
 def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min_side: int) -> str | None:

@@ -253,6 +253,11 @@ class StableDiffusionBackbone(nn.Module):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images the model generates (and real images are resized to)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     # -- UNet block outputs -------------------------------------------------------------------
 
     def _block_modules(self) -> dict[str, nn.Module]:
@@ -371,9 +376,7 @@ class StableDiffusionBackbone(nn.Module):
         """
         prefix = template.split("{}")[0]
         start = 1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids)  # after BOS
-        lengths = torch.tensor(
-            [len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in categories]
-        )
+        lengths = torch.tensor(check_category_tokens(self.tokenizer, categories, template))
         hidden = self.encode_prompts([template.format(c) for c in categories]).hidden
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         span = (positions >= start) & (positions < start + lengths[:, None].to(hidden.device))
@@ -447,6 +450,30 @@ class StableDiffusionBackbone(nn.Module):
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.unet.device, self.dtype)
 
+    def _timesteps(self, num_inference_steps: int) -> list[int]:
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler.timesteps.tolist()
+
+    def step_counts_through_capture(self, limit: int = 200) -> list[int]:
+        """The numbers of DDIM steps (up to ``limit``) whose schedule samples the capture timestep."""
+        return [n for n in range(1, limit + 1) if self.timestep in self._timesteps(n)]
+
+    def capture_step_for(self, num_inference_steps: int) -> int:
+        """The step of a ``num_inference_steps`` DDIM schedule that samples the capture timestep
+        (the features the head was trained on); a clear error when that schedule skips it."""
+        if num_inference_steps == self.config.num_inference_steps:
+            return self.config.capture_step
+        check_in_range("num_inference_steps", num_inference_steps, 1, 1000, self.config.num_inference_steps)
+        schedule = self._timesteps(num_inference_steps)
+        if self.timestep not in schedule:
+            raise ConfigError(
+                f"num_inference_steps={num_inference_steps}: no step of that schedule is at the capture timestep "
+                f"{self.timestep} (step {self.config.capture_step} of {self.config.num_inference_steps}), where the "
+                f"head's features come from; use one of {self.step_counts_through_capture(limit=100)}"
+            )
+        return num_inference_steps - schedule.index(self.timestep)
+
     @torch.no_grad()
     def generate(
         self,
@@ -455,14 +482,17 @@ class StableDiffusionBackbone(nn.Module):
         guidance_scale: float = 7.5,
         words: Sequence[Sequence[str]] | None = None,
         word_matching: str = "whole",
+        num_inference_steps: int | None = None,
     ) -> Generation:
-        """Sample images with classifier-free guidance (DDIM, ``num_inference_steps``), capturing
-        the UNet features and the latent at the capture step, and DAAM maps of ``words`` (one list
-        of words per prompt) accumulated over all steps (``word_matching``: see models.daam)."""
+        """Sample images with classifier-free guidance (DDIM, ``num_inference_steps``, default the
+        config's), capturing the UNet features and the latent at the capture timestep, and DAAM
+        maps of ``words`` (one list of words per prompt) accumulated over all steps
+        (``word_matching``: see models.daam)."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:
             raise ConfigError("branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)")
+        steps = num_inference_steps or self.config.num_inference_steps
+        step = steps - self.capture_step_for(steps)  # loop index of the capture timestep
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
-        step = self.config.num_inference_steps - self.config.capture_step  # loop index of t
         at_capture: dict = {"latents": noise * pipe.scheduler.init_noise_sigma} if step == 0 else {}
 
         def on_step_end(pipe, i, t, kwargs):
@@ -480,7 +510,7 @@ class StableDiffusionBackbone(nn.Module):
         with self._capturing() as captured, tracing:
             images = pipe(
                 list(prompts),
-                num_inference_steps=self.config.num_inference_steps,
+                num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 latents=noise,
                 output_type="pt",
@@ -494,6 +524,28 @@ class StableDiffusionBackbone(nn.Module):
             features=self._grouped_features(at_step, guidance_batch),
             heat_maps=tracer.word_maps() if words else None,
         )
+
+
+def check_category_tokens(tokenizer, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> list[int]:
+    """The number of tokens of each category name, or one line naming a name the text encoder
+    cannot embed: empty, unknown to the tokenizer, or too long for its context in ``template``."""
+    if not categories:
+        raise ConfigError("no category names given: name at least one category to segment, e.g. ['dog']")
+    lengths = []
+    unknown = {tokenizer.unk_token_id} - {tokenizer.eos_token_id, tokenizer.pad_token_id, None}
+    room = tokenizer.model_max_length - len(tokenizer(template.format(""), add_special_tokens=True).input_ids)
+    for name in categories:
+        ids = tokenizer(name, add_special_tokens=False, verbose=False).input_ids if isinstance(name, str) else []
+        if not ids or unknown & set(ids):
+            what = "is not text" if not isinstance(name, str) else "has no token the text encoder knows"
+            raise ConfigError(f"category {name!r} {what}: name each category in words, e.g. 'dog' or 'traffic light'")
+        if len(ids) > room:
+            raise ConfigError(
+                f"category {name[:40]!r}... is {len(ids)} tokens, more than the {room} that fit the text encoder's "
+                f"context in {template!r}: give a shorter name"
+            )
+        lengths.append(len(ids))
+    return lengths
 
 
 def group_by_resolution(features: Sequence[Tensor]) -> list[Tensor]:

@@ -97,6 +97,7 @@ class GroundingHead(nn.Module):
     def __init__(self, feature_channels: Sequence[int], text_dim: int, config: HeadConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or HeadConfig()
+        self.feature_channels, self.text_dim = list(feature_channels), text_dim  # (what a saved head records)
         self.visual_encoder = VisualEncoder(feature_channels, config.group_channels)
         pixel_dim = self.visual_encoder.out_channels
         self.patch_embed = nn.Conv2d(pixel_dim, config.embed_dim, config.patch_size, stride=config.patch_size)

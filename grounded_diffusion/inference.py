@@ -1,0 +1,89 @@
+"""What a trained head does at inference, shared by ``predict`` runs (GroundingModule) and the
+Python API (``grounded_diffusion.GroundedGenerator``): segment the categories named for generated
+images, and bring real images to the capture step (paper §4.1) to segment them.
+
+Pure functions of a ``StableDiffusionBackbone`` and a ``GroundingHead``; no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from grounded_diffusion.models.backbone import StableDiffusionBackbone
+from grounded_diffusion.models.grounding_head import GroundingHead
+
+REAL_IMAGE_MODES = ("noise", "ddim_inversion")  # how real images reach the capture step
+
+
+def category_slots(categories: Sequence[Sequence[str]]) -> tuple[list[str], Tensor]:
+    """The distinct names (each embedded once) and, per sample, the index of each of its names
+    among them, -1 in the empty slots of samples with fewer names: [B, max names]."""
+    names = list(dict.fromkeys(c for cs in categories for c in cs))
+    slots = max(len(cs) for cs in categories)
+    index = [[names.index(c) for c in cs] + [-1] * (slots - len(cs)) for cs in categories]
+    return names, torch.tensor(index)
+
+
+@torch.no_grad()
+def head_probabilities(
+    backbone: StableDiffusionBackbone,
+    head: GroundingHead,
+    features: Sequence[Tensor],
+    categories: Sequence[Sequence[str]],
+    output_size: tuple[int, int],
+) -> Tensor:
+    """Mask probabilities [B, O, H, W] (float32) of each sample's named categories, 0 in empty
+    slots. Open vocabulary: any name is embedded by the text encoder."""
+    names, index = category_slots(categories)
+    embeds = backbone.category_embeddings(names).float()
+    index = index.to(embeds.device)
+    logits = head([f.float() for f in features], embeds[index.clamp(min=0)], index >= 0, output_size)
+    return logits.sigmoid().masked_fill((index < 0)[..., None, None], 0)
+
+
+def ground_generated(
+    backbone: StableDiffusionBackbone,
+    head: GroundingHead,
+    prompts: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    num_inference_steps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generate from ``prompts`` (one noise seed each), then segment every named category with
+    the head: RGB uint8 images [B, 3, H, W] and their mask probabilities [B, O, H, W]."""
+    generation = backbone.generate(prompts, seeds, guidance_scale, num_inference_steps=num_inference_steps)
+    probs = head_probabilities(backbone, head, generation.features, categories, generation.images.shape[-2:])
+    return generation.images, probs
+
+
+def real_image_latents(
+    backbone: StableDiffusionBackbone, images: Tensor, prompt_embeds, seeds: Sequence[int], mode: str
+) -> Tensor:
+    """RGB uint8 images [B, 3, H, W] -> their latents at the capture step: VAE encoding, then
+    forward noise (one draw per seed, so that a sample's result does not depend on its batch) or
+    DDIM inversion (``mode``: ``noise`` or ``ddim_inversion``)."""
+    latents = backbone.encode_images(images.float() / 127.5 - 1)
+    noise = backbone.initial_noise(seeds, latents.shape[1:])
+    return backbone.latents_at_capture_step(latents, prompt_embeds, noise, mode)
+
+
+def segment_real(
+    backbone: StableDiffusionBackbone,
+    head: GroundingHead,
+    images: Tensor,
+    prompts: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    mode: str,
+) -> Tensor:
+    """Open-vocabulary segmentation of real images (uint8 [B, 3, H, W], sides the backbone
+    accepts): mask probabilities [B, O, H, W] of each image's named categories."""
+    prompt_embeds = backbone.encode_prompts(prompts)
+    latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
+    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
+    features = backbone.unet_features(latents, timesteps, prompt_embeds)
+    return head_probabilities(backbone, head, features, categories, images.shape[-2:])
