@@ -48,10 +48,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def readme_blocks(heading: str, language: str) -> list[str]:
-    """The ``language`` code blocks of the README section under ``heading``."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index(heading) :].split("\n## ", 1)[0]
+def doc_blocks(heading: str, language: str, page: str = "README.md") -> list[str]:
+    """The ``language`` code blocks of the section under ``heading`` of a documentation page
+    (the README, or a guide in docs/), up to the next section of level 2."""
+    text = (REPO / page).read_text()
+    section = text[text.index(heading) + len(heading) :].split("\n## ", 1)[0]
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 

@@ -1,4 +1,4 @@
-"""The README's "Train on your own data", run as written on a small VOC-format folder with its own
+"""The guide docs/own_data.md, "Train on your own data", run as written on a small VOC-format folder with its own
 classes: a `background` first line, multi-word names, no trailing newline, no test image set."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, readme_blocks
+from conftest import REPO, doc_blocks
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.segmentation_sets import FolderSegmentationSet
 from grounded_diffusion.data.vocabulary import CategorySplit, read_classes_file
@@ -22,6 +22,8 @@ IMAGES = {
     "val": [[(1, 4, 4, 30, 30)], [(3, 8, 8, 40, 40)], [(2, 2, 2, 30, 22), (1, 30, 30, 46, 46)]],
 }  # fmt: skip
 
+OWN_DATA_GUIDE = "docs/own_data.md"
+
 
 def make_own_folder(root: Path) -> Path:
     samples = {
@@ -33,9 +35,9 @@ def make_own_folder(root: Path) -> Path:
     return root
 
 
-def readme_commands(heading: str) -> list[list[str]]:
+def guide_commands(heading: str) -> list[list[str]]:
     """The ``lightning`` commands of the section's bash blocks, comments dropped."""
-    lines = "".join(readme_blocks(heading, "bash")).splitlines()
+    lines = "".join(doc_blocks(heading, "bash", OWN_DATA_GUIDE)).splitlines()
     return [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("lightning")]
 
 
@@ -56,12 +58,12 @@ def test_classes_file_with_background_line_and_multi_word_names(own_folder):
 
 def test_readme_own_data_commands_run_as_written(own_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    overlay = readme_blocks("## Train on your own data", "yaml")[0].replace("data/my_voc", str(own_folder))
+    overlay = doc_blocks("# Train on your own data", "yaml", OWN_DATA_GUIDE)[0].replace("data/my_voc", str(own_folder))
     Path("my_data.yaml").write_text(overlay)
     small = ["--config", str(REPO / "experiments/offline.yaml"), "--data.init_args.source.init_args.image_size", "128",
              "--data.init_args.batch_size", "2", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    for command in readme_commands("## Train on your own data")[:3]:
+    for command in guide_commands("# Train on your own data")[:3]:
         command = [str(REPO / a) if a.startswith("experiments/") else a for a in command]
         main([*command, *small])
     root = tmp_path / "outputs" / "offline" / "my_voc-splitall"
@@ -80,7 +82,7 @@ def test_readme_own_data_segmenter_commands_run_as_written(own_folder, tmp_path,
     small = ["--config", str(REPO / "experiments/protocol2/offline.yaml"), "--data.init_args.batch_size", "2",
              "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
              "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    commands = [c for c in readme_commands("## Train on your own data") if "experiments/protocol2/own_data.yaml" in c]
+    commands = [c for c in guide_commands("# Train on your own data") if "experiments/protocol2/own_data.yaml" in c]
     assert len(commands) == 2
     for command in commands:
         command = [str(REPO / a) if a.startswith("experiments/") else a for a in command]

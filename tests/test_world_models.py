@@ -1,6 +1,6 @@
 """The shapes world's shipped models and Protocols I and II in miniature on them: they load
 through ``from_pretrained``, the text-to-image model draws what its prompts name as often as the
-README says, the oracle segments held-out rendered scenes as well as the README says, a CI-sized
+guides say (docs/shapes_world.md), the oracle segments held-out rendered scenes as well as they say, a CI-sized
 Protocol I run clears stated bars on seen and on unseen categories and on two-object images, its
 head segments rendered scenes through the Python API (and runs the README's example), and a
 segmenter trained only on what its head labelled segments unseen categories of rendered scenes."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from conftest import REPO, readme_blocks, run_cli
+from conftest import REPO, doc_blocks, run_cli
 from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.oracle import SegmenterOracle
@@ -118,7 +118,7 @@ def test_protocol1_in_miniature_tells_the_two_objects_of_an_image_apart(protocol
 
 # The CI head, exported, segments rendered scenes through GroundedGenerator.segment (the real-image
 # path; `python -m grounded_diffusion.world --segment HEAD`): mIoU (%) over 200 scenes of seed 3.
-# The quickstart's head scores 70.6 / 70.1 (seen / unseen, README); the CI head, trained on a
+# The quickstart's head scores 70.6 / 70.1 (seen / unseen, README and docs/generation.md); the CI head, trained on a
 # third of its data for 800 steps, scored 67.8 / 63.8 (torch 2.14.1); a run elsewhere may fall
 # this many points below.
 SEGMENT_MEASURED, SEGMENT_TOLERANCE = {"seen_miou": 67.8, "unseen_miou": 63.8}, 10.0
@@ -135,7 +135,8 @@ def test_the_exported_head_segments_rendered_scenes_and_runs_the_readme_example(
         assert scores[key] >= measured - SEGMENT_TOLERANCE, (key, scores)
 
     monkeypatch.chdir(tmp_path)
-    (example,) = readme_blocks("## Python API and demo page", "python")
+    (example,) = doc_blocks("## Python API and demo page", "python")
+    assert doc_blocks("# Python API and demo page", "python", "docs/generation.md") == [example]  # the guide shows the same
     exec(compile(example, "README.md (Python API)", "exec"), {})
     assert (tmp_path / "grounded.png").is_file() and (tmp_path / "scene.png").is_file()
     coco = json.loads((tmp_path / "outputs" / "grounded" / "annotations.json").read_text())
