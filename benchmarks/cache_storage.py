@@ -60,7 +60,9 @@ def photograph(size: int) -> torch.Tensor:
 def ellipse_masks(size: int) -> torch.Tensor:
     """Two object masks [2, size, size], ellipses of a third and a quarter of the image."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    return torch.stack([((x + 0.3) / 0.5) ** 2 + (y / 0.7) ** 2 <= 1, ((x - 0.5) / 0.35) ** 2 + ((y - 0.3) / 0.4) ** 2 <= 1])
+    return torch.stack(
+        [((x + 0.3) / 0.5) ** 2 + (y / 0.7) ** 2 <= 1, ((x - 0.5) / 0.35) ** 2 + ((y - 0.3) / 0.4) ** 2 <= 1]
+    )
 
 
 def fake_prediction(backbone: StableDiffusionBackbone, batch: int, device: str) -> dict:
@@ -107,7 +109,9 @@ def train_steps(cache, backbone, head, embeds, batch: int, steps: int, device: s
         if "features" in data:
             features = [f.to(device).float() for f in data["features"]]
         else:
-            features = backbone.replay_features(data["latents"].to(device), data["timestep"].to(device), data["prompt"])
+            features = backbone.replay_features(
+                data["latents"].to(device), data["timestep"].to(device), data["prompt"]
+            )
             features = [f.float() for f in features]
         masks, categories = data["masks"].to(device), data["categories"].to(device)
         logits = head(features, embeds[categories.clamp(min=0)], categories >= 0, masks.shape[-2:])
@@ -138,11 +142,17 @@ def _timed(loader, cache):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    parser.add_argument("--dtype", default=None, help="backbone dtype (default: float16 on GPU, float32 on CPU)")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the caches (default: a temp folder)")
+    parser.add_argument(
+        "--dtype", default=None, help="backbone dtype (default: float16 on GPU, float32 on CPU)"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write the caches (default: a temp folder)"
+    )
     args = parser.parse_args()
     if args.dir:
         args.dir.mkdir(parents=True, exist_ok=True)
@@ -155,14 +165,19 @@ def main() -> None:
     print(f"SD-1.5-shaped backbone ({dtype}, {device}) built in {time.perf_counter() - start:.0f} s")
     prediction = fake_prediction(backbone, args.batch, device)
     channels = [f.shape[1] for f in prediction["features"]]
-    print(f"feature groups (both guidance branches, 25 blocks): {channels} channels at "
-          f"{[f.shape[-1] for f in prediction['features']]} px")  # fmt: skip
+    print(
+        f"feature groups (both guidance branches, 25 blocks): {channels} channels at "
+        f"{[f.shape[-1] for f in prediction['features']]} px"
+    )
     head = GroundingHead(channels, backbone.text_dim, HeadConfig()).to(device)
     embeds = backbone.category_embeddings(["dog", "cat"]).float()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         copies = args.steps + 1
-        caches = {m: write_cache(Path(tmp), m, prediction, copies, backbone.timestep) for m in ("features", "latents")}
+        caches = {
+            m: write_cache(Path(tmp), m, prediction, copies, backbone.timestep)
+            for m in ("features", "latents")
+        }
         sizes = {}
         for mode, cache in caches.items():
             files = list(cache.samples_dir.glob("*.safetensors"))
@@ -174,17 +189,24 @@ def main() -> None:
         print(f"  features / latents: {ratio:.0f}x (target >= 300x: {'met' if ratio >= 300 else 'NOT met'})")
         tensors, _ = sample_tensors(prediction, 0, "latents", backbone.timestep)
         parts = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-        print("  latents-mode sample: " + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in parts.items())
-              + " (image: JPEG quality 90, lossy; masks bit-packed)")  # fmt: skip
+        print(
+            "  latents-mode sample: "
+            + ", ".join(f"{k} {v / 2**10:.0f} KiB" for k, v in parts.items())
+            + " (image: JPEG quality 90, lossy; masks bit-packed)"
+        )
 
         print(f"\ntraining step, batch {args.batch}, {args.steps} timed steps, cold reads")
         results = {}
         for mode, cache in caches.items():
             load, total = train_steps(cache, backbone, head, embeds, args.batch, args.steps, device)
             results[mode] = total
-            print(f"  {mode:9s} load {load * 1e3:8.1f} ms/sample   step {total * 1e3:8.1f} ms/sample   "
-                  f"{1 / total:7.2f} samples/s")  # fmt: skip
-        print(f"  replay (latents) / stored (features) step time: {results['latents'] / results['features']:.2f}x")
+            print(
+                f"  {mode:9s} load {load * 1e3:8.1f} ms/sample   step {total * 1e3:8.1f} ms/sample   "
+                f"{1 / total:7.2f} samples/s"
+            )
+        print(
+            f"  replay (latents) / stored (features) step time: {results['latents'] / results['features']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,18 @@ from importlib.metadata import version
 
 import torch
 
-LIBRARIES = ["torch", "torchvision", "lightning", "transformers", "diffusers", "torchmetrics", "jsonargparse", "omegaconf",
-             "safetensors", "numpy"]  # fmt: skip
+LIBRARIES = [
+    "torch",
+    "torchvision",
+    "lightning",
+    "transformers",
+    "diffusers",
+    "torchmetrics",
+    "jsonargparse",
+    "omegaconf",
+    "safetensors",
+    "numpy",
+]
 PACKAGES = ["grounded_diffusion", "lightning_modules", "datamodules", "callbacks"]
 
 

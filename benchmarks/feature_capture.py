@@ -15,7 +15,9 @@ from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-id", default="embedded/tiny-sd")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=16)
@@ -31,7 +33,9 @@ def main() -> None:
 
     batched = best_time(lambda: backbone.unet_features(latents, t, embeds), args.repeats, warmup=True)
     singles = best_time(
-        lambda: [backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)],
+        lambda: [
+            backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)
+        ],
         args.repeats,
         warmup=True,
     )

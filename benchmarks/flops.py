@@ -21,8 +21,10 @@ def unet_forward_tflop(config: dict) -> float:
     what it leaves out) for one sample at its ``sample_size`` latent, attending to 77 text tokens.
     A multiply-add counts as 2 FLOPs; convolutions, linear layers and attention's matmuls count."""
     if config.get("addition_embed_type"):
-        raise ValueError(f"unet_forward_tflop counts SD-1.x/2.x UNets; addition_embed_type "
-                         f"{config['addition_embed_type']!r} (SDXL) needs inputs it does not build")  # fmt: skip
+        raise ValueError(
+            f"unet_forward_tflop counts SD-1.x/2.x UNets; addition_embed_type "
+            f"{config['addition_embed_type']!r} (SDXL) needs inputs it does not build"
+        )
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         size = unet.config.sample_size

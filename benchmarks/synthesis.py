@@ -19,12 +19,19 @@ from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.oracle import MaskRCNNOracle
 
-OFFLINE_DETECTOR = {"min_size": 128, "max_size": 128, "rpn_pre_nms_top_n_test": 100,
-                    "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 10}  # fmt: skip
+OFFLINE_DETECTOR = {
+    "min_size": 128,
+    "max_size": 128,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 100,
+    "box_detections_per_img": 10,
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-id", default="embedded/tiny-sd")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=8)
@@ -33,11 +40,16 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    config = BackboneConfig(model_id=args.model_id, dtype=args.dtype, branches="uncond+cond", num_inference_steps=args.steps)
+    config = BackboneConfig(
+        model_id=args.model_id, dtype=args.dtype, branches="uncond+cond", num_inference_steps=args.steps
+    )
     backbone = StableDiffusionBackbone(config).to(device)
     detector = OFFLINE_DETECTOR if args.oracle_weights is None else {}
-    oracle = MaskRCNNOracle(weights=args.oracle_weights, score_threshold=0.0 if args.oracle_weights is None else 0.5,
-                            detector_kwargs=detector).to(device)  # fmt: skip
+    oracle = MaskRCNNOracle(
+        weights=args.oracle_weights,
+        score_threshold=0.0 if args.oracle_weights is None else 0.5,
+        detector_kwargs=detector,
+    ).to(device)
     split = CategorySplit.named("pascal", 1)
     samples = list(PromptSet({"test": {"two_seen_unseen": args.batch}}).dataset(split))
     prompts, seeds = [s["prompt"] for s in samples], [s["seed"] for s in samples]

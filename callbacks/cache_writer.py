@@ -6,7 +6,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,7 +32,9 @@ class TripletCacheWriter(BasePredictionWriter):
         image_quality: JPEG quality (1-100).
     """
 
-    def __init__(self, storage: str = "features", image_format: str = "jpeg", image_quality: int = 90) -> None:
+    def __init__(
+        self, storage: str = "features", image_format: str = "jpeg", image_quality: int = 90
+    ) -> None:
         super().__init__(write_interval="batch")
         if storage not in STORAGE_MODES:
             raise ConfigError(f"storage '{storage}' is not one of {STORAGE_MODES}")
@@ -48,7 +49,9 @@ class TripletCacheWriter(BasePredictionWriter):
         # was lost (every sample done) gets it back here, or its samples would be stranded.
         if stage == "predict" and len(trainer.datamodule.predict_set) == 0:
             self._initialise_cache(trainer, pl_module)
-            rank_zero_info(f"The cache at {self.cache.root} holds every sample this config asks for: nothing to build.")
+            rank_zero_info(
+                f"The cache at {self.cache.root} holds every sample this config asks for: nothing to build."
+            )
 
     def _initialise_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -70,10 +73,14 @@ class TripletCacheWriter(BasePredictionWriter):
         # Encoding and writing run in one background thread while the GPU makes the next batch.
         self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="cache-writer"), []
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         # One device-to-host copy here; the thread then only touches CPU tensors.
-        on_cpu = {k: [f.cpu() for f in v] if k == "features" else v.cpu() if isinstance(v, torch.Tensor) else v
-                  for k, v in prediction.items()}  # fmt: skip
+        on_cpu = {
+            k: [f.cpu() for f in v] if k == "features" else v.cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in prediction.items()
+        }
         while self.pending and (self.pending[0].done() or len(self.pending) >= 2):  # at most two in flight
             self._collect(self.pending.pop(0), trainer)  # (and a failed write stops the run here)
         self.pending.append(self.pool.submit(self._write_batch, on_cpu, pl_module.backbone.timestep))
@@ -81,7 +88,9 @@ class TripletCacheWriter(BasePredictionWriter):
     def _write_batch(self, prediction: dict, timestep: int) -> int:
         for i, sample_id in enumerate(prediction["id"]):
             categories = prediction["categories"][i]
-            tensors, metadata = sample_tensors(prediction, i, self.storage, timestep, self.image_format, self.image_quality)
+            tensors, metadata = sample_tensors(
+                prediction, i, self.storage, timestep, self.image_format, self.image_quality
+            )
             record = {
                 "id": sample_id,
                 "prompt": prediction["prompt"][i],
@@ -118,7 +127,11 @@ def show_speed(trainer: Trainer, written: int, started: float) -> None:
     rate = written / max(time.perf_counter() - started, 1e-9)
     text = f"{rate:.2f} samples/s, {written} written"
     bar = trainer.progress_bar_callback
-    if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
+    if (
+        isinstance(bar, RichProgressBar)
+        and bar.progress is not None
+        and bar.predict_progress_bar_id is not None
+    ):
         bar.progress.update(bar.predict_progress_bar_id, description=f"{bar.predict_description} ({text})")
     elif isinstance(bar, TQDMProgressBar) and bar._predict_progress_bar is not None:
         bar.predict_progress_bar.set_postfix_str(text)

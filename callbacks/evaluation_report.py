@@ -80,7 +80,10 @@ def format_other_object(results: dict, top: int = 5) -> str:
     )
     pairs = results.get("confused_pairs", [])[:top]
     if pairs:
-        rows = [[" + ".join(p["pair"]), p["on_other_object"], f"{p['on_other_pixels']} / {p['predicted_pixels']}"] for p in pairs]
+        rows = [
+            [" + ".join(p["pair"]), p["on_other_object"], f"{p['on_other_pixels']} / {p['predicted_pixels']}"]
+            for p in pairs
+        ]
         columns = ["pair", "on the other object (%)", "pixels on it / predicted"]
         text += f"\n\nOurs, the pairs with the most pixels on the other object:\n\n{markdown_table(columns, rows)}"
     return text
@@ -97,7 +100,9 @@ def format_test_filter(results: dict) -> str:
         "",
         table1_header("objects"),
         table1_rule(),
-        "| scored / dropped | " + " | ".join(f"{counts[g]['scored']} / {counts[g]['dropped']}" for g in GROUPS) + " |",
+        "| scored / dropped | "
+        + " | ".join(f"{counts[g]['scored']} / {counts[g]['dropped']}" for g in GROUPS)
+        + " |",
         "",
         "mIoU (%) per group with every object scored (no filter):",
         "",
@@ -139,7 +144,9 @@ class EvaluationReport(Callback):
         for i in range(min(len(batch["id"]), self.num_overlays - self.saved)):
             image, truth, pred, labels = sample_masks(batch, outputs, i, names)
             strip = overlay_strip(image, truth, pred)
-            Image.fromarray(strip).save(self.out_dir / "overlays" / f"{batch['id'][i]}_{'+'.join(labels)}.png")
+            Image.fromarray(strip).save(
+                self.out_dir / "overlays" / f"{batch['id'][i]}_{'+'.join(labels)}.png"
+            )
             self.saved += 1
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

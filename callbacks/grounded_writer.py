@@ -28,7 +28,9 @@ class GroundedImageWriter(BasePredictionWriter):
     def __init__(self, mask_threshold: float = 0.5, ignore_band: float = 0.0, overlays: bool = True) -> None:
         super().__init__(write_interval="batch")
         if not 0 < mask_threshold < 1 or not 0 <= ignore_band < 0.5:
-            raise ConfigError(f"mask_threshold must lie in (0, 1) and ignore_band in [0, 0.5); got {mask_threshold}, {ignore_band}")
+            raise ConfigError(
+                f"mask_threshold must lie in (0, 1) and ignore_band in [0, 0.5); got {mask_threshold}, {ignore_band}"
+            )
         self.mask_threshold, self.ignore_band, self.overlays = mask_threshold, ignore_band, overlays
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -41,8 +43,12 @@ class GroundedImageWriter(BasePredictionWriter):
         self.folder.initialise(self.classes)  # the other ranks check that it matches
         self.started, self.written = time.perf_counter(), 0
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.folder.write_batch(prediction, self.classes, self.mask_threshold, self.ignore_band, self.overlays)
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
+        self.folder.write_batch(
+            prediction, self.classes, self.mask_threshold, self.ignore_band, self.overlays
+        )
         self.written += len(prediction["id"])
         show_speed(trainer, self.written, self.started)
 
@@ -50,5 +56,7 @@ class GroundedImageWriter(BasePredictionWriter):
         trainer.strategy.barrier()  # every rank's samples are in the manifest
         if trainer.is_global_zero:
             summary = self.folder.finalize()
-            print(f"grounded images: {summary['images']} in {self.folder.root} {summary['splits']} "
-                  "(VOC-style folder + annotations.json)")  # fmt: skip
+            print(
+                f"grounded images: {summary['images']} in {self.folder.root} {summary['splits']} "
+                "(VOC-style folder + annotations.json)"
+            )

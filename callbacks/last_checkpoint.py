@@ -31,7 +31,13 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 100) -> None:
-        super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
+        super().__init__(
+            dirpath=dirpath,
+            monitor=None,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+        )
         self._random_state_to_restore: dict | None = None
         self._random_state_before_validation: dict | None = None
 
@@ -74,7 +80,9 @@ class LastCheckpoint(ModelCheckpoint):
         self._random_state_before_validation = random_state()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        set_random_state(self._random_state_before_validation)  # before the save: it holds the training's streams
+        set_random_state(
+            self._random_state_before_validation
+        )  # before the save: it holds the training's streams
         self._save_last_now(trainer, again_this_step=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -42,7 +42,9 @@ class WandbEvaluation(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.samples = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         names = pl_module.category_split.categories
@@ -62,7 +64,9 @@ class WandbEvaluation(Callback):
             f"{markdown_table(['category', 'split', 'IoU (%)'], rows)}\n"
         )
         for sample_id, _, image, truth, pred, labels in self.samples:
-            Image.fromarray(overlay_strip(image, truth, pred)).save(folder / f"{sample_id}_{'+'.join(labels)}.png")
+            Image.fromarray(overlay_strip(image, truth, pred)).save(
+                folder / f"{sample_id}_{'+'.join(labels)}.png"
+            )
         logger = self._wandb(trainer)
         if logger is None:
             return
@@ -76,11 +80,13 @@ class WandbEvaluation(Callback):
                 "predictions": {"mask_data": label_map(pred), "class_labels": classes},
             }
             images.append(wandb.Image(image, masks=masks, caption=prompt))
-        logger.experiment.log({
-            "val/per_category": wandb.Table(columns=["category", "split", "iou"], data=rows),
-            "val/overlays": images,
-            "trainer/global_step": trainer.global_step,
-        })  # fmt: skip
+        logger.experiment.log(
+            {
+                "val/per_category": wandb.Table(columns=["category", "split", "iou"], data=rows),
+                "val/overlays": images,
+                "trainer/global_step": trainer.global_step,
+            }
+        )
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -88,12 +94,19 @@ class WandbEvaluation(Callback):
         results, unseen = pl_module.results["test"], set(pl_module.category_split.unseen)
         methods = ["ours", *results["baselines"]]
         per_category = [
-            [c, "unseen" if c in unseen else "seen", v, *(results["baselines"][m]["per_category"][c] for m in methods[1:])]
+            [
+                c,
+                "unseen" if c in unseen else "seen",
+                v,
+                *(results["baselines"][m]["per_category"][c] for m in methods[1:]),
+            ]
             for c, v in results["per_category"].items()
         ]
         groups = results["groups"]
         metrics = ("miou", "image_noun_miou", "on_other_object")
-        comparison = [[g, *(groups[m][g][k] for k in metrics for m in ("ours", "daam"))] for g in [*GROUPS, "all"]]
+        comparison = [
+            [g, *(groups[m][g][k] for k in metrics for m in ("ours", "daam"))] for g in [*GROUPS, "all"]
+        ]
         comparison_columns = ["group", *(f"{m} {k}" for k in metrics for m in ("ours", "daam"))]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "test.md").write_text(
@@ -105,7 +118,9 @@ class WandbEvaluation(Callback):
             return
         import wandb
 
-        logger.experiment.log({
-            "test/per_category": wandb.Table(columns=["category", "split", *methods], data=per_category),
-            "test/daam_comparison": wandb.Table(columns=comparison_columns, data=comparison),
-        })  # fmt: skip
+        logger.experiment.log(
+            {
+                "test/per_category": wandb.Table(columns=["category", "split", *methods], data=per_category),
+                "test/daam_comparison": wandb.Table(columns=comparison_columns, data=comparison),
+            }
+        )

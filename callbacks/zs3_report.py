@@ -27,7 +27,9 @@ class ZS3Report(Callback):
             return
         datamodule, results = trainer.datamodule, pl_module.results["test"]
         trained_on = datamodule.training_sets()
-        synthetic = [t.removeprefix("synthetic ").strip("()") for t in trained_on if t.startswith("synthetic")]
+        synthetic = [
+            t.removeprefix("synthetic ").strip("()") for t in trained_on if t.startswith("synthetic")
+        ]
         # Real images (in the shapes world: rendered scenes) of seen classes only, or of all classes.
         real = [t for t in trained_on if not t.startswith("synthetic")]
         split = datamodule.category_split
@@ -45,9 +47,10 @@ class ZS3Report(Callback):
             "unseen": list(split.unseen),
             **results,
         }
-        per_class = markdown_table(["class", "", "IoU"], [
-            [c, "unseen" if c in split.unseen else "seen", v] for c, v in results["per_category"].items()
-        ])  # fmt: skip
+        per_class = markdown_table(
+            ["class", "", "IoU"],
+            [[c, "unseen" if c in split.unseen else "seen", v] for c, v in results["per_category"].items()],
+        )
         text = table2_markdown(table2([row])) + "\n" + per_class + "\n"
         path = write_report(self.out_dir, row, text)
         print(text)

@@ -52,7 +52,9 @@ class GroundedImageDataModule(LightningDataModule):
         self.prepare_data_per_node = False
         if isinstance(prompts, PromptSet):
             if vocabulary is None:
-                raise ConfigError("A PromptSet samples categories from a vocabulary: set data.init_args.vocabulary (pascal, coco)")
+                raise ConfigError(
+                    "A PromptSet samples categories from a vocabulary: set data.init_args.vocabulary (pascal, coco)"
+                )
             self.category_split = CategorySplit.named(vocabulary)
         else:
             self.category_split = CategorySplit(tuple(prompts.classes))

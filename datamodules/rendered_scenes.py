@@ -43,7 +43,13 @@ class RenderedScenesDataModule(LightningDataModule):
     """
 
     def __init__(
-        self, num_train: int = 500_000, num_val: int = 256, image_size: int = 64, seed: int = 0, batch_size: int = 32, num_workers: int = 0
+        self,
+        num_train: int = 500_000,
+        num_val: int = 256,
+        image_size: int = 64,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,11 +59,17 @@ class RenderedScenesDataModule(LightningDataModule):
         dataset = RenderedScenes(h.num_train, h.image_size, h.seed)
         sampler = training_sampler(self.trainer, dataset, h.batch_size)
         return DataLoader(
-            dataset, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
-            drop_last=True, generator=loader_generator(),
-        )  # fmt: skip
+            dataset,
+            batch_size=h.batch_size,
+            sampler=sampler,
+            num_workers=h.num_workers,
+            drop_last=True,
+            generator=loader_generator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET)
-        return DataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers, generator=loader_generator())
+        return DataLoader(
+            dataset, batch_size=h.batch_size, num_workers=h.num_workers, generator=loader_generator()
+        )

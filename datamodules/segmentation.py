@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
 from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
+from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError, check_in_range
 
@@ -21,7 +21,9 @@ class SegmentationSamples(Dataset):
     resolution, untouched (the segmenter's scores are upsampled to them), so the scores are the
     ZS3 literature's."""
 
-    def __init__(self, dataset: SegmentationSet, indices: list[int], lookup: torch.Tensor, size: int, train: bool) -> None:
+    def __init__(
+        self, dataset: SegmentationSet, indices: list[int], lookup: torch.Tensor, size: int, train: bool
+    ) -> None:
         self.dataset, self.indices, self.lookup, self.size, self.train = dataset, indices, lookup, size, train
 
     def __len__(self) -> int:
@@ -30,7 +32,9 @@ class SegmentationSamples(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, labels = self.dataset[self.indices[index]]
         size = (self.size, self.size)
-        image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        image = F.interpolate(
+            image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+        )[0]
         labels = self.lookup[labels.long()]
         if self.train:
             labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0]
@@ -103,7 +107,9 @@ class SegmentationDataModule(LightningDataModule):
         self.check_data = check_data
         for dataset in [*self.train_sets, val, test]:
             if dataset is not None:
-                check_categories(dataset.classes, self.category_split.categories, f"class of {type(dataset).__name__}")
+                check_categories(
+                    dataset.classes, self.category_split.categories, f"class of {type(dataset).__name__}"
+                )
 
     def training_sets(self) -> list[str]:
         """What the segmenter learns from, for the report: ``real (seen only)``, ``synthetic (mixture)``..."""
@@ -134,7 +140,11 @@ class SegmentationDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         # Every file the run will read is checked now, not at the first validation.
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
-        sets = {"fit": [*self.train_sets, self.val_set_source], "validate": [self.val_set_source], "test": [self.test_set_source]}
+        sets = {
+            "fit": [*self.train_sets, self.val_set_source],
+            "validate": [self.val_set_source],
+            "test": [self.test_set_source],
+        }
         if self.check_data:
             for dataset in sets.get(stage, []):
                 if dataset is not None:
@@ -160,12 +170,21 @@ class SegmentationDataModule(LightningDataModule):
             self.test_set = self._samples(self.test_set_source, train=False)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = training_sampler(self.trainer, dataset, self.batch_size) if train else evaluation_sampler(self.trainer, dataset)
+        sampler = (
+            training_sampler(self.trainer, dataset, self.batch_size)
+            if train
+            else evaluation_sampler(self.trainer, dataset)
+        )
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
-            persistent_workers=self.num_workers > 0, collate_fn=None if train else collate_evaluation,
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=train,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=None if train else collate_evaluation,
             generator=loader_generator(),
-        )  # fmt: skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

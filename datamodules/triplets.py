@@ -18,8 +18,8 @@ from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
 from grounded_diffusion.data.sources import collate_samples, pad_objects
-from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.data.voc import VOCFolder
+from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
 from grounded_diffusion.errors import ConfigError, check_in_range
 from grounded_diffusion.files import FolderLock
 
@@ -28,7 +28,9 @@ class TripletSamples(Dataset):
     """Cached triplets: features (fp16 groups) or replay latents, masks, category indices
     (-1 = empty slot), the image, and DAAM heat maps and oracle scores where the cache has them."""
 
-    def __init__(self, cache: TripletCache, records: list[dict], split: CategorySplit, max_objects: int) -> None:
+    def __init__(
+        self, cache: TripletCache, records: list[dict], split: CategorySplit, max_objects: int
+    ) -> None:
         self.cache, self.records, self.split, self.max_objects = cache, records, split, max_objects
 
     def __len__(self) -> int:
@@ -152,14 +154,18 @@ class TripletDataModule(LightningDataModule):
             check_categories(record["categories"], self.categories, f"category of sample {record['id']}")
         if stage == "fit":
             seen = set(self.category_split.seen)
-            train = [r for r in records if r["split"] == self.stage_splits["fit"] and set(r["categories"]) <= seen]
+            train = [
+                r for r in records if r["split"] == self.stage_splits["fit"] and set(r["categories"]) <= seen
+            ]
             self.train_set = self._samples(train, self.stage_splits["fit"] + " (seen categories only)")
         if stage in ("fit", "validate"):
             self.val_set = self._split_samples(records, self.stage_splits["validate"])
         if stage == "test":
             test_split = self.stage_splits["test"]
             if test_split is None:  # a VOC folder often has train and val image sets only
-                test_split = "test" if any(r["split"] == "test" for r in records) else self.stage_splits["validate"]
+                test_split = (
+                    "test" if any(r["split"] == "test" for r in records) else self.stage_splits["validate"]
+                )
             self.test_set = self._split_samples(records, test_split)
 
     def _missing_cache_message(self) -> str:
@@ -198,7 +204,9 @@ class TripletDataModule(LightningDataModule):
         return self._loader(dataset, sampler=evaluation_sampler(self.trainer, dataset))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, sampler=training_sampler(self.trainer, self.train_set, self.batch_size))
+        return self._loader(
+            self.train_set, sampler=training_sampler(self.trainer, self.train_set, self.batch_size)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._unrepeated_loader(self.val_set)

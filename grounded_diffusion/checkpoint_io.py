@@ -34,7 +34,11 @@ class CheckpointError(UserError, RuntimeError):
 
 def _others(path: Path) -> str:
     """`` (a.ckpt, b.ckpt in FOLDER)``: the other checkpoints beside ``path``, if any."""
-    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name) if path.parent.is_dir() else []
+    others = (
+        sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name)
+        if path.parent.is_dir()
+        else []
+    )
     return f" ({', '.join(others[:4])} in {path.parent})" if others else ""
 
 

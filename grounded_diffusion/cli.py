@@ -87,8 +87,12 @@ class GroundedDiffusionCLI(LightningCLI):
         if ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path):
             return
         config = self.config[subcommand]
-        check_checkpoint_kind(read_checkpoint(ckpt_path, map_location="cpu"), ckpt_path, config["model"]["class_path"])
-        given = {key: config[key] for key in self._command_line_keys if key.startswith("model.") and key in config}
+        check_checkpoint_kind(
+            read_checkpoint(ckpt_path, map_location="cpu"), ckpt_path, config["model"]["class_path"]
+        )
+        given = {
+            key: config[key] for key in self._command_line_keys if key.startswith("model.") and key in config
+        }
         super()._parse_ckpt_path()
         for key, value in given.items():
             self.config[subcommand][key] = value
@@ -134,7 +138,9 @@ class GroundedDiffusionCLI(LightningCLI):
             return
         if not last_checkpoint_exists(self.trainer):
             callbacks = self.trainer.checkpoint_callbacks
-            folders = ", ".join(sorted({str(c.dirpath) for c in callbacks})) or "(no ModelCheckpoint configured)"
+            folders = (
+                ", ".join(sorted({str(c.dirpath) for c in callbacks})) or "(no ModelCheckpoint configured)"
+            )
             raise ConfigError(
                 f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
                 "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
@@ -165,7 +171,10 @@ def main(args: list[str] | None = None) -> None:
     quiet_known_noise(evaluating=bool(argv) and argv[0] != "fit", resuming=resuming)
     # exit_on_error=False: a bad option or key raises, and is printed as one line below
     # instead of the full usage text.
-    parser_kwargs = {"exit_on_error": False, **{sub: {"parser_mode": "omegaconf+", "exit_on_error": False} for sub in SUBCOMMANDS}}
+    parser_kwargs = {
+        "exit_on_error": False,
+        **{sub: {"parser_mode": "omegaconf+", "exit_on_error": False} for sub in SUBCOMMANDS},
+    }
     parser_kwargs["predict"]["default_config_files"] = [str(PREDICT_DEFAULTS)]
     try:
         GroundedDiffusionCLI(

@@ -66,7 +66,9 @@ def check_fit_length(config) -> None:
 def check_output_folders(config, subcommand: str) -> None:
     """Every folder the run writes can be written (before anything is built): the run folder, and
     for ``predict`` the cache or image folder it fills."""
-    check_writable_folder(config.get("trainer", {}).get("default_root_dir") or ".", "trainer.default_root_dir")
+    check_writable_folder(
+        config.get("trainer", {}).get("default_root_dir") or ".", "trainer.default_root_dir"
+    )
     if subcommand == "predict":
         data = config.get("data", {}).get("init_args", {}) or {}
         for key in ("cache_dir", "out_dir"):
@@ -93,15 +95,28 @@ def check_loggers(config) -> None:
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA out-of-memory error, raised here or in a process that ddp_spawn started."""
     text = str(error).strip().splitlines()[-1:] or [""]
-    return type(error).__name__ == "OutOfMemoryError" or text[0].startswith(("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"))
+    return type(error).__name__ == "OutOfMemoryError" or text[0].startswith(
+        ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError")
+    )
 
 
 def out_of_memory_message(config, subcommand: str) -> str:
     size = config.get("data", {}).get("init_args", {}).get("batch_size")
-    smaller = f"e.g. --data.init_args.batch_size {max(1, size // 2)}" if isinstance(size, int) and size > 1 else "or use a smaller model"
-    kept = ("every sample already written is kept: rerun the same command to go on" if subcommand == "predict"
-            else "resume with --ckpt_path last" if subcommand == "fit" else "nothing was written")  # fmt: skip
-    return f"CUDA ran out of memory at data.init_args.batch_size {size} (per GPU): lower it, {smaller}; {kept}."
+    smaller = (
+        f"e.g. --data.init_args.batch_size {max(1, size // 2)}"
+        if isinstance(size, int) and size > 1
+        else "or use a smaller model"
+    )
+    kept = (
+        "every sample already written is kept: rerun the same command to go on"
+        if subcommand == "predict"
+        else "resume with --ckpt_path last"
+        if subcommand == "fit"
+        else "nothing was written"
+    )
+    return (
+        f"CUDA ran out of memory at data.init_args.batch_size {size} (per GPU): lower it, {smaller}; {kept}."
+    )
 
 
 def disk_full_message(error: BaseException, run_folder: str) -> str | None:

@@ -17,7 +17,17 @@ import typing
 from grounded_diffusion.errors import did_you_mean
 
 # LightningCLI's own top-level keys of a subcommand (besides trainer.*).
-TOP_LEVEL = ("config", "seed_everything", "model", "data", "optimizer", "lr_scheduler", "ckpt_path", "trainer", "print_config")
+TOP_LEVEL = (
+    "config",
+    "seed_everything",
+    "model",
+    "data",
+    "optimizer",
+    "lr_scheduler",
+    "ckpt_path",
+    "trainer",
+    "print_config",
+)
 
 
 def _nearest(name: str, candidates: list[str]) -> str:
@@ -58,7 +68,11 @@ def _class_candidates(module_path: str) -> list[str]:
         module = importlib.import_module(module_path)
     except ImportError:
         return []
-    names = [f"{module_path}.{n}" for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__]
+    names = [
+        f"{module_path}.{n}"
+        for n, v in vars(module).items()
+        if inspect.isclass(v) and v.__module__ == module.__name__
+    ]
     if hasattr(module, "__path__"):
         names += [f"{module_path}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]
     return names
@@ -88,14 +102,25 @@ def _wrong_class(message: str) -> str | None:
     denied = re.findall(r"Importing '([^']+)' is not allowed, denied by", section)
     if not denied and "does not correspond to a subclass of" not in section:
         return None
-    subtypes = re.findall(r"Subtypes: \[(.*)\]", section)  # e.g. [list[a.B], <class 'a.B'>, <class 'NoneType'>]
-    names = [name for pair in re.findall(r"<class '([^']+)'>|\[([\w.]+)\]", subtypes[-1] if subtypes else "") for name in pair if name]
+    subtypes = re.findall(
+        r"Subtypes: \[(.*)\]", section
+    )  # e.g. [list[a.B], <class 'a.B'>, <class 'NoneType'>]
+    names = [
+        name
+        for pair in re.findall(r"<class '([^']+)'>|\[([\w.]+)\]", subtypes[-1] if subtypes else "")
+        for name in pair
+        if name
+    ]
     base = " or ".join(dict.fromkeys(n for n in names if n != "NoneType"))
     given = [g.strip() for g in re.findall(r"Given value: (.+)", section) if not g.startswith("NestedArg")]
     class_path = denied[-1] if denied else given[-1] if given else None
     if not base or not class_path:
         return None
-    why = "the standard library holds none, and a config may not name it" if denied else "a class_path there must name one"
+    why = (
+        "the standard library holds none, and a config may not name it"
+        if denied
+        else "a class_path there must name one"
+    )
     return f"{'.init_args.'.join(keys)}: '{class_path}' is not a subclass of {base}: {why} (your own subclasses work)"
 
 
@@ -108,16 +133,23 @@ def one_line_config_error(error: Exception, argv: list[str]) -> str:
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if group and problem:
         where, class_path, detail = group[1], problem[1], problem[2].strip()
-        key = re.search(r"unrecognized arguments: --([^=\s]+)|Option '([^']+)' is not accepted|Key '([^']+)' is not expected", detail)
+        key = re.search(
+            r"unrecognized arguments: --([^=\s]+)|Option '([^']+)' is not accepted|Key '([^']+)' is not expected",
+            detail,
+        )
         if key:
             name = next(k for k in key.groups() if k)
-            return (f"{where}.init_args.{name}: {class_path} has no argument '{name}'"
-                    f"{_nearest(name, _init_keys(class_path))}")  # fmt: skip
+            return (
+                f"{where}.init_args.{name}: {class_path} has no argument '{name}'"
+                f"{_nearest(name, _init_keys(class_path))}"
+            )
         missing = re.search(r"module '([^']+)' has no attribute '([^']+)'|No module named '([^']+)'", detail)
         if missing:
             module = missing[1] or class_path.rpartition(".")[0]
-            return (f"{where}: no class '{class_path}'"
-                    f"{_nearest(class_path, _class_candidates(module) or _class_candidates(module.rpartition('.')[0]))}")  # fmt: skip
+            return (
+                f"{where}: no class '{class_path}'"
+                f"{_nearest(class_path, _class_candidates(module) or _class_candidates(module.rpartition('.')[0]))}"
+            )
     unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^=\s]+)", message)
     if unknown:
         name = unknown[1] or unknown[2]
@@ -127,7 +159,9 @@ def one_line_config_error(error: Exception, argv: list[str]) -> str:
         keys = re.findall(r'Parser key "([^"]+)"', message)
         innermost = message[message.rindex(f'Parser key "{keys[-1]}"') :].splitlines()[1:]
         lines = [line.strip(" -") for line in innermost if line.strip()]
-        expected = next((line for line in lines if line.startswith("Expected")), lines[0] if lines else "invalid value")
+        expected = next(
+            (line for line in lines if line.startswith("Expected")), lines[0] if lines else "invalid value"
+        )
         given = next((line for line in lines if line.startswith("Given value:")), "")
         detail = f"{expected} ({given})" if given and "Got value" not in expected else expected
         return f"{'.init_args.'.join(keys)}: {detail}"

@@ -4,8 +4,9 @@
     grounded-diffusion demo --checkpoint outputs/scenes/checkpoints/last.ckpt
 
 Tab "Generate": prompt and category names in; the image with one coloured mask per category and a
-legend out (seed and steps controls); a pixel shows its most probable category, as the label maps. Tab "Segment an image": an uploaded image and names in, its
-masks out. Both are also an API (``gradio_client``: ``/generate`` and ``/segment``).
+legend out (seed and steps controls); a pixel shows its most probable category, as the label maps.
+Tab "Segment an image": an uploaded image and names in, its masks out. Both are also an API
+(``gradio_client``: ``/generate`` and ``/segment``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ TITLE = "Grounded diffusion"
 # The prompt, names and seed the page opens with. Shapes world: two categories unseen by split 1's
 # head, which the miniature SD draws more often than most (it draws what a prompt names about 60 %
 # of the time; "green triangle" almost never): both found by the oracle in 5 of the first 8 seeds.
-EXAMPLES = {SHAPES_SD_ID: ("a photograph of a blue cross and a yellow square", "blue cross, yellow square", 0)}
+EXAMPLES = {
+    SHAPES_SD_ID: ("a photograph of a blue cross and a yellow square", "blue cross, yellow square", 0)
+}
 DEFAULT_EXAMPLE = ("a photograph of a dog and a cat", "dog, cat", 0)
 
 
@@ -38,7 +41,9 @@ def annotation(result: GroundedImages) -> tuple[tuple, dict[str, str]]:
     where it wins the label map (``GroundedImages.label_maps``: each pixel its most probable
     category above the threshold), so that overlapping masks do not hide each other."""
     names, labels = result.categories[0], result.label_maps()[0]
-    colours = {n: "#{:02x}{:02x}{:02x}".format(*(int(v) for v in PALETTE_RGB[k + 1])) for k, n in enumerate(names)}
+    colours = {
+        n: "#{:02x}{:02x}{:02x}".format(*(int(v) for v in PALETTE_RGB[k + 1])) for k, n in enumerate(names)
+    }
     masks = [((labels == k + 1).astype(np.float32), n) for k, n in enumerate(names)]
     return (np.asarray(result.images[0]), masks), colours
 
@@ -51,7 +56,9 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
 
     backbone = generator.backbone
     steps = backbone.step_counts_through_capture(limit=100)
-    prompt_example, names_example, seed_example = EXAMPLES.get(generator.pretrained.backbone.model_id, DEFAULT_EXAMPLE)
+    prompt_example, names_example, seed_example = EXAMPLES.get(
+        generator.pretrained.backbone.model_id, DEFAULT_EXAMPLE
+    )
 
     def run(call):
         try:
@@ -64,12 +71,20 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
         if not (prompt or "").strip():
             raise gr.Error("Write a prompt.")
         seed = int(seed)
-        return run(lambda: generator(prompt, category_names(names), seed=seed, num_inference_steps=int(num_steps), progress=False))
+        return run(
+            lambda: generator(
+                prompt, category_names(names), seed=seed, num_inference_steps=int(num_steps), progress=False
+            )
+        )
 
     def segment(image, names: str, prompt: str, mode: str):
         if image is None:
             raise gr.Error("Upload an image.")
-        return run(lambda: generator.segment(image, category_names(names), prompt=(prompt or "").strip() or None, mode=mode, progress=False))
+        return run(
+            lambda: generator.segment(
+                image, category_names(names), prompt=(prompt or "").strip() or None, mode=mode, progress=False
+            )
+        )
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(
@@ -84,23 +99,35 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=seed_example, precision=0)
                         num_steps = gr.Dropdown(
-                            label="Steps", choices=steps, value=backbone.config.num_inference_steps,
+                            label="Steps",
+                            choices=steps,
+                            value=backbone.config.num_inference_steps,
                             info="the schedules that pass the head's capture step",
-                        )  # fmt: skip
+                        )
                     button = gr.Button("Generate", variant="primary")
                 value, colours = None, None
                 if show_example:
-                    example = generator(prompt_example, category_names(names_example), seed=seed_example, progress=False)
+                    example = generator(
+                        prompt_example, category_names(names_example), seed=seed_example, progress=False
+                    )
                     value, colours = annotation(example)
-                output = gr.AnnotatedImage(value=value, color_map=colours, label="Image and masks", height=420, format="png")
+                output = gr.AnnotatedImage(
+                    value=value, color_map=colours, label="Image and masks", height=420, format="png"
+                )
             button.click(generate, [prompt, names, seed, num_steps], output, api_name="generate")
         with gr.Tab("Segment an image"):
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(label="Image", type="pil")
                     seg_names = gr.Textbox(label="Categories (comma-separated)", value=names_example)
-                    seg_prompt = gr.Textbox(label="Prompt (optional)", placeholder="default: a photograph of a {c1} and a {c2}")
-                    mode = gr.Radio(["noise", "ddim_inversion"], value=generator.pretrained.real_image_mode, label="To the capture step by")
+                    seg_prompt = gr.Textbox(
+                        label="Prompt (optional)", placeholder="default: a photograph of a {c1} and a {c2}"
+                    )
+                    mode = gr.Radio(
+                        ["noise", "ddim_inversion"],
+                        value=generator.pretrained.real_image_mode,
+                        label="To the capture step by",
+                    )
                     seg_button = gr.Button("Segment", variant="primary")
                 seg_output = gr.AnnotatedImage(label="Masks", height=420, format="png")
             seg_button.click(segment, [image, seg_names, seg_prompt, mode], seg_output, api_name="segment")
@@ -113,7 +140,11 @@ def main(argv: list[str]) -> None:
     source.add_argument("--head", help="a head folder (grounded-diffusion export) or Hub repository id")
     source.add_argument("--checkpoint", help="a `fit` checkpoint of a GroundingModule")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the head's on a GPU, float32 on a CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="default: the head's on a GPU, float32 on a CPU",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

@@ -14,13 +14,21 @@ from grounded_diffusion.models.pretrained_head import PretrainedHead
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="grounded-diffusion export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit` of a GroundingModule")
-    parser.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, README.md)")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `fit` of a GroundingModule"
+    )
+    parser.add_argument(
+        "--out", required=True, help="the folder to write (config.json, model.safetensors, README.md)"
+    )
+    parser.add_argument(
+        "--push_to_hub", metavar="REPO_ID", help="also upload the folder to this Hub repository"
+    )
     args = parser.parse_args(argv)
     head = PretrainedHead.from_checkpoint(args.ckpt_path)
     folder = head.save_pretrained(args.out)
     b = head.backbone
-    print(f"head of {args.ckpt_path} -> {folder} (backbone {b.model_id}, step {b.capture_step} of {b.num_inference_steps})")
+    print(
+        f"head of {args.ckpt_path} -> {folder} (backbone {b.model_id}, step {b.capture_step} of {b.num_inference_steps})"
+    )
     if args.push_to_hub:
         print(f"uploaded to {head.push_to_hub(args.push_to_hub)}")

@@ -56,7 +56,9 @@ def disk_full_error(path: str | Path, kept: str) -> DiskFullError:
     )
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], kept: str = "nothing else was changed") -> None:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], object], kept: str = "nothing else was changed"
+) -> None:
     """``write(tmp)`` a temporary file beside ``path``, then rename it to ``path``. On any failure
     the temporary file is removed (a full disk gets its space back) and ``path`` is untouched;
     a full disk raises ``DiskFullError`` naming ``path``."""
@@ -127,7 +129,9 @@ class FolderLock:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         handle.flush()
         self.handle = handle
 

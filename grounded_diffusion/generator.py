@@ -73,7 +73,9 @@ class GroundedImages:
         most probable category above the threshold."""
         classes = self.classes
         return [
-            semantic_labels(p[None], torch.tensor([[classes.index(c) + 1 for c in cs]]), self.mask_threshold)[0].numpy()
+            semantic_labels(p[None], torch.tensor([[classes.index(c) + 1 for c in cs]]), self.mask_threshold)[
+                0
+            ].numpy()
             for p, cs in zip(self.probabilities, self.categories)
         ]
 
@@ -89,7 +91,9 @@ class GroundedImages:
             drawn.append(_with_legend(picture, [(c, classes.index(c) + 1) for c in categories]))
         return drawn
 
-    def save(self, folder: str | Path, split: str = "images", ignore_band: float = 0.0, overlays: bool = True) -> Path:
+    def save(
+        self, folder: str | Path, split: str = "images", ignore_band: float = 0.0, overlays: bool = True
+    ) -> Path:
         """Write a VOC-style folder with COCO RLE annotations, as ``predict`` does
         (``grounded_diffusion.data.grounded_folder``); images already in the folder are kept and
         these are numbered after them. Returns the folder."""
@@ -105,7 +109,13 @@ class GroundedImages:
         for i, (image, probs) in enumerate(zip(self.images, self.probabilities)):
             one = {k: v[i : i + 1] for k, v in batch.items()}
             pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
-            target.write_batch({**one, "image": pixels, "probs": probs[None]}, self.classes, self.mask_threshold, ignore_band, overlays)
+            target.write_batch(
+                {**one, "image": pixels, "probs": probs[None]},
+                self.classes,
+                self.mask_threshold,
+                ignore_band,
+                overlays,
+            )
         target.finalize()
         return target.root
 
@@ -118,7 +128,9 @@ def _with_legend(picture: Image.Image, entries: list[tuple[str, int]]) -> Image.
     draw = ImageDraw.Draw(out)
     for row, (name, label) in enumerate(entries):
         top = picture.height + 2 + row * line
-        draw.rectangle([4, top + 2, 16, top + 13], fill=tuple(int(v) for v in PALETTE_RGB[label]), outline="black")
+        draw.rectangle(
+            [4, top + 2, 16, top + 13], fill=tuple(int(v) for v in PALETTE_RGB[label]), outline="black"
+        )
         draw.text((22, top + 1), name, fill="black")
     return out
 
@@ -148,8 +160,14 @@ class GroundedGenerator:
     # -- building -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_folder: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, model_id: str | None = None, **hub) -> GroundedGenerator:  # fmt: skip
+    def from_pretrained(
+        cls,
+        name_or_folder: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        model_id: str | None = None,
+        **hub,
+    ) -> GroundedGenerator:
         """A head saved by ``save_pretrained`` or ``grounded-diffusion export`` (a folder, or a
         Hub repository id; ``hub``: ``revision``, ``token``).
 
@@ -162,22 +180,34 @@ class GroundedGenerator:
         return cls.from_head(PretrainedHead.from_pretrained(name_or_folder, **hub), device, dtype, model_id)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, model_id: str | None = None) -> GroundedGenerator:  # fmt: skip
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        model_id: str | None = None,
+    ) -> GroundedGenerator:
         """The head of a GroundingModule ``fit`` checkpoint (arguments as ``from_pretrained``)."""
         return cls.from_head(PretrainedHead.from_checkpoint(path), device, dtype, model_id)
 
     @classmethod
-    def from_head(cls, head: PretrainedHead, device=None, dtype=None, model_id: str | None = None) -> GroundedGenerator:
+    def from_head(
+        cls, head: PretrainedHead, device=None, dtype=None, model_id: str | None = None
+    ) -> GroundedGenerator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, torch.dtype):
             dtype = next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
         dtype = dtype or (head.backbone.dtype if device.type == "cuda" else "float32")
         if device.type == "cpu" and dtype == "float16":
-            raise ConfigError("dtype float16 on the CPU: its UNet kernels are missing or very slow; use float32 or bfloat16")
+            raise ConfigError(
+                "dtype float16 on the CPU: its UNet kernels are missing or very slow; use float32 or bfloat16"
+            )
         if model_id not in (None, head.backbone.model_id):  # shapes are checked; the weights cannot be
-            warnings.warn(f"loading the backbone from {model_id} for a head trained on {head.backbone.model_id}: "
-                          "it must hold the same weights", stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"loading the backbone from {model_id} for a head trained on {head.backbone.model_id}: "
+                "it must hold the same weights",
+                stacklevel=3,
+            )
         config = replace(head.backbone, dtype=dtype, model_id=model_id or head.backbone.model_id)
         return cls(StableDiffusionBackbone(config).to(device), head)
 
@@ -223,14 +253,24 @@ class GroundedGenerator:
         check_in_range("batch_size", batch_size, 1, None, 4)
         self.backbone.capture_step_for(num_inference_steps or self.backbone.config.num_inference_steps)
         images, probabilities = [], []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="grounded generation", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="grounded generation", disable=not progress, leave=False
+        ):
             part = slice(start, start + batch_size)
             pixels, probs = ground_generated(
-                self.backbone, self.head, prompts[part], categories[part], seeds[part], guidance, num_inference_steps
+                self.backbone,
+                self.head,
+                prompts[part],
+                categories[part],
+                seeds[part],
+                guidance,
+                num_inference_steps,
             )
             images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
             probabilities += [p[: len(cs)].float().cpu() for p, cs in zip(probs, categories[part])]
-        return GroundedImages(images, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold)
+        return GroundedImages(
+            images, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold
+        )
 
     # -- real images --------------------------------------------------------------------------
 
@@ -257,7 +297,9 @@ class GroundedGenerator:
                 default the head's.
             seed: the noise of image i is drawn from this seed and i.
         """
-        single = isinstance(images, (str, Path, Image.Image)) or (hasattr(images, "ndim") and images.ndim == 3)
+        single = isinstance(images, (str, Path, Image.Image)) or (
+            hasattr(images, "ndim") and images.ndim == 3
+        )
         pictures = [_rgb(image, i) for i, image in enumerate([images] if single else list(images))]
         categories = self._per_image(categories, len(pictures), "images")
         if prompt is None:
@@ -265,7 +307,9 @@ class GroundedGenerator:
         else:
             prompts = [prompt] * len(pictures) if isinstance(prompt, str) else list(prompt)
             if len(prompts) != len(pictures):
-                raise ConfigError(f"{len(prompts)} prompts for {len(pictures)} images: give one prompt, or one per image")
+                raise ConfigError(
+                    f"{len(prompts)} prompts for {len(pictures)} images: give one prompt, or one per image"
+                )
         mode = mode or self.pretrained.real_image_mode
         if mode not in REAL_IMAGE_MODES:
             raise ConfigError(f"mode '{mode}' is not one of {REAL_IMAGE_MODES}")
@@ -273,23 +317,36 @@ class GroundedGenerator:
         seeds = self._seeds(seed, len(pictures))
         side, device = self.backbone.image_size, self.backbone.unet.device
         probabilities = []
-        for start in tqdm(range(0, len(pictures), batch_size), desc="segmentation", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(pictures), batch_size), desc="segmentation", disable=not progress, leave=False
+        ):
             part = slice(start, start + batch_size)
-            resized = [np.asarray(p.resize((side, side), Image.BICUBIC)) if p.size != (side, side) else np.asarray(p) for p in pictures[part]]
+            resized = [
+                np.asarray(p.resize((side, side), Image.BICUBIC)) if p.size != (side, side) else np.asarray(p)
+                for p in pictures[part]
+            ]
             batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(device)
-            probs = segment_real(self.backbone, self.head, batch, prompts[part], categories[part], seeds[part], mode)
+            probs = segment_real(
+                self.backbone, self.head, batch, prompts[part], categories[part], seeds[part], mode
+            )
             for picture, p, cs in zip(pictures[part], probs, categories[part]):
                 p = p[: len(cs)].float()
                 if p.shape[-2:] != (picture.height, picture.width):  # back to the image's own size
-                    p = F.interpolate(p[None], size=(picture.height, picture.width), mode="bilinear", align_corners=False)[0]
+                    p = F.interpolate(
+                        p[None], size=(picture.height, picture.width), mode="bilinear", align_corners=False
+                    )[0]
                 probabilities.append(p.cpu())
-        return GroundedImages(pictures, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold)
+        return GroundedImages(
+            pictures, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold
+        )
 
     # -- input checks (before any work) --------------------------------------------------------
 
     def _per_image(self, categories, count: int, what: str) -> list[list[str]]:
         if isinstance(categories, str):
-            raise ConfigError(f"categories is the string {categories!r}: give a list of names, e.g. [{categories!r}]")
+            raise ConfigError(
+                f"categories is the string {categories!r}: give a list of names, e.g. [{categories!r}]"
+            )
         categories = list(categories)
         if not categories or any(not isinstance(c, str) and not list(c) for c in categories):
             raise ConfigError("no category names given: name at least one category to segment, e.g. ['dog']")
@@ -329,14 +386,22 @@ def _rgb(image, index: int) -> Image.Image:
         image = picture
     if isinstance(image, Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ImageInputError(f"images[{index}] is a {image.dtype} tensor of shape {list(image.shape)}; give uint8 RGB [3, H, W]")
+            raise ImageInputError(
+                f"images[{index}] is a {image.dtype} tensor of shape {list(image.shape)}; give uint8 RGB [3, H, W]"
+            )
         image = image.permute(1, 2, 0).cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ImageInputError(f"images[{index}] is a {image.dtype} array of shape {list(image.shape)}; give uint8 RGB [H, W, 3]")
+            raise ImageInputError(
+                f"images[{index}] is a {image.dtype} array of shape {list(image.shape)}; give uint8 RGB [H, W, 3]"
+            )
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
-        raise ImageInputError(f"images[{index}] is a {type(image).__name__}; give a file path, a PIL image, or a uint8 array or tensor")
+        raise ImageInputError(
+            f"images[{index}] is a {type(image).__name__}; give a file path, a PIL image, or a uint8 array or tensor"
+        )
     if min(image.size) < MIN_SIDE:
-        raise ImageInputError(f"images[{index}] is {image.size[0]}x{image.size[1]}, under {MIN_SIDE} pixels a side: too small to segment")
+        raise ImageInputError(
+            f"images[{index}] is {image.size[0]}x{image.size[1]}, under {MIN_SIDE} pixels a side: too small to segment"
+        )
     return image.convert("RGB")

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.cli import SUBCOMMANDS
+from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.reports import markdown_table, mean_sd, spread
 
@@ -63,8 +63,12 @@ def load_grid(path: Path) -> dict:
     if not isinstance(grid["values"], list) or not grid["values"]:
         raise ConfigError(f"{path}: values must be a non-empty list, not {grid['values']!r}")
     stages = grid["stages"]
-    if not isinstance(stages, list) or not all(isinstance(s, list) and s and s[0] in SUBCOMMANDS for s in stages):
-        raise ConfigError(f"{path}: each stage must be a list starting with one of {SUBCOMMANDS}, e.g. [fit, --config, X.yaml]; got {stages!r}")
+    if not isinstance(stages, list) or not all(
+        isinstance(s, list) and s and s[0] in SUBCOMMANDS for s in stages
+    ):
+        raise ConfigError(
+            f"{path}: each stage must be a list starting with one of {SUBCOMMANDS}, e.g. [fit, --config, X.yaml]; got {stages!r}"
+        )
     check_seeds(grid.get("seeds"), f"{path}: seeds")
     return grid
 
@@ -72,8 +76,15 @@ def load_grid(path: Path) -> dict:
 def check_seeds(seeds, where: str) -> None:
     if seeds is None:
         return
-    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise ConfigError(f"{where} must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not {seeds!r}")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(type(s) is int and s >= 0 for s in seeds)
+        or len(set(seeds)) < len(seeds)
+    ):
+        raise ConfigError(
+            f"{where} must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not {seeds!r}"
+        )
 
 
 def value_dir(out: Path, value) -> Path:
@@ -99,15 +110,27 @@ def numeric(value) -> float | None:
     return float(found.group()) if found else None
 
 
-def commands(grid: dict, value, seed: int | None, out: Path, run_dir: Path, configs: list[str], single_device: bool) -> list[list[str]]:
+def commands(
+    grid: dict, value, seed: int | None, out: Path, run_dir: Path, configs: list[str], single_device: bool
+) -> list[list[str]]:
     extra = [a for c in configs for a in ("--config", c)]
     extra += [f"--{grid['parameter']}={json.dumps(value) if isinstance(value, bool) else value}"]
-    extra += [f"--trainer.default_root_dir={run_dir}"] + ([f"--seed_everything={seed}"] if seed is not None else [])
+    extra += [f"--trainer.default_root_dir={run_dir}"] + (
+        [f"--seed_everything={seed}"] if seed is not None else []
+    )
     if single_device:
         extra += ["--trainer.devices=1", "--trainer.strategy=auto"]
     shared = str(value_dir(out, value))
-    return [[sys.executable, "-m", "grounded_diffusion", *(a.replace("{value_dir}", shared) for a in stage), *extra]
-            for stage in grid["stages"]]  # fmt: skip
+    return [
+        [
+            sys.executable,
+            "-m",
+            "grounded_diffusion",
+            *(a.replace("{value_dir}", shared) for a in stage),
+            *extra,
+        ]
+        for stage in grid["stages"]
+    ]
 
 
 def run_value(grid, value, out: Path, configs, gpu: str | None, force: bool, dry_run: bool) -> str:
@@ -121,7 +144,9 @@ def run_value(grid, value, out: Path, configs, gpu: str | None, force: bool, dry
         if (run_dir / "report" / "metrics.json").exists() and not force:
             outcomes.append(f"{name}: done before, kept")
             continue
-        for number, command in enumerate(commands(grid, value, seed, out, run_dir, configs, gpu is not None), 1):
+        for number, command in enumerate(
+            commands(grid, value, seed, out, run_dir, configs, gpu is not None), 1
+        ):
             if dry_run:
                 print(" ".join(command))
                 continue
@@ -132,7 +157,9 @@ def run_value(grid, value, out: Path, configs, gpu: str | None, force: bool, dry
             with open(log, "w") as handle:
                 code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
             if code != 0:
-                outcomes.append(f"{name}: FAILED at stage {number} ({' '.join(command[3:])}), exit {code}; see {log}")
+                outcomes.append(
+                    f"{name}: FAILED at stage {number} ({' '.join(command[3:])}), exit {code}; see {log}"
+                )
                 return "\n".join(outcomes)  # its other seeds would fail alike
             print(f"[{name}] {command[3]} done in {time.perf_counter() - started:.0f} s", flush=True)
         outcomes.append(f"{name}: ran")
@@ -152,7 +179,9 @@ def collect(grid: dict, out: Path) -> list[dict]:
             row.update({k: metrics.get(k) for k in ("seen_miou", "unseen_miou", "harmonic_miou")})
             for method in ("ours", "daam"):
                 for group in GROUPS:
-                    row[f"{method}_{group}"] = metrics.get("groups", {}).get(method, {}).get(group, {}).get("miou")
+                    row[f"{method}_{group}"] = (
+                        metrics.get("groups", {}).get(method, {}).get(group, {}).get("miou")
+                    )
             rows.append(row)
     return rows
 
@@ -165,7 +194,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         runs_of_value = [row for row in rows if row["value"] == value]
         entry = {"value": value, "seeds": len(runs_of_value), "x": runs_of_value[0]["x"]}
         for metric in METRICS:
-            entry[metric], entry[f"{metric}_sd"] = spread([row[metric] for row in runs_of_value if row[metric] is not None])
+            entry[metric], entry[f"{metric}_sd"] = spread(
+                [row[metric] for row in runs_of_value if row[metric] is not None]
+            )
         summary.append(entry)
     return summary
 
@@ -180,7 +211,10 @@ def write_results(grid: dict, rows: list[dict], out: Path) -> None:
     text = markdown_table(columns, [[row[c] for c in columns] for row in rows])
     summary = summarise(rows)
     if seeded:
-        means = markdown_table(["value", "seeds", *METRICS], [[e["value"], e["seeds"], *(mean_sd(e[m], e[f"{m}_sd"]) for m in METRICS)] for e in summary])
+        means = markdown_table(
+            ["value", "seeds", *METRICS],
+            [[e["value"], e["seeds"], *(mean_sd(e[m], e[f"{m}_sd"]) for m in METRICS)] for e in summary],
+        )
         text = f"Mean ± standard deviation over seeds:\n\n{means}\n\nEach run:\n\n{text}"
     (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{text}\n")
     points = [e for e in summary if e["x"] is not None]
@@ -205,13 +239,25 @@ def write_results(grid: dict, rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("grid", type=Path, help="a *.grid.yaml file")
-    parser.add_argument("--config", action="append", default=[], help="extra config for every stage (repeatable)")
+    parser.add_argument(
+        "--config", action="append", default=[], help="extra config for every stage (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/ablations/<grid name>")
-    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids: one grid value per GPU at a time")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every value once per seed "
-                        "(replaces the grid's seeds); tables give mean ± standard deviation")  # fmt: skip
+    parser.add_argument(
+        "--gpus", default=None, help="comma-separated GPU ids: one grid value per GPU at a time"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every value once per seed "
+        "(replaces the grid's seeds); tables give mean ± standard deviation",
+    )
     parser.add_argument("--force", action="store_true", help="rerun values that have results")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from grounded_diffusion.cli import SUBCOMMANDS, TOOLS, main as run_experiment
+from grounded_diffusion.cli import SUBCOMMANDS, TOOLS
+from grounded_diffusion.cli import main as run_experiment
 
 OWN = {*SUBCOMMANDS, *TOOLS, "-h", "--help", "--version"}
 

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def grounding_loss(logits: Tensor, masks: Tensor, categories: Tensor, ignore_zero_masks: bool = True) -> Tensor:
+def grounding_loss(
+    logits: Tensor, masks: Tensor, categories: Tensor, ignore_zero_masks: bool = True
+) -> Tensor:
     """Per-pixel binary cross-entropy over the object slots that carry a label.
 
     Args:

@@ -146,7 +146,9 @@ class PairConfusion(Metric):
         slots = torch.arange(target.shape[1], device=target.device)
         counted = (categories[:, :, None] >= 0) & (named[:, None] >= 0) & other.any(-1)
         counted &= slots[:, None] != slots[None]
-        index = (categories.clamp(min=0)[:, :, None] * self.num_categories + named.clamp(min=0)[:, None]).flatten()
+        index = (
+            categories.clamp(min=0)[:, :, None] * self.num_categories + named.clamp(min=0)[:, None]
+        ).flatten()
         self.on_other.index_add_(0, index, (on_other * counted).flatten())
         self.predicted.index_add_(0, index, (preds.sum(-1)[:, :, None] * counted).flatten())
 
@@ -163,8 +165,14 @@ def confused_pairs(counts: Tensor, names: Sequence[str], top: int = 10) -> list[
     for a, b in zip(*torch.triu_indices(len(names), len(names), offset=1).tolist()):
         if on_other[a, b] > 0:
             pixels, total = int(on_other[a, b]), int(predicted[a, b])
-            rows.append({"pair": [names[a], names[b]], "on_other_object": 100 * pixels / total,
-                         "on_other_pixels": pixels, "predicted_pixels": total})  # fmt: skip
+            rows.append(
+                {
+                    "pair": [names[a], names[b]],
+                    "on_other_object": 100 * pixels / total,
+                    "on_other_pixels": pixels,
+                    "predicted_pixels": total,
+                }
+            )
     return sorted(rows, key=lambda r: -r["on_other_pixels"])[:top]
 
 
@@ -184,8 +192,13 @@ class GroupedIoU(nn.Module):
     def _key(method: str, group: str) -> str:
         return f"{method}__{group}".replace(".", "p")  # module names may not hold dots
 
-    def update(self, method: str, preds: Tensor, target: Tensor, categories: Tensor, groups: Sequence[str]) -> None:
-        counts, other_counts = slot_counts(preds, target), other_object_counts(preds, target)  # once for every group
+    def update(
+        self, method: str, preds: Tensor, target: Tensor, categories: Tensor, groups: Sequence[str]
+    ) -> None:
+        counts, other_counts = (
+            slot_counts(preds, target),
+            other_object_counts(preds, target),
+        )  # once for every group
         for group in [*sorted(set(groups)), "all"]:
             rows = torch.tensor([group in (g, "all") for g in groups], device=preds.device)
             in_group = categories.masked_fill(~rows[:, None], -1)  # other groups' slots count as empty
@@ -212,7 +225,11 @@ class GroupedIoU(nn.Module):
         return results
 
     def reset(self) -> None:
-        for metric in [*self.category_iou.values(), *self.image_noun_iou.values(), *self.on_other_object.values()]:
+        for metric in [
+            *self.category_iou.values(),
+            *self.image_noun_iou.values(),
+            *self.on_other_object.values(),
+        ]:
             metric.reset()
 
 
@@ -252,7 +269,9 @@ class SemanticIoU(Metric):
     def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(
+            "confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
+        )
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         # Ignored pixels go to one extra bin that is dropped: a fixed-size count, where boolean
@@ -260,7 +279,9 @@ class SemanticIoU(Metric):
         cells = self.num_classes**2
         index = target.long() * self.num_classes + preds.long()
         index = torch.where(target == self.ignore_index, cells, index).flatten()
-        counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+        counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device).index_add_(
+            0, index, torch.ones_like(index)
+        )
         self.confusion += counts[:cells].view(self.num_classes, self.num_classes)
 
     def compute(self) -> Tensor:

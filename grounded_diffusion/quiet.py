@@ -35,7 +35,9 @@ def quiet_known_noise(evaluating: bool = False, resuming: bool = False) -> None:
     for message in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if evaluating:
-        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+        warnings.filterwarnings(
+            "ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create"
+        )
     if resuming:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")

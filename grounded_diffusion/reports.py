@@ -46,7 +46,7 @@ def spread(numbers: list[float]) -> tuple[float | None, float | None]:
 
 
 def mean_sd(mean_value: float | None, sd: float | None) -> str:
-    """"12.34 ± 0.56", "12.34" without a spread, "–" without a mean."""
+    """ "12.34 ± 0.56", "12.34" without a spread, "–" without a mean."""
     return pct(mean_value) + (f" ± {sd:.2f}" if mean_value is not None and sd is not None else "")
 
 
@@ -86,7 +86,9 @@ def table1(name: str, runs: dict[str, dict]) -> dict:
             split: {g: {k: run["groups"][method][g].get(k) for k in TABLE1_METRICS} for g in GROUPS}
             for split, run in runs.items()
         }
-        average = {g: {k: mean([per_split[s][g][k] for s in per_split]) for k in TABLE1_METRICS} for g in GROUPS}
+        average = {
+            g: {k: mean([per_split[s][g][k] for s in per_split]) for k in TABLE1_METRICS} for g in GROUPS
+        }
         report["methods"][method] = {"splits": per_split, "mean": average}
     return report
 
@@ -103,7 +105,10 @@ def markdown(report: dict) -> str:
 
     lines = [f"# {name}: Protocol I (paper Tab. 1)", ""]
     lines += mean_table("Class-averaged mIoU (%), mean over splits:", "miou")
-    lines += ["", *mean_table("Predicted pixels on the other named object (%), mean over splits:", "on_other_object")]
+    lines += [
+        "",
+        *mean_table("Predicted pixels on the other named object (%), mean over splits:", "on_other_object"),
+    ]
     lines += ["", "Per split (class-averaged mIoU; DAAM's own image-noun mIoU in parentheses):", ""]
     lines += [table1_header("split, method"), table1_rule()]
     for method, label in (("ours", "ours"), ("daam", "DAAM")):
@@ -126,7 +131,11 @@ def table2(rows: list[dict]) -> dict:
     datasets: dict[str, list[dict]] = {}
     for row in rows:
         datasets.setdefault(DATASETS.get(row["vocabulary"], row["vocabulary"]), []).append(row)
-    return {"table": 2, "datasets": datasets, "rows": {name: table2_rows(runs) for name, runs in datasets.items()}}
+    return {
+        "table": 2,
+        "datasets": datasets,
+        "rows": {name: table2_rows(runs) for name, runs in datasets.items()},
+    }
 
 
 def table2_rows(runs: list[dict]) -> list[dict]:
@@ -138,7 +147,11 @@ def table2_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for group in same_training.values():
         # The run folders of one row differ by their seed only (make protocol2 SEEDS=...: <row>_seed<N>).
-        row = {"name": re.sub(r"[_-]seed\d+$", "", group[0]["name"]), "runs": len(group), **{k: group[0].get(k) for k in TRAINING}}
+        row = {
+            "name": re.sub(r"[_-]seed\d+$", "", group[0]["name"]),
+            "runs": len(group),
+            **{k: group[0].get(k) for k in TRAINING},
+        }
         for metric in ZS3_METRICS:
             row[metric], row[f"{metric}_sd"] = spread([run[metric] for run in group])
         rows.append(row)
@@ -157,12 +170,22 @@ def table2_markdown(report: dict) -> str:
     for dataset, runs in report["datasets"].items():
         first = runs[0]
         seen, unseen = first["num_seen"], first["num_unseen"]
-        columns = ["run", "segmenter", f"Real / {seen}", f"Synthetic / {seen}+{unseen} (# objects)", "seen", "unseen", "harmonic"]
+        columns = [
+            "run",
+            "segmenter",
+            f"Real / {seen}",
+            f"Synthetic / {seen}+{unseen} (# objects)",
+            "seen",
+            "unseen",
+            "harmonic",
+        ]
 
         def training(r: dict) -> list:
             return [r["name"], r["architecture"], real_cell(r, seen + unseen), r["synthetic"] or "✗"]
 
-        background = "background ignored" if first.get("background") == "ignore" else "background counted as seen"
+        background = (
+            "background ignored" if first.get("background") == "ignore" else "background counted as seen"
+        )
         lines += [f"## {dataset} (mIoU %, {background}; unseen: {', '.join(first['unseen'])})", ""]
         each_run = markdown_table(columns, [training(r) + [r[m] for m in ZS3_METRICS] for r in runs])
         rows = report["rows"][dataset]
@@ -171,7 +194,14 @@ def table2_markdown(report: dict) -> str:
             continue
         means = [training(r) + [r["runs"]] + [mean_sd(r[m], r[f"{m}_sd"]) for m in ZS3_METRICS] for r in rows]
         lines += ["Mean ± standard deviation over the runs of each row (seeds):", ""]
-        lines += [markdown_table(columns[:4] + ["runs"] + columns[4:], means), "", "Each run:", "", each_run, ""]
+        lines += [
+            markdown_table(columns[:4] + ["runs"] + columns[4:], means),
+            "",
+            "Each run:",
+            "",
+            each_run,
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -184,8 +214,10 @@ def write_report(out: str | Path, report: dict, text: str) -> Path:
 
 
 # What each table reads, and a key only that file has.
-TABLE_INPUTS = {1: ("metrics.json of a Protocol I test run (<run>/report/metrics.json)", "groups"),
-                2: ("report.json of a Protocol II test run (<run>/zs3/report.json)", "architecture")}  # fmt: skip
+TABLE_INPUTS = {
+    1: ("metrics.json of a Protocol I test run (<run>/report/metrics.json)", "groups"),
+    2: ("report.json of a Protocol II test run (<run>/zs3/report.json)", "architecture"),
+}
 
 
 def read_run(path: str, table: int) -> dict:
@@ -206,9 +238,15 @@ def read_run(path: str, table: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics", nargs="+", help="Tab. 1: metrics.json of each split's test run, in split order; "
-                        "Tab. 2: report.json of each ZS3 run, in row order")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "metrics",
+        nargs="+",
+        help="Tab. 1: metrics.json of each split's test run, in split order; "
+        "Tab. 2: report.json of each ZS3 run, in row order",
+    )
     parser.add_argument("--table", type=int, choices=(1, 2), default=1)
     parser.add_argument("--name", default="PASCAL-sim", help="Tab. 1: the test set's name")
     parser.add_argument("--out", required=True, help="folder for report.json and report.md")

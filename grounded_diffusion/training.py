@@ -33,7 +33,11 @@ def last_checkpoint_exists(trainer: Trainer) -> bool:
 
 
 def check_finite_loss(
-    module: LightningModule, loss: Tensor, inputs: Sequence[Tensor] = (), ids: Sequence[str] = (), source: str = "the cache"
+    module: LightningModule,
+    loss: Tensor,
+    inputs: Sequence[Tensor] = (),
+    ids: Sequence[str] = (),
+    source: str = "the cache",
 ) -> None:
     """Raise ``TrainingDiverged`` when ``loss`` is not finite (only then are the inputs read):
     naming the samples whose inputs are not finite, else the learning rate and where to resume."""
@@ -48,7 +52,11 @@ def check_finite_loss(
             "again), then fit again."
         )
     trainer = module._trainer
-    lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else module.hparams.get("lr")
+    lr = (
+        trainer.optimizers[0].param_groups[0]["lr"]
+        if trainer is not None and trainer.optimizers
+        else module.hparams.get("lr")
+    )
     go_on = (
         "and resume from the last checkpoint: --ckpt_path last"
         if trainer is not None and last_checkpoint_exists(trainer)

@@ -42,12 +42,16 @@ class AutoencoderModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self._losses(batch, sample=True)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"])
+        )
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self._losses(batch, sample=False)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"])
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr)
@@ -57,6 +61,8 @@ class AutoencoderModule(LightningModule):
         """Save in diffusers format with SD's scaling-factor convention: 1 / std of the latents
         of validation scenes, so the UNet sees unit-variance latents."""
         loader = self.trainer.datamodule.val_dataloader()
-        latents = torch.cat([self.vae.encode(to_model_range(b["image"].to(self.device))).latent_dist.mode() for b in loader])
+        latents = torch.cat(
+            [self.vae.encode(to_model_range(b["image"].to(self.device))).latent_dist.mode() for b in loader]
+        )
         self.vae.register_to_config(scaling_factor=float(1 / latents.std()))
         self.vae.save_pretrained(folder)

@@ -160,7 +160,9 @@ class GroundingModule(LightningModule):
                 self.oracle.build()  # before Lightning moves the module to its device
             return
         if not hasattr(datamodule, "category_split"):
-            raise ConfigError("GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)")
+            raise ConfigError(
+                "GroundingModule needs a datamodule with a category_split (e.g. TripletDataModule)"
+            )
         self.category_split = datamodule.category_split
         self.samples_source = f"the triplet cache {datamodule.cache.root}"  # (for errors that name a sample)
         self.check_cache(datamodule.cache.metadata())
@@ -184,7 +186,12 @@ class GroundingModule(LightningModule):
 
     def _frozen_state(self) -> dict[str, Tensor]:
         frozen = {"backbone": self.backbone, "oracle": self.oracle}
-        return {f"{name}.{k}": v for name, module in frozen.items() if module is not None for k, v in module.state_dict().items()}
+        return {
+            f"{name}.{k}": v
+            for name, module in frozen.items()
+            if module is not None
+            for k, v in module.state_dict().items()
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -348,7 +355,12 @@ class GroundingModule(LightningModule):
         """Generate, then segment every named category with the head. probs: [B, O, H, W] at
         image size, 0 in empty slots."""
         images, probs = ground_generated(
-            self.backbone, self.head, batch["prompt"], batch["categories"], batch["seed"], self.hparams.guidance_scale
+            self.backbone,
+            self.head,
+            batch["prompt"],
+            batch["categories"],
+            batch["seed"],
+            self.hparams.guidance_scale,
         )
         return {**batch, "image": images, "probs": probs}
 
@@ -373,14 +385,21 @@ class GroundingModule(LightningModule):
         prompt_embeds = backbone.encode_prompts(batch["prompt"])
         # One noise draw per sample id: the same features in any batch, on any rank.
         seeds = [sample_seed(i) for i in batch["id"]]
-        latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, self.hparams.real_image_mode)
+        latents = real_image_latents(
+            backbone, batch["image"], prompt_embeds, seeds, self.hparams.real_image_mode
+        )
         timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
         # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
         tracer = DAAMTracer(backbone.unet)
         words, matching = batch["categories"], self.hparams.daam_word_matching
         with tracer.trace(backbone.tokenizer, batch["prompt"], words, latents.shape[-1], matching):
             features = backbone.unet_features(latents, timesteps, prompt_embeds)
-        return {**batch, "latents": latents.to(backbone.dtype), "features": features, "daam": tracer.word_maps()}
+        return {
+            **batch,
+            "latents": latents.to(backbone.dtype),
+            "features": features,
+            "daam": tracer.word_maps(),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

@@ -71,7 +71,9 @@ class SemanticSegmentationModule(LightningModule):
 
     def configure_models(self) -> None:
         h = self.hparams
-        self.segmenter: Segmenter = build_segmenter(h.architecture, self.num_classes, h.backbone, h.pretrained_backbone, h.num_queries)
+        self.segmenter: Segmenter = build_segmenter(
+            h.architecture, self.num_classes, h.backbone, h.pretrained_backbone, h.num_queries
+        )
 
     def setup(self, stage: str) -> None:
         quiet_known_noise(evaluating=stage != "fit")
@@ -137,9 +139,15 @@ class SemanticSegmentationModule(LightningModule):
         ``SegmenterOracle`` loads."""
         h = self.hparams
         save_segmenter(
-            self.segmenter, folder, architecture=h.architecture, backbone=h.backbone, num_queries=h.num_queries,
-            num_classes=self.num_classes, classes=list(self.classes), background=h.background,
-        )  # fmt: skip
+            self.segmenter,
+            folder,
+            architecture=h.architecture,
+            backbone=h.backbone,
+            num_queries=h.num_queries,
+            num_classes=self.num_classes,
+            classes=list(self.classes),
+            background=h.background,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A fit resumed under another schedule would restart it silently (checkpoints from before
@@ -162,7 +170,11 @@ class SemanticSegmentationModule(LightningModule):
         # schedule of the one it resumes (the scheduler's state is in last.ckpt).
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise ConfigError("lr_schedule 'poly' decays over the whole fit, which has no end here: set "
-                              "trainer.max_steps (or trainer.max_epochs), or model.init_args.lr_schedule: constant.")  # fmt: skip
-        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total), power=h.poly_power)
+            raise ConfigError(
+                "lr_schedule 'poly' decays over the whole fit, which has no end here: set "
+                "trainer.max_steps (or trainer.max_epochs), or model.init_args.lr_schedule: constant."
+            )
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=int(total), power=h.poly_power
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -77,7 +77,12 @@ class TextToImageModule(LightningModule):
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
         config = sd15_scheduler().config
-        self.noise_scheduler = DDPMScheduler(**{k: config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")})
+        self.noise_scheduler = DDPMScheduler(
+            **{
+                k: config[k]
+                for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+            }
+        )
         self.ema = EMAModel(self._trained_parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
@@ -89,18 +94,33 @@ class TextToImageModule(LightningModule):
         return self
 
     def encode_text(self, captions: list[str]) -> Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
-            latents = self.vae.encode(to_model_range(batch["image"])).latent_dist.sample(generator) * self.vae.config.scaling_factor
+            latents = (
+                self.vae.encode(to_model_range(batch["image"])).latent_dist.sample(generator)
+                * self.vae.config.scaling_factor
+            )
         captions = list(batch["caption"])
         if self.training:
             drop = torch.rand(len(captions)) < self.hparams.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=self.device)
+        steps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (len(latents),),
+            generator=generator,
+            device=self.device,
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         prediction = self.unet(noisy, steps, self.encode_text(captions)).sample
         return F.mse_loss(prediction.float(), noise.float())
@@ -126,9 +146,12 @@ class TextToImageModule(LightningModule):
         prompts = list(self.hparams.sample_prompts or SAMPLE_PROMPTS)
         with self.ema_weights():
             images = self.pipeline()(
-                prompts, num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale,
-                generator=torch.Generator(self.device).manual_seed(0), output_type="np",
-            ).images  # fmt: skip
+                prompts,
+                num_inference_steps=self.hparams.num_inference_steps,
+                guidance_scale=self.hparams.guidance_scale,
+                generator=torch.Generator(self.device).manual_seed(0),
+                output_type="np",
+            ).images
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
@@ -157,8 +180,12 @@ class TextToImageModule(LightningModule):
         apply_resumed_lr(self, checkpoint)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self._trained_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps)))
+        optimizer = torch.optim.AdamW(
+            self._trained_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, self.hparams.warmup_steps))
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     @torch.no_grad()
@@ -171,4 +198,6 @@ class TextToImageModule(LightningModule):
             state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(file).items()}
             save_file(state, file, metadata={"format": "pt"})
         write_clip_tokenizer_files(Path(folder) / "tokenizer")
-        (Path(folder) / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # 3.5 MB; vocab.json + merges.txt suffice
+        (Path(folder) / "tokenizer" / "tokenizer.json").unlink(
+            missing_ok=True
+        )  # 3.5 MB; vocab.json + merges.txt suffice

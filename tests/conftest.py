@@ -23,14 +23,21 @@ SCENES = str(REPO / "experiments" / "scenes.yaml")
 def scenes_args(root: Path, counts: str = "{train: 24, val: 7, test: 9}", steps: int = 4) -> list[str]:
     """CLI arguments that run experiments/scenes.yaml small and inside ``root``."""
     return [
-        "--config", SCENES,
-        "--data.init_args.source.init_args.counts", counts,
-        "--data.init_args.batch_size", "4",
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-    ]  # fmt: skip
+        "--config",
+        SCENES,
+        "--data.init_args.source.init_args.counts",
+        counts,
+        "--data.init_args.batch_size",
+        "4",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def last_weights(root: Path) -> dict:

@@ -20,7 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 # item(), int(), float() and bool() of a tensor all end in _local_scalar_dense.
 READS_A_VALUE = {aten._local_scalar_dense.default, aten.equal.default}
-SIZE_FROM_VALUES = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default}
+SIZE_FROM_VALUES = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
 
 
 class SyncCount:
@@ -55,7 +60,9 @@ class HostSyncs(SyncCount, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.syncs(func, args):
             frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-2:]
-            self.where[" < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames))] += 1
+            self.where[
+                " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames))
+            ] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
 from grounded_diffusion.data.voc import write_voc_folder
+from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
 
 SIZE = 48
 
@@ -29,7 +29,12 @@ def rectangle_image(seed: int, boxes: list[tuple[int, int, int, int, int]]) -> t
 
 # (label (VOC index from 1), box) per image; sheep (17) and tvmonitor (20) are ZS3-unseen.
 VOC_IMAGES = {
-    "train": [[(12, 4, 4, 30, 30)], [(15, 10, 10, 40, 44)], [(17, 0, 0, 20, 20), (8, 24, 24, 46, 46)], [(3, 6, 6, 26, 40)]],
+    "train": [
+        [(12, 4, 4, 30, 30)],
+        [(15, 10, 10, 40, 44)],
+        [(17, 0, 0, 20, 20), (8, 24, 24, 46, 46)],
+        [(3, 6, 6, 26, 40)],
+    ],
     "val": [[(12, 4, 4, 30, 30)], [(20, 8, 8, 40, 40)], [(17, 2, 2, 30, 22)]],
 }
 
@@ -56,23 +61,47 @@ def make_coco(root: Path) -> tuple[Path, Path]:
     images_dir, annotations_path = root / "val2017", root / "annotations" / "instances_val2017.json"
     images_dir.mkdir(parents=True)
     annotations_path.parent.mkdir(parents=True)
-    coco = {"images": [], "annotations": [], "categories": [{"id": official.index(c), "name": c} for c in COCO]}
-    layout = [[("dog", 4, 4, 30, 30)], [("cat", 8, 8, 40, 40), ("bear", 20, 20, 30, 30)], [("dog", 2, 2, 44, 44)]]
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": official.index(c), "name": c} for c in COCO],
+    }
+    layout = [
+        [("dog", 4, 4, 30, 30)],
+        [("cat", 8, 8, 40, 40), ("bear", 20, 20, 30, 30)],
+        [("dog", 2, 2, 44, 44)],
+    ]
     for number, boxes in enumerate(layout, 1):
         image, _ = rectangle_image(number, [(COCO.index(n) + 1, *box) for n, *box in boxes])
         Image.fromarray(image).save(images_dir / f"{number:012d}.jpg", quality=95)
-        coco["images"].append({"id": number, "file_name": f"{number:012d}.jpg", "height": SIZE, "width": SIZE})
+        coco["images"].append(
+            {"id": number, "file_name": f"{number:012d}.jpg", "height": SIZE, "width": SIZE}
+        )
         for name, x0, y0, x1, y1 in boxes:
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1, "image_id": number, "category_id": official.index(name), "iscrowd": 0,
-                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]], "area": (x1 - x0) * (y1 - y0), "bbox": [x0, y0, x1 - x0, y1 - y0],
-            })  # fmt: skip
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": number,
+                    "category_id": official.index(name),
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                }
+            )
     crowd = np.zeros((SIZE, SIZE), dtype=np.uint8)
     crowd[40:46, 0:10] = 1
     rle = coco_mask.encode(np.asfortranarray(crowd))
-    coco["annotations"].append({
-        "id": len(coco["annotations"]) + 1, "image_id": 3, "category_id": official.index("person"), "iscrowd": 1,
-        "segmentation": {"size": [SIZE, SIZE], "counts": rle["counts"].decode()}, "area": 60, "bbox": [0, 40, 10, 6],
-    })  # fmt: skip
+    coco["annotations"].append(
+        {
+            "id": len(coco["annotations"]) + 1,
+            "image_id": 3,
+            "category_id": official.index("person"),
+            "iscrowd": 1,
+            "segmentation": {"size": [SIZE, SIZE], "counts": rle["counts"].decode()},
+            "area": 60,
+            "bbox": [0, 40, 10, 6],
+        }
+    )
     annotations_path.write_text(json.dumps(coco))
     return images_dir, annotations_path

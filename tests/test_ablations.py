@@ -19,7 +19,7 @@ def test_sweeps_drive_lightning_fit_with_every_value(sweep, capsys, monkeypatch)
     spec = yaml.safe_load(sweep.read_text())
     assert spec["program"] == "lightning" and spec["command"][1:3] == ["lightning", "fit"]
     assert spec["metric"]["name"] == "val/harmonic_miou"  # logged by GroundingModule
-    (name, values), = spec["parameters"].items()
+    ((name, values),) = spec["parameters"].items()
     monkeypatch.chdir(REPO)
     for value in values["values"]:
         # What `wandb agent` runs: ${env} dropped, ${args} -> --name=value.
@@ -44,29 +44,46 @@ def test_grids_name_real_configs(grid, capsys):
 def small_run_config(tmp_path):
     """An overlay that makes every stage of a grid run in seconds."""
     small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump({
-        "data": {"init_args": {"source": {"init_args": {"counts": {"train": 16, "val": 4, "test": 6}}}, "batch_size": 4}},
-        "trainer": {"max_steps": 2, "val_check_interval": 2, "enable_progress_bar": False},
-    }))  # fmt: skip
+    small.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "init_args": {
+                        "source": {"init_args": {"counts": {"train": 16, "val": 4, "test": 6}}},
+                        "batch_size": 4,
+                    }
+                },
+                "trainer": {"max_steps": 2, "val_check_interval": 2, "enable_progress_bar": False},
+            }
+        )
+    )
     return small
 
 
 def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
     small = small_run_config(tmp_path)
     grid = tmp_path / "zero.grid.yaml"
-    grid.write_text(yaml.safe_dump({
-        "name": "zero_masks_smoke",
-        "parameter": "model.init_args.ignore_zero_masks",
-        "values": [False, True],
-        "stages": [["predict", "--config", str(REPO / "experiments/scenes.yaml")],
-                   ["fit", "--config", str(REPO / "experiments/scenes.yaml")],
-                   ["test", "--config", str(REPO / "experiments/scenes.yaml"), "--ckpt_path", "last"]],
-    }))  # fmt: skip
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "zero_masks_smoke",
+                "parameter": "model.init_args.ignore_zero_masks",
+                "values": [False, True],
+                "stages": [
+                    ["predict", "--config", str(REPO / "experiments/scenes.yaml")],
+                    ["fit", "--config", str(REPO / "experiments/scenes.yaml")],
+                    ["test", "--config", str(REPO / "experiments/scenes.yaml"), "--ckpt_path", "last"],
+                ],
+            }
+        )
+    )
     out = tmp_path / "out"
     launch.main([str(grid), "--config", str(small), "--out", str(out)])
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["value"] for r in rows] == ["False", "True"] and [r["x"] for r in rows] == ["0.0", "1.0"]
-    assert all(float(r["seen_miou"]) >= 0 and float(r["daam_two_seen"]) > 0 for r in rows)  # DAAM from the cache
+    assert all(
+        float(r["seen_miou"]) >= 0 and float(r["daam_two_seen"]) > 0 for r in rows
+    )  # DAAM from the cache
     assert "| False | 0.00 |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     launch.main([str(grid), "--config", str(small), "--out", str(out)])  # finished values are kept
@@ -76,25 +93,46 @@ def test_launcher_runs_each_value_once_per_seed_on_one_synthesis(tmp_path):
     small = small_run_config(tmp_path)
     scenes, cache = str(REPO / "experiments/scenes.yaml"), "--data.init_args.cache_dir={value_dir}/cache"
     grid = tmp_path / "seeded.grid.yaml"
-    grid.write_text(yaml.safe_dump({
-        "name": "seeded_smoke", "parameter": "model.init_args.ignore_zero_masks", "values": [True], "seeds": [0, 1],
-        "stages": [["predict", "--config", scenes, cache], ["fit", "--config", scenes, cache],
-                   ["test", "--config", scenes, cache, "--ckpt_path", "last"]],
-    }))  # fmt: skip
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "seeded_smoke",
+                "parameter": "model.init_args.ignore_zero_masks",
+                "values": [True],
+                "seeds": [0, 1],
+                "stages": [
+                    ["predict", "--config", scenes, cache],
+                    ["fit", "--config", scenes, cache],
+                    ["test", "--config", scenes, cache, "--ckpt_path", "last"],
+                ],
+            }
+        )
+    )
     out = tmp_path / "out"
-    launch.main([str(grid), "--config", str(small), "--out", str(out), "--seeds", "0"])  # the command line's seeds win
+    launch.main(
+        [str(grid), "--config", str(small), "--out", str(out), "--seeds", "0"]
+    )  # the command line's seeds win
     assert not (out / "True" / "seed1").exists()
+
     def cache_files():
         # (the build's lock file is rewritten by every predict run: it names the run, not the cache)
-        return {f: f.stat().st_mtime_ns for f in (out / "True" / "cache").rglob("*") if f.is_file() and f.name != ".lock"}
+        return {
+            f: f.stat().st_mtime_ns
+            for f in (out / "True" / "cache").rglob("*")
+            if f.is_file() and f.name != ".lock"
+        }
 
     built = cache_files()
     assert built and (out / "True" / "seed0" / "report" / "metrics.json").exists()
 
     launch.main([str(grid), "--config", str(small), "--out", str(out)])  # seed 0 kept, seed 1 runs
     assert cache_files() == built  # one synthesis
-    heads = [torch.load(out / "True" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-             for seed in (0, 1)]  # fmt: skip
+    heads = [
+        torch.load(out / "True" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)[
+            "state_dict"
+        ]
+        for seed in (0, 1)
+    ]
     name = next(k for k in heads[0] if k.startswith("head.") and k.endswith("weight"))
     assert not torch.equal(heads[0][name], heads[1][name])  # another seed, another initial head
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -112,4 +150,6 @@ def test_the_shapes_seen_count_grid_runs_nested_splits_of_the_world():
     splits = [CategorySplit.named("shapes", value) for value in spec["values"]]
     assert [len(s.seen) for s in splits] == [launch.numeric(v) for v in spec["values"]] == [5, 10, 15]
     assert all(set(a.seen) < set(b.seen) for a, b in zip(splits, splits[1:]))
-    assert set(splits[-1].unseen) == set(CategorySplit.named("shapes", 1).unseen)  # 15 seen: split 1, the quickstart's
+    assert set(splits[-1].unseen) == set(
+        CategorySplit.named("shapes", 1).unseen
+    )  # 15 seen: split 1, the quickstart's

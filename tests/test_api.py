@@ -35,7 +35,16 @@ def head_checkpoint(scene_cache, tmp_path_factory) -> Path:
     """A GroundingModule fit (3 steps) on the session's scene cache: its last.ckpt."""
     root = tmp_path_factory.mktemp("api-head")
     cache = next(scene_cache.glob("cache-*"))
-    main(["fit", *scenes_args(root, steps=3), "--data.init_args.cache_dir", str(cache), "--trainer.logger", "false"])
+    main(
+        [
+            "fit",
+            *scenes_args(root, steps=3),
+            "--data.init_args.cache_dir",
+            str(cache),
+            "--trainer.logger",
+            "false",
+        ]
+    )
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -63,17 +72,44 @@ def test_head_folder_round_trip_keeps_weights_and_settings(head_checkpoint, tmp_
 def test_api_results_equal_the_cli_predict_outputs_file_for_file(head_checkpoint, generator, tmp_path):
     """experiments/generate.yaml with a PromptList (seed 3) and the API with seed=3 and the same
     batch size write the same folder: images, label maps, overlays, COCO JSON, manifest."""
-    prompts = {"class_path": "grounded_diffusion.data.prompts.PromptList", "init_args": {"file": None, "seed": 3, "prompts": PROMPTS}}
+    prompts = {
+        "class_path": "grounded_diffusion.data.prompts.PromptList",
+        "init_args": {"file": None, "seed": 3, "prompts": PROMPTS},
+    }
     cli = tmp_path / "cli"
-    main([
-        "predict", "--config", str(REPO / "experiments/generate.yaml"), "--config", str(REPO / "experiments/offline.yaml"),
-        "--ckpt_path", str(head_checkpoint), "--trainer.default_root_dir", str(cli), "--trainer.enable_progress_bar", "false",
-        "--data.init_args.batch_size", "2", "--data.init_args.prompts", json.dumps(prompts),
-    ])  # fmt: skip
-    out = generator([p["prompt"] for p in PROMPTS], [p["categories"] for p in PROMPTS], seed=3, batch_size=2, progress=False)
+    main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "experiments/generate.yaml"),
+            "--config",
+            str(REPO / "experiments/offline.yaml"),
+            "--ckpt_path",
+            str(head_checkpoint),
+            "--trainer.default_root_dir",
+            str(cli),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.batch_size",
+            "2",
+            "--data.init_args.prompts",
+            json.dumps(prompts),
+        ]
+    )
+    out = generator(
+        [p["prompt"] for p in PROMPTS],
+        [p["categories"] for p in PROMPTS],
+        seed=3,
+        batch_size=2,
+        progress=False,
+    )
     api = out.save(tmp_path / "api")
-    files = sorted(p.relative_to(cli) for p in cli.rglob("*") if p.is_file() and p.name not in ("config.yaml", ".lock"))
-    assert len(files) == 3 * 3 + 4  # 3 images x (image, label map, overlay) + classes, manifest, COCO, image set
+    files = sorted(
+        p.relative_to(cli) for p in cli.rglob("*") if p.is_file() and p.name not in ("config.yaml", ".lock")
+    )
+    assert (
+        len(files) == 3 * 3 + 4
+    )  # 3 images x (image, label map, overlay) + classes, manifest, COCO, image set
     assert [f for f in files if not filecmp.cmp(cli / f, api / f, shallow=False)] == []
     assert [tuple(p.shape) for p in out.probabilities] == [(2, 128, 128), (1, 128, 128), (2, 128, 128)]
     assert all(p.std() > 0 for p in out.probabilities)  # maps, not constants
@@ -117,13 +153,19 @@ def test_segment_takes_any_size_and_maps_masks_back(generator, tmp_path):
     wide = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)
     native = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    out = generator.segment([tmp_path / "wide.png", torch.from_numpy(native).permute(2, 0, 1)], ["dog", "cat"], progress=False)
+    out = generator.segment(
+        [tmp_path / "wide.png", torch.from_numpy(native).permute(2, 0, 1)], ["dog", "cat"], progress=False
+    )
     assert [tuple(p.shape) for p in out.probabilities] == [(2, 70, 100), (2, 128, 128)]
     assert out.prompts == ["a photograph of a dog and a cat"] * 2
     # At the model's own size nothing is resized: the masks are the head's on the image itself.
     alone = generator.segment(Image.fromarray(native), ["dog", "cat"], seed=0, progress=False)
-    assert not torch.equal(alone.probabilities[0], out.probabilities[1])  # image 1 draws other noise than image 0
-    again = generator.segment([Image.fromarray(wide), Image.fromarray(native)], ["dog", "cat"], progress=False)
+    assert not torch.equal(
+        alone.probabilities[0], out.probabilities[1]
+    )  # image 1 draws other noise than image 0
+    again = generator.segment(
+        [Image.fromarray(wide), Image.fromarray(native)], ["dog", "cat"], progress=False
+    )
     assert torch.equal(again.probabilities[1], out.probabilities[1])
     inverted = generator.segment(native, [["dog"]], mode="ddim_inversion", progress=False)
     assert tuple(inverted.probabilities[0].shape) == (1, 128, 128)
@@ -132,7 +174,9 @@ def test_segment_takes_any_size_and_maps_masks_back(generator, tmp_path):
 def test_overlays_draw_the_masks_with_a_legend(generator):
     out = generator("a photograph of a dog and a cat", ["dog", "cat"], seed=0, progress=False)
     drawn = out.overlays()[0]
-    assert drawn.width == 256 and drawn.height == 256 + 2 * 16 + 4  # enlarged x2, one legend line per category
+    assert (
+        drawn.width == 256 and drawn.height == 256 + 2 * 16 + 4
+    )  # enlarged x2, one legend line per category
     labels = out.label_maps()[0]
     assert set(np.unique(labels)) <= {0, 1, 2}
 
@@ -180,7 +224,10 @@ def test_unreadable_and_unusable_images_are_named(generator, tmp_path):
 
 
 def test_a_head_for_another_backbone_or_capture_step_is_refused(head_checkpoint):
-    refused = pytest.raises(ConfigError, match="this head was trained on embedded/tiny-sd .* but the backbone embedded/tiny-sdxl gives")
+    refused = pytest.raises(
+        ConfigError,
+        match="this head was trained on embedded/tiny-sd .* but the backbone embedded/tiny-sdxl gives",
+    )
     with pytest.warns(UserWarning, match="it must hold the same weights"), refused:
         GroundedGenerator.from_checkpoint(head_checkpoint, model_id="embedded/tiny-sdxl")
     head = PretrainedHead.from_checkpoint(head_checkpoint)
@@ -194,10 +241,22 @@ def test_bad_head_folders_are_named(head_checkpoint, tmp_path):
     cases = {
         "missing": (lambda f: None, "does not exist"),
         "empty": (lambda f: f.mkdir(), f"holds no {CONFIG_NAME}"),
-        "torn": (lambda f: (head.save_pretrained(f), (f / WEIGHTS_NAME).write_bytes(b"\x00" * 9)), "cannot be read"),
-        "newer": (lambda f: (head.save_pretrained(f), _edit(f, format_version=99)), "upgrade grounded-diffusion"),
-        "other": (lambda f: (head.save_pretrained(f), _edit(f, format="diffusers")), "not a grounding head's config"),
-        "widths": (lambda f: (head.save_pretrained(f), _edit(f, head={**head.config()["head"], "embed_dim": 64})), "do not fit its config"),
+        "torn": (
+            lambda f: (head.save_pretrained(f), (f / WEIGHTS_NAME).write_bytes(b"\x00" * 9)),
+            "cannot be read",
+        ),
+        "newer": (
+            lambda f: (head.save_pretrained(f), _edit(f, format_version=99)),
+            "upgrade grounded-diffusion",
+        ),
+        "other": (
+            lambda f: (head.save_pretrained(f), _edit(f, format="diffusers")),
+            "not a grounding head's config",
+        ),
+        "widths": (
+            lambda f: (head.save_pretrained(f), _edit(f, head={**head.config()["head"], "embed_dim": 64})),
+            "do not fit its config",
+        ),
     }
     for name, (make, message) in cases.items():
         folder = tmp_path / name
@@ -213,7 +272,9 @@ def _edit(folder: Path, **changes) -> None:
 
 
 def test_a_hub_id_that_cannot_be_downloaded_is_one_line():
-    with pytest.raises(HeadFolderError, match="'someone/no-such-head' is neither a local folder nor a Hub repository"):
+    with pytest.raises(
+        HeadFolderError, match="'someone/no-such-head' is neither a local folder nor a Hub repository"
+    ):
         PretrainedHead.from_pretrained("someone/no-such-head")
 
 
@@ -221,7 +282,10 @@ def test_export_of_a_bad_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "head")])
     assert str(exit_.value).startswith(f"error: checkpoint {tmp_path / 'none.ckpt'} does not exist")
-    segmenter = {"hyper_parameters": {"_class_path": "lightning_modules.segmentation.SemanticSegmentationModule"}, "state_dict": {}}
+    segmenter = {
+        "hyper_parameters": {"_class_path": "lightning_modules.segmentation.SemanticSegmentationModule"},
+        "state_dict": {},
+    }
     torch.save(segmenter, tmp_path / "segmenter.ckpt")
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--ckpt_path", str(tmp_path / "segmenter.ckpt"), "--out", str(tmp_path / "head")])
@@ -258,18 +322,26 @@ def test_demo_predictions_agree_with_the_python_api(demo_url, generator, tmp_pat
     from gradio_client import Client, handle_file
 
     client = Client(demo_url, verbose=False)
-    result = client.predict("a photograph of a dog and a cat", "dog, cat", 4, 25, api_name="/generate")["value"]
-    expected = generator("a photograph of a dog and a cat", ["dog", "cat"], seed=4, num_inference_steps=25, progress=False)
+    result = client.predict("a photograph of a dog and a cat", "dog, cat", 4, 25, api_name="/generate")[
+        "value"
+    ]
+    expected = generator(
+        "a photograph of a dog and a cat", ["dog", "cat"], seed=4, num_inference_steps=25, progress=False
+    )
     assert [a["label"] for a in result["annotations"]] == ["dog", "cat"]
     labels = expected.label_maps()[0]  # the demo shows each pixel's winning category
     for k, annotation in enumerate(result["annotations"]):
         assert np.array_equal(mask_pixels(annotation), labels == k + 1)
     assert (labels > 0).any()
-    assert np.array_equal(np.asarray(Image.open(result["image"]).convert("RGB")), np.asarray(expected.images[0]))
+    assert np.array_equal(
+        np.asarray(Image.open(result["image"]).convert("RGB")), np.asarray(expected.images[0])
+    )
 
     image = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "upload.png")
-    result = client.predict(handle_file(str(tmp_path / "upload.png")), "car", "", "noise", api_name="/segment")["value"]
+    result = client.predict(
+        handle_file(str(tmp_path / "upload.png")), "car", "", "noise", api_name="/segment"
+    )["value"]
     expected = generator.segment(image, ["car"], progress=False)
     assert np.array_equal(mask_pixels(result["annotations"][0]), expected.label_maps()[0] == 1)
 
@@ -285,20 +357,43 @@ def test_demo_page_renders_in_headless_chromium(demo_url, tmp_path):
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-        "--disable-background-networking", "--disable-component-update", "--virtual-time-budget=20000",
-    ]  # fmt: skip
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--virtual-time-budget=20000",
+    ]
     screenshot = tmp_path / "demo.png"
     run = [chromium, *flags, f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run([*run, "--window-size=1280,900", f"--screenshot={screenshot}", demo_url], capture_output=True, timeout=180, check=True)
-    dom = subprocess.run([*run, "--dump-dom", demo_url], capture_output=True, text=True, timeout=180, check=True).stdout
+    subprocess.run(
+        [*run, "--window-size=1280,900", f"--screenshot={screenshot}", demo_url],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
+    dom = subprocess.run(
+        [*run, "--dump-dom", demo_url], capture_output=True, text=True, timeout=180, check=True
+    ).stdout
     # The app mounted (Gradio builds the page in JavaScript): its title, both tabs, the controls
     # and the example's legend are in the rendered DOM.
-    for text in ("Grounded diffusion", "Segment an image", "Categories (comma-separated)", "Steps", ">dog<", ">cat<"):
+    for text in (
+        "Grounded diffusion",
+        "Segment an image",
+        "Categories (comma-separated)",
+        "Steps",
+        ">dog<",
+        ">cat<",
+    ):
         assert text in dom, text
     shot = np.asarray(Image.open(screenshot).convert("RGB"))
     assert shot.shape == (900, 1280, 3)
-    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # a drawn page with the example image, not a blank one
+    assert (
+        len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000
+    )  # a drawn page with the example image, not a blank one
 
 
 @pytest.mark.parametrize("model_id", ["embedded/tiny-sd2", "embedded/tiny-sdxl"])
@@ -309,11 +404,21 @@ def test_generation_and_segmentation_run_on_every_backbone(model_id, tmp_path):
 
     config = BackboneConfig(model_id=model_id, num_inference_steps=4, capture_step=2)
     backbone = StableDiffusionBackbone(config)
-    head = GroundingHead(backbone.feature_channels(), backbone.text_dim, HeadConfig(group_channels=[8] * len(backbone.feature_channels()), embed_dim=32, num_heads=4, ffn_dim=64))
+    head = GroundingHead(
+        backbone.feature_channels(),
+        backbone.text_dim,
+        HeadConfig(
+            group_channels=[8] * len(backbone.feature_channels()), embed_dim=32, num_heads=4, ffn_dim=64
+        ),
+    )
     PretrainedHead(head, config, guidance_scale=5.0).save_pretrained(tmp_path / "head")
     generator = GroundedGenerator.from_pretrained(tmp_path / "head")
     side = generator.backbone.image_size
-    out = generator(["a photograph of a dog", "a photograph of a cat and a dog"], [["dog"], ["cat", "dog"]], progress=False)
+    out = generator(
+        ["a photograph of a dog", "a photograph of a cat and a dog"],
+        [["dog"], ["cat", "dog"]],
+        progress=False,
+    )
     assert [tuple(p.shape) for p in out.probabilities] == [(1, side, side), (2, side, side)]
     seg = generator.segment(np.zeros((40, 50, 3), dtype=np.uint8), ["dog"], progress=False)
     assert tuple(seg.probabilities[0].shape) == (1, 40, 50)

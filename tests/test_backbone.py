@@ -61,12 +61,19 @@ def test_batch_of_n_equals_n_single_calls(backbone):
         torch.testing.assert_close(group, torch.cat([s[g] for s in singles]), rtol=1e-4, atol=1e-5)
 
     torch.manual_seed(0)
-    head = GroundingHead(backbone.feature_channels(), 64, HeadConfig(embed_dim=64, ffn_dim=128, num_heads=4)).eval()
+    head = GroundingHead(
+        backbone.feature_channels(), 64, HeadConfig(embed_dim=64, ffn_dim=128, num_heads=4)
+    ).eval()
     text = torch.randn(3, 2, 64)
     slots = torch.tensor([[True, True], [True, False], [True, True]])
     out = head(batched, text, slots, (128, 128))
     for i in range(3):
-        single = head([g[i : i + 1] for g in batched], text[i : i + 1, : int(slots[i].sum())], slots[i : i + 1, : int(slots[i].sum())], (128, 128))
+        single = head(
+            [g[i : i + 1] for g in batched],
+            text[i : i + 1, : int(slots[i].sum())],
+            slots[i : i + 1, : int(slots[i].sum())],
+            (128, 128),
+        )
         torch.testing.assert_close(out[i : i + 1, : single.shape[1]], single, rtol=1e-4, atol=1e-4)
 
 
@@ -130,7 +137,9 @@ def test_bad_settings_are_named():
         StableDiffusionBackbone(BackboneConfig(branches="both"))
     with pytest.raises(ValueError, match="Unknown UNet blocks \\['middle'\\]"):
         StableDiffusionBackbone(BackboneConfig(blocks=["middle"]))
-    with pytest.raises(ValueError, match=r"capture_step is 60, outside \[1, 50\]: the nearest valid value is 50"):
+    with pytest.raises(
+        ValueError, match=r"capture_step is 60, outside \[1, 50\]: the nearest valid value is 50"
+    ):
         StableDiffusionBackbone(BackboneConfig(capture_step=60))
 
 
@@ -160,7 +169,9 @@ def test_sd2_and_sdxl_blocks_and_groups(other_backbone):
         assert other_backbone.encode_prompts(["a dog"]).pooled.shape == (1, 32)
     else:
         assert other_backbone.scheduler_config["prediction_type"] == "v_prediction"
-        assert other_backbone.unet.config.sample_size * other_backbone.vae_scale_factor == 192  # 1.5x tiny SD-1.x
+        assert (
+            other_backbone.unet.config.sample_size * other_backbone.vae_scale_factor == 192
+        )  # 1.5x tiny SD-1.x
         assert other_backbone.feature_channels() == [384, 352, 224, 224]
         assert other_backbone.tokenizer.pad_token == "!"
 
@@ -168,7 +179,10 @@ def test_sd2_and_sdxl_blocks_and_groups(other_backbone):
 def test_sdxl_text_is_both_encoders_penultimate_states_concatenated(sdxl):
     """Independent of the pipeline's encode_prompt: run each encoder and concatenate."""
     b = sdxl
-    ids = [tok("a photograph of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids for tok in (b.tokenizer, b.tokenizer_2)]
+    ids = [
+        tok("a photograph of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        for tok in (b.tokenizer, b.tokenizer_2)
+    ]
     first = b.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
     second = b.text_encoder_2(ids[1], output_hidden_states=True)
     embeds = b.encode_prompts(["a photograph of a dog"])
@@ -189,7 +203,9 @@ def test_compiled_unet_generates_the_same_images_features_and_daam_maps():
     keeps the feature-capture hooks and DAAM's swapped attention processors working, call after
     call; its cache identity is the eager one's."""
     eager = StableDiffusionBackbone(BackboneConfig(num_inference_steps=4, capture_step=2))
-    compiled = StableDiffusionBackbone(BackboneConfig(num_inference_steps=4, capture_step=2, compile_backend="aot_eager"))
+    compiled = StableDiffusionBackbone(
+        BackboneConfig(num_inference_steps=4, capture_step=2, compile_backend="aot_eager")
+    )
     prompts, words = ["a photograph of a dog", "a photograph of a cat and a bus"], [["dog"], ["cat", "bus"]]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for seeds in ([0, 1], [2, 3]):  # hooks and processors are set anew on every call

@@ -39,7 +39,16 @@ def newest_last(root: Path) -> Path:
 def test_last_checkpoint_is_written_at_the_end_of_fit_after_the_last_validation(tmp_path, scene_cache):
     # Validations at steps 2 and 4 and the end at 5: a monitored ModelCheckpoint(save_last=True)
     # leaves last.ckpt at step 2 or 4.
-    main(["fit", *fresh_run(scene_cache, tmp_path, 5), "--trainer.val_check_interval", "2", "--trainer.logger", "false"])
+    main(
+        [
+            "fit",
+            *fresh_run(scene_cache, tmp_path, 5),
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     assert saved_step(tmp_path / "checkpoints" / "last.ckpt") == 5
     best = list((tmp_path / "checkpoints").glob("best-step=*.ckpt"))
     assert len(best) == 1 and saved_step(best[0]) in (2, 4)
@@ -51,7 +60,18 @@ def test_test_with_ckpt_path_last_scores_the_newest_weights(scene_cache, caplog)
     newest = newest_last(root)
     assert saved_step(newest) == 3
     with caplog.at_level("INFO"):
-        main(["test", *scenes_args(root), "--ckpt_path", "last", "--verbose", "false", "--trainer.logger", "false"])
+        main(
+            [
+                "test",
+                *scenes_args(root),
+                "--ckpt_path",
+                "last",
+                "--verbose",
+                "false",
+                "--trainer.logger",
+                "false",
+            ]
+        )
     assert f"Restoring states from the checkpoint path at {newest}" in caplog.text
 
 
@@ -59,7 +79,9 @@ def test_test_with_ckpt_path_last_and_no_checkpoint_stops(tmp_path, scene_cache)
     args = scenes_args(scene_cache)
     with pytest.raises(SystemExit) as exit_info:
         main(["test", *args, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
-    assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(exit_info.value.code)
+    assert "--ckpt_path last: no last checkpoint in" in str(exit_info.value.code) and "Run `fit`" in str(
+        exit_info.value.code
+    )
 
 
 def batches_into_epoch(checkpoint: Path) -> int:
@@ -79,17 +101,32 @@ def twelve_steps(scene_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_validating_more_often_trains_the_same_weights(scene_cache, tmp_path, twelve_steps):
     """Validation draws nothing from the training's random stream, and the training order depends
     on the seed and the epoch only (12 steps of batch 4 cross an epoch boundary here)."""
-    main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--trainer.val_check_interval", "3", "--trainer.logger", "false"])
+    main(
+        [
+            "fit",
+            *fresh_run(scene_cache, tmp_path, 12),
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     assert_same_weights(last_weights(tmp_path), twelve_steps)
 
 
-def test_a_fit_continued_to_more_steps_trains_the_same_weights_as_one_run(scene_cache, tmp_path, twelve_steps):
+def test_a_fit_continued_to_more_steps_trains_the_same_weights_as_one_run(
+    scene_cache, tmp_path, twelve_steps
+):
     """``fit --ckpt_path last`` with a larger max_steps, from a stop part-way through an epoch."""
     main(["fit", *fresh_run(scene_cache, tmp_path, 5), "--trainer.logger", "false"])
-    assert batches_into_epoch(tmp_path / "checkpoints" / "last.ckpt") == 2  # of 3: part-way through the 2nd epoch
+    assert (
+        batches_into_epoch(tmp_path / "checkpoints" / "last.ckpt") == 2
+    )  # of 3: part-way through the 2nd epoch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        main(["fit", *fresh_run(scene_cache, tmp_path, 12), "--ckpt_path", "last", "--trainer.logger", "false"])
+        main(
+            ["fit", *fresh_run(scene_cache, tmp_path, 12), "--ckpt_path", "last", "--trainer.logger", "false"]
+        )
     assert_same_weights(last_weights(tmp_path), twelve_steps)
     # Resuming writes on into the run's own checkpoint folder: no notice that it is not empty.
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
@@ -144,15 +181,23 @@ class NumbersData(LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         dataset, generator = Numbers(), loader_generator()
         sampler = training_sampler(self.trainer, dataset, 2)
-        return torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, drop_last=True, generator=generator)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=2, sampler=sampler, drop_last=True, generator=generator
+        )
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(Numbers(), batch_size=4, generator=loader_generator())
 
 
-def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, val_check_interval: int | None = None,
-                    stop_before_step: int | None = None, stop_at_step: int | None = None,
-                    ckpt_path: str | None = None) -> list[tuple[list[int], float]]:  # fmt: skip
+def trained_batches(
+    root: Path,
+    max_steps: int,
+    every_n_train_steps: int = 0,
+    val_check_interval: int | None = None,
+    stop_before_step: int | None = None,
+    stop_at_step: int | None = None,
+    ckpt_path: str | None = None,
+) -> list[tuple[list[int], float]]:
     torch.manual_seed(0 if ckpt_path is None else 1)  # a resumed fit draws on from the checkpoint's state
     model = RecordBatches(stop_before_step)
     if val_check_interval:
@@ -160,10 +205,14 @@ def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, va
     else:
         validation = {"limit_val_batches": 0}
     trainer = Trainer(
-        max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[LastCheckpoint(str(root), every_n_train_steps), StopAt(stop_at_step)],
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[LastCheckpoint(str(root), every_n_train_steps), StopAt(stop_at_step)],
         **validation,
-    )  # fmt: skip
+    )
     try:
         trainer.fit(model, NumbersData(), ckpt_path=ckpt_path)
     except Stopped:
@@ -183,7 +232,9 @@ def trained_batches(root: Path, max_steps: int, every_n_train_steps: int = 0, va
         ("a callback's stop (as max_time's), mid-epoch", 7, {"stop_at_step": 7}),
     ],
 )
-def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does(tmp_path, saved_at, stop, arguments):
+def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does(
+    tmp_path, saved_at, stop, arguments
+):
     """The reference is the same fit without a stop. Lightning alone (a plain sampler) starts a
     mid-epoch resume at the epoch's first batch, after a checkpoint written when fit ends it skips
     the rest of the epoch, and it does not restore the global random stream."""
@@ -197,7 +248,9 @@ def test_a_resumed_fit_trains_on_the_batches_and_draws_an_uninterrupted_one_does
 def test_validation_draws_leave_the_training_draws_alone(tmp_path):
     """A model that draws from the global stream while it validates trains on the same draws
     whether it validates every 2 steps or never."""
-    assert trained_batches(tmp_path / "often", max_steps=8, val_check_interval=2) == trained_batches(tmp_path / "never", max_steps=8)
+    assert trained_batches(tmp_path / "often", max_steps=8, val_check_interval=2) == trained_batches(
+        tmp_path / "never", max_steps=8
+    )
 
 
 class SavedSteps(Callback):
@@ -213,9 +266,14 @@ def test_a_callbacks_stop_before_min_steps_is_saved_once_when_the_fit_ends(tmp_p
     after the stop was asked for."""
     saved = SavedSteps()
     trainer = Trainer(
-        max_steps=100, min_steps=6, limit_val_batches=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[StopAt(3), LastCheckpoint(str(tmp_path), every_n_train_steps=0), saved],
-    )  # fmt: skip
+        max_steps=100,
+        min_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StopAt(3), LastCheckpoint(str(tmp_path), every_n_train_steps=0), saved],
+    )
     trainer.fit(RecordBatches(), NumbersData())
     assert trainer.global_step == 6 and saved.steps == [6]
 
@@ -238,12 +296,27 @@ def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step_as_if_never_st
         "  callbacks:\n    - class_path: callbacks.last_checkpoint.LastCheckpoint\n"
         f"      init_args: {{dirpath: {root}/checkpoints, every_n_train_steps: 10}}\n"
     )
-    args = [*fresh_run(scene_cache, root, 100000), "--config", str(config), "--trainer.val_check_interval", "100000"]
+    args = [
+        *fresh_run(scene_cache, root, 100000),
+        "--config",
+        str(config),
+        "--trainer.val_check_interval",
+        "100000",
+    ]
     last = root / "checkpoints" / "last.ckpt"
     # The repo first, then whatever the caller put there (a GPU machine set up from wheels).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-m", "grounded_diffusion", "fit", *args], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "grounded_diffusion", "fit", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (last.exists() and saved_step(last) >= 20):
@@ -256,11 +329,20 @@ def test_fit_killed_with_sigkill_resumes_from_the_last_saved_step_as_if_never_st
     killed_at = saved_step(last)
     assert killed_at % 10 == 0 and killed_at >= 20
 
-    main(["fit", *fresh_run(scene_cache, root, killed_at + 3), "--config", str(config), "--ckpt_path", "last"])
+    main(
+        ["fit", *fresh_run(scene_cache, root, killed_at + 3), "--config", str(config), "--ckpt_path", "last"]
+    )
     assert saved_step(last) == killed_at + 3
     assert logged_steps(tmp_path) == [killed_at, killed_at + 1, killed_at + 2]
     # The rest of the killed epoch, in its order: the weights of a fit that was never stopped.
-    main(["fit", *fresh_run(scene_cache, tmp_path / "never_stopped", killed_at + 3), "--trainer.logger", "false"])
+    main(
+        [
+            "fit",
+            *fresh_run(scene_cache, tmp_path / "never_stopped", killed_at + 3),
+            "--trainer.logger",
+            "false",
+        ]
+    )
     assert_same_weights(last_weights(root), last_weights(tmp_path / "never_stopped"))
 
 
@@ -292,7 +374,9 @@ def test_a_failed_background_write_stops_predict_and_keeps_what_was_written(tmp_
     with pytest.raises(OSError, match="No space left on device"):
         main(["predict", *scenes_args(tmp_path, counts="{train: 12}")])
     cache = TripletCache(next(tmp_path.glob("cache-*")))
-    assert sorted(r["id"] for r in cache.manifest()) == sorted(calls[:5] + calls[6:])  # all but the failed one
+    assert sorted(r["id"] for r in cache.manifest()) == sorted(
+        calls[:5] + calls[6:]
+    )  # all but the failed one
     monkeypatch.setattr(TripletCache, "write", original)
     main(["predict", *scenes_args(tmp_path, counts="{train: 12}")])  # the rerun finishes the rest
     assert len(cache.manifest()) == 12
@@ -305,6 +389,17 @@ def test_a_checkpoint_of_another_head_version_stops_with_what_to_do(tmp_path, sc
         del checkpoint["state_dict"][key]
     torch.save(checkpoint, tmp_path / "old_head.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", *fresh_run(scene_cache, tmp_path, 1), "--ckpt_path", str(tmp_path / "old_head.ckpt"), "--trainer.logger", "false"])
+        main(
+            [
+                "test",
+                *fresh_run(scene_cache, tmp_path, 1),
+                "--ckpt_path",
+                str(tmp_path / "old_head.ckpt"),
+                "--trainer.logger",
+                "false",
+            ]
+        )
     message = str(exit_info.value.code)
-    assert "head.token_norm.bias, head.token_norm.weight" in message and "Train it again with `fit`" in message
+    assert (
+        "head.token_norm.bias, head.token_norm.weight" in message and "Train it again with `fit`" in message
+    )

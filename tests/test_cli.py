@@ -14,11 +14,22 @@ ABLATIONS = REPO / "experiments" / "ablations"
 BACKBONES = REPO / "experiments" / "backbones"  # overlays too
 PROTOCOL2 = REPO / "experiments" / "protocol2"
 # Overlays go after an experiment; every other YAML is a complete experiment.
-P2_OVERLAYS = {"zs3_split", "with_real_seen", "with_real_seen_coco", "deeplabv3", "offline", "shapes_with_real_seen", "shapes_real_seen", "shapes_real_all"}
+P2_OVERLAYS = {
+    "zs3_split",
+    "with_real_seen",
+    "with_real_seen_coco",
+    "deeplabv3",
+    "offline",
+    "shapes_with_real_seen",
+    "shapes_real_seen",
+    "shapes_real_all",
+}
 EXPERIMENTS = sorted(
     str(p.relative_to(REPO))
     for p in (REPO / "experiments").rglob("*.yaml")
-    if ABLATIONS not in p.parents and BACKBONES not in p.parents and p.name != "offline.yaml"
+    if ABLATIONS not in p.parents
+    and BACKBONES not in p.parents
+    and p.name != "offline.yaml"
     and not (p.parent == PROTOCOL2 and p.stem in P2_OVERLAYS)
 )
 
@@ -31,7 +42,10 @@ def offline_overlay(config: str) -> str | None:
     segmenter = config.endswith("_maskformer.yaml") or config == "experiments/protocol2/own_data.yaml"
     return "experiments/protocol2/offline.yaml" if segmenter else "experiments/offline.yaml"
 
-OVERLAYS = sorted(str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml"))
+
+OVERLAYS = sorted(
+    str(p.relative_to(REPO)) for p in ABLATIONS.glob("*.yaml") if not p.name.endswith(".grid.yaml")
+)
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS)
@@ -60,24 +74,52 @@ def test_ablation_overlays_parse_after_an_experiment(overlay, capsys):
 
 @pytest.mark.parametrize(
     "base, overlay",
-    [("pascal_split1.yaml", "zs3_split"), ("synth/pascal_split1_train.yaml", "zs3_split"), ("protocol2/pascal_maskformer.yaml", "with_real_seen"),
-     ("protocol2/coco_maskformer.yaml", "with_real_seen_coco"), ("protocol2/pascal_maskformer.yaml", "deeplabv3"),
-     ("protocol2/shapes_segmenter.yaml", "shapes_with_real_seen"), ("protocol2/shapes_segmenter.yaml", "shapes_real_seen"),
-     ("protocol2/shapes_segmenter.yaml", "shapes_real_all")],
-)  # fmt: skip
+    [
+        ("pascal_split1.yaml", "zs3_split"),
+        ("synth/pascal_split1_train.yaml", "zs3_split"),
+        ("protocol2/pascal_maskformer.yaml", "with_real_seen"),
+        ("protocol2/coco_maskformer.yaml", "with_real_seen_coco"),
+        ("protocol2/pascal_maskformer.yaml", "deeplabv3"),
+        ("protocol2/shapes_segmenter.yaml", "shapes_with_real_seen"),
+        ("protocol2/shapes_segmenter.yaml", "shapes_real_seen"),
+        ("protocol2/shapes_segmenter.yaml", "shapes_real_all"),
+    ],
+)
 def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "experiments" / base), "--config", str(PROTOCOL2 / f"{overlay}.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments" / base),
+                "--config",
+                str(PROTOCOL2 / f"{overlay}.yaml"),
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (None, 0)
     printed = capsys.readouterr().out
-    expected = {"zs3_split": "split: zs3", "deeplabv3": "architecture: deeplabv3", "shapes_real_all": "seen_only: false"}
+    expected = {
+        "zs3_split": "split: zs3",
+        "deeplabv3": "architecture: deeplabv3",
+        "shapes_real_all": "seen_only: false",
+    }
     assert expected.get(overlay, "seen_only: true") in printed
 
 
 @pytest.mark.parametrize("overlay", ["sd2", "sdxl"])
 def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", str(BACKBONES / f"{overlay}.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments/pascal_split1.yaml"),
+                "--config",
+                str(BACKBONES / f"{overlay}.yaml"),
+                "--print_config",
+            ]
+        )
     printed = capsys.readouterr().out
     assert "cache_dir: data/pascal_sim/stabilityai/stable-diffusion-" in printed  # (resolved)
 
@@ -86,8 +128,15 @@ def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
 def test_grounding_runs_end_to_end_on_sd2_and_sdxl(overlay, tmp_path, capsys):
     """Feature capture, training and evaluation (ours and DAAM-free trivial baselines) on the tiny
     SD-2.x (v-prediction) and SDXL (two text encoders, 3 resolution groups)."""
-    args = [*scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"), "--config", str(BACKBONES / f"{overlay}.yaml"),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]  # fmt: skip
+    args = [
+        *scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"),
+        "--config",
+        str(BACKBONES / f"{overlay}.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+    ]
     for stage in (["predict"], ["fit"], ["test", "--ckpt_path", "last"]):
         main([stage[0], *args, *stage[1:]])
     cache = json.loads(next(tmp_path.glob("cache-*/cache.json")).read_text())
@@ -113,7 +162,14 @@ def test_predict_fit_test_end_to_end(scene_cache, capsys):
     metrics = json.loads(metrics_path.read_text())
     assert {"seen_miou", "unseen_miou", "harmonic_miou", "per_category", "baselines"} <= set(metrics)
     assert set(metrics["baselines"]) == {"daam", "all_foreground", "all_background"}
-    assert set(metrics["groups"]["daam"]) == {"one_seen", "two_seen", "one_unseen", "two_seen_unseen", "two_unseen", "all"}
+    assert set(metrics["groups"]["daam"]) == {
+        "one_seen",
+        "two_seen",
+        "one_unseen",
+        "two_seen_unseen",
+        "two_unseen",
+        "all",
+    }
     assert metrics["groups"]["daam"]["all"]["miou"] > 0
     assert metrics["baselines"]["all_background"]["seen_miou"] == 0
     overlays = list((scene_cache / "report" / "overlays").glob("*.png"))
@@ -149,7 +205,16 @@ def test_interrupted_cache_build_resumes_without_duplicates(tmp_path):
 
 def test_unknown_category_in_config_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *scenes_args(tmp_path), "--data.init_args.unseen", "[rnig]", "--data.init_args.split", "null"])
+        main(
+            [
+                "fit",
+                *scenes_args(tmp_path),
+                "--data.init_args.unseen",
+                "[rnig]",
+                "--data.init_args.split",
+                "null",
+            ]
+        )
     assert "'rnig' (did you mean 'ring'" in str(exit_info.value.code)
     assert not list(tmp_path.iterdir())
 
@@ -179,7 +244,9 @@ def test_lightning_script_without_lightning_sdk_says_what_to_install(monkeypatch
     assert "pip install lightning-sdk" in str(exit_info.value.code)
 
 
-@pytest.mark.parametrize("synth", sorted((REPO / "experiments" / "synth").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "synth", sorted((REPO / "experiments" / "synth").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_synthesis_configs_feed_their_training_config(synth):
     """A fit config trains on the cache its synthesis configs write, with the same backbone."""
     import yaml
@@ -192,7 +259,11 @@ def test_synthesis_configs_feed_their_training_config(synth):
     assert fit["model"]["init_args"]["backbone"] == built["model"]["init_args"]["backbone"]
 
 
-TRAINING_DATA_SYNTHESIS = [*sorted((REPO / "experiments" / "synth").glob("*.yaml")), PROTOCOL2 / "pascal_build.yaml", PROTOCOL2 / "coco_build.yaml"]
+TRAINING_DATA_SYNTHESIS = [
+    *sorted((REPO / "experiments" / "synth").glob("*.yaml")),
+    PROTOCOL2 / "pascal_build.yaml",
+    PROTOCOL2 / "coco_build.yaml",
+]
 
 
 @pytest.mark.parametrize("config", TRAINING_DATA_SYNTHESIS, ids=lambda p: p.stem)

@@ -34,7 +34,9 @@ def on_cuda(tensor: torch.Tensor) -> bool:
 
 @pytest.fixture
 def backbone():
-    return StableDiffusionBackbone(BackboneConfig(num_inference_steps=4, capture_step=2, branches="uncond+cond"))
+    return StableDiffusionBackbone(
+        BackboneConfig(num_inference_steps=4, capture_step=2, branches="uncond+cond")
+    )
 
 
 def test_feature_channels_and_cache_metadata_on_cuda(backbone):
@@ -102,7 +104,9 @@ def test_segmentation_of_real_images_by_the_python_api_path_on_cuda(backbone):
     with fake_cuda(backbone, head):
         images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA)
         for mode in REAL_IMAGE_MODES:
-            probs = segment_real(backbone, head, images, ["a dog", "a cat and a dog"], [["dog"], ["cat", "dog"]], [1, 2], mode)
+            probs = segment_real(
+                backbone, head, images, ["a dog", "a cat and a dog"], [["dog"], ["cat", "dog"]], [1, 2], mode
+            )
             assert on_cuda(probs) and probs.shape == (2, 2, 64, 64)
 
 
@@ -112,8 +116,10 @@ def test_deeplab_segmenter_step_on_cuda():
 
     segmenter = DeepLabV3(5, "mobilenet_v3_large", None)
     with fake_cuda(segmenter):
-        batch = {"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA),
-                 "labels": torch.zeros(2, 64, 64, dtype=torch.uint8, device=CUDA)}  # fmt: skip
+        batch = {
+            "image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=CUDA),
+            "labels": torch.zeros(2, 64, 64, dtype=torch.uint8, device=CUDA),
+        }
         batch = flip_horizontally(batch)  # the datamodule's, on the batch's device
         images, labels = batch["image"], batch["labels"].long()
         loss = segmenter.loss(images, labels)
@@ -135,13 +141,18 @@ def test_evaluation_metrics_update_on_cuda():
     """Metric updates use no boolean indexing and no int(): they stay on the device."""
     from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, SemanticIoU
 
-    metrics = torch.nn.ModuleList([CategoryIoU(4), GroupedIoU(4, ["ours", "daam"]), SemanticIoU(5), PairConfusion(4)])
+    metrics = torch.nn.ModuleList(
+        [CategoryIoU(4), GroupedIoU(4, ["ours", "daam"]), SemanticIoU(5), PairConfusion(4)]
+    )
     with fake_cuda(metrics):
         preds = torch.zeros(2, 2, 16, 16, dtype=torch.bool, device=CUDA)
         categories = torch.tensor([[0, 3], [2, -1]], device=CUDA)
         metrics[0].update(preds, preds, categories)
         metrics[1].update("ours", preds, preds, categories, ["two_seen", "one_unseen"])
-        metrics[2].update(torch.zeros(16, 16, dtype=torch.long, device=CUDA), torch.zeros(16, 16, dtype=torch.long, device=CUDA))
+        metrics[2].update(
+            torch.zeros(16, 16, dtype=torch.long, device=CUDA),
+            torch.zeros(16, 16, dtype=torch.long, device=CUDA),
+        )
         assert on_cuda(metrics[0].intersection) and on_cuda(metrics[1].image_noun_iou["ours__all"].count)
         assert on_cuda(metrics[1].on_other_object["ours__all"].on_other)
         assert on_cuda(metrics[2].confusion)

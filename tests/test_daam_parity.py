@@ -17,7 +17,9 @@ WORDS = [["dog", "hot dog"], ["cat", "sofa"]]
 
 @pytest.fixture(scope="module")
 def backbone():
-    return StableDiffusionBackbone(BackboneConfig(branches="uncond+cond", num_inference_steps=10, capture_step=2))
+    return StableDiffusionBackbone(
+        BackboneConfig(branches="uncond+cond", num_inference_steps=10, capture_step=2)
+    )
 
 
 def reference_maps(backbone, prompt, seed, words, factors=None):
@@ -30,10 +32,14 @@ def reference_maps(backbone, prompt, seed, words, factors=None):
         for hooker in tracer.module:
             if hasattr(hooker, "latent_hw"):
                 hooker.latent_hw = latent * latent
-        image = pipe(prompt, num_inference_steps=10, guidance_scale=7.5, latents=backbone.initial_noise([seed])).images[0]
+        image = pipe(
+            prompt, num_inference_steps=10, guidance_scale=7.5, latents=backbone.initial_noise([seed])
+        ).images[0]
         global_map = tracer.compute_global_heat_map(factors=factors)
         maps = [global_map.compute_word_heat_map(w) for w in words]
-        return torch.stack([m.heatmap for m in maps]), torch.stack([m.expand_as(image, threshold=0.4).bool() for m in maps])
+        return torch.stack([m.heatmap for m in maps]), torch.stack(
+            [m.expand_as(image, threshold=0.4).bool() for m in maps]
+        )
 
 
 def test_heat_maps_and_masks_match_the_reference_package(backbone):
@@ -53,7 +59,10 @@ def test_maps_of_each_resolution_match_the_reference_package(backbone):
     --daam-by-resolution``) against the package's ``factors`` filter."""
     pipe, noise = backbone.pipeline(), backbone.initial_noise([3, 4])
     tracer = DAAMTracer(backbone.unet)
-    with torch.no_grad(), tracer.trace(backbone.tokenizer, PROMPTS, WORDS, noise.shape[-1], matching="reference"):
+    with (
+        torch.no_grad(),
+        tracer.trace(backbone.tokenizer, PROMPTS, WORDS, noise.shape[-1], matching="reference"),
+    ):
         pipe(PROMPTS, num_inference_steps=10, guidance_scale=7.5, latents=noise)
     sides = tracer.layer_sides()
     assert len(set(sides.values())) >= 2  # a filter to test

@@ -10,9 +10,9 @@ from PIL import Image
 from datamodules.triplets import TripletDataModule, TripletSamples
 from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
 from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
+from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 
 
 def test_scenes_are_deterministic_with_exact_masks():
@@ -35,7 +35,9 @@ def test_procedural_folder_is_voc_format(tmp_path):
     source = ProceduralScenes(str(tmp_path / "scenes"), counts={"train": 5, "val": 3}, image_size=64)
     source.prepare()
     root = tmp_path / "scenes"
-    assert (root / "ImageSets/Segmentation/train.txt").read_text().split() == [f"scene-train-{i:06d}" for i in range(5)]
+    assert (root / "ImageSets/Segmentation/train.txt").read_text().split() == [
+        f"scene-train-{i:06d}" for i in range(5)
+    ]
     label_png = Image.open(root / "SegmentationClass/scene-val-000002.png")
     assert label_png.mode == "P" and label_png.getpalette()[:9] == voc_palette()[:9]
     sample = source.dataset()[0]
@@ -81,7 +83,11 @@ def test_mask_packing_round_trip():
 
 def write_sample(cache, sample_id, split="train", categories=("disc",)):
     bits, shape = pack_masks(torch.ones(len(categories), 4, 4, dtype=torch.bool))
-    tensors = {"features.0": torch.randn(3, 2, 2).half(), "masks": bits, "image": torch.zeros(3, 4, 4, dtype=torch.uint8)}
+    tensors = {
+        "features.0": torch.randn(3, 2, 2).half(),
+        "masks": bits,
+        "image": torch.zeros(3, 4, 4, dtype=torch.uint8),
+    }
     record = {"id": sample_id, "prompt": "p", "categories": list(categories), "split": split}
     cache.write(record, tensors, {"mask_shape": shape})
 
@@ -113,7 +119,9 @@ def test_cache_refuses_other_settings_and_names_corrupt_files(tmp_path):
         cache.initialise({"storage": "features", "capture_timestep": 1})
     write_sample(cache, "a")
     cache.sample_path("a").write_bytes(b"not a safetensors file")
-    with pytest.raises(CacheError, match="header too large. The file is missing or damaged: rerun the cache's predict"):
+    with pytest.raises(
+        CacheError, match="header too large. The file is missing or damaged: rerun the cache's predict"
+    ):
         cache.load("a")
     with pytest.raises(UserError, match=r"sample id '../escape' is not a plain name"):
         write_sample(cache, "../escape")
@@ -151,7 +159,10 @@ def test_training_order_is_a_one_process_distributed_samplers_whatever_the_globa
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets
     data = list(range(50))
-    ours, reference = EpochShuffle(data), DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    ours, reference = (
+        EpochShuffle(data),
+        DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7),
+    )
     orders = []
     for epoch in range(3):
         ours.set_epoch(epoch), reference.set_epoch(epoch)
@@ -190,7 +201,9 @@ def test_cache_images_are_compressed_and_format_2_caches_still_read(tmp_path):
 
     from grounded_diffusion.data.cache import decode_image, encode_image
 
-    photo = PILImage.open(next(Path(matplotlib.get_data_path()).glob("sample_data/grace_hopper.jpg"))).convert("RGB")
+    photo = PILImage.open(
+        next(Path(matplotlib.get_data_path()).glob("sample_data/grace_hopper.jpg"))
+    ).convert("RGB")
     image = torch.from_numpy(np.array(photo.resize((128, 128)))).permute(2, 0, 1).contiguous()
     key, png = encode_image(image, "png")
     assert key == "image.png" and torch.equal(decode_image({key: png}), image)  # lossless
@@ -207,5 +220,7 @@ def test_cache_images_are_compressed_and_format_2_caches_still_read(tmp_path):
 
 def test_building_into_a_cache_of_an_older_format_says_to_rebuild(tmp_path):
     (tmp_path / "cache.json").write_text(json.dumps({"format_version": 2, "storage": "latents"}))
-    with pytest.raises(CacheError, match="format_version: cache has 2, this run 3.*delete this one to rebuild it"):
+    with pytest.raises(
+        CacheError, match="format_version: cache has 2, this run 3.*delete this one to rebuild it"
+    ):
         TripletCache(tmp_path).initialise({"storage": "latents"})

@@ -18,7 +18,9 @@ from lightning_modules.grounding import GroundingModule
 
 def small_run(cache_dir, devices, **trainer_args):
     seed_everything(0)
-    model = GroundingModule(head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
+    model = GroundingModule(
+        head=HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64)
+    )
     data = TripletDataModule(cache_dir, vocabulary="scenes", split=1, batch_size=2)
     trainer_args = {"enable_checkpointing": False, **trainer_args}
     trainer = Trainer(
@@ -99,7 +101,9 @@ def shard_batches(dataset, rank: int, epochs: int, batch_size: int = 2) -> list[
     return batches
 
 
-def test_two_process_fit_stopped_and_resumed_trains_each_rank_on_its_shard_of_the_seeded_order(scene_cache, tmp_path):
+def test_two_process_fit_stopped_and_resumed_trains_each_rank_on_its_shard_of_the_seeded_order(
+    scene_cache, tmp_path
+):
     """Each rank keeps our sampler (a DistributedSampler), which also resumes mid-epoch."""
     cache_dir = str(next(scene_cache.glob("cache-*")))
     for steps, ckpt_path in ((2, None), (5, str(tmp_path / "last.ckpt"))):
@@ -110,6 +114,8 @@ def test_two_process_fit_stopped_and_resumed_trains_each_rank_on_its_shard_of_th
         trainer.fit(model, data, ckpt_path=ckpt_path)
     data.setup("fit")
     for rank in range(2):
-        assert 2 < len(shard_batches(data.train_set, rank, epochs=1)) < 5  # stopped mid-epoch, resumed into the 2nd
+        assert (
+            2 < len(shard_batches(data.train_set, rank, epochs=1)) < 5
+        )  # stopped mid-epoch, resumed into the 2nd
         expected = shard_batches(data.train_set, rank, epochs=2)[:5]
         assert (tmp_path / f"rank{rank}.txt").read_text().split() == sum(expected, [])

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, scenes_args
-from grounded_diffusion import lightning_entry, launch, reports
+from grounded_diffusion import launch, lightning_entry, reports
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
 from grounded_diffusion.data.manifest import JsonlManifest
@@ -41,13 +41,28 @@ def cli_error(args: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     "override, expected",
     [
-        (["--trainer.max_stepz", "5"], "fit: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"),
-        (["--model.init_args.lrr", "3"], "model.init_args.lrr: lightning_modules.grounding.GroundingModule has no argument 'lrr' (did you mean 'lr'?)"),
-        (["--model.init_args.head.embed_dimm", "3"], "has no argument 'head.embed_dimm' (did you mean 'head.embed_dim'?)"),
-        (["--data", "datamodules.triplets.TripletDataModul"], "data: no class 'datamodules.triplets.TripletDataModul' (did you mean 'datamodules.triplets.TripletDataModule'?)"),
-        (["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>. Got value: abc"),
+        (
+            ["--trainer.max_stepz", "5"],
+            "fit: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)",
+        ),
+        (
+            ["--model.init_args.lrr", "3"],
+            "model.init_args.lrr: lightning_modules.grounding.GroundingModule has no argument 'lrr' (did you mean 'lr'?)",
+        ),
+        (
+            ["--model.init_args.head.embed_dimm", "3"],
+            "has no argument 'head.embed_dimm' (did you mean 'head.embed_dim'?)",
+        ),
+        (
+            ["--data", "datamodules.triplets.TripletDataModul"],
+            "data: no class 'datamodules.triplets.TripletDataModul' (did you mean 'datamodules.triplets.TripletDataModule'?)",
+        ),
+        (
+            ["--data.init_args.batch_size", "abc"],
+            "data.init_args.batch_size: Expected a <class 'int'>. Got value: abc",
+        ),
     ],
-)  # fmt: skip
+)
 def test_misspelled_keys_and_classes_name_the_nearest_valid_one(override, expected, tmp_path, capsys):
     assert expected in cli_error(["fit", *scenes_args(tmp_path), *override], capsys)
     assert not list(tmp_path.iterdir())
@@ -63,7 +78,9 @@ def test_version_and_the_lightning_script(capsys, monkeypatch):
     lightning_entry.main(["--version"])
     assert capsys.readouterr().out.startswith("grounded-diffusion 0.1.0 (lightning 2.")
     # sys.argv holding the same arguments that the script passes on: no args+argv warning
-    monkeypatch.setattr("sys.argv", ["lightning", "fit", "--config", str(REPO / "experiments/scenes.yaml"), "--print_config"])
+    monkeypatch.setattr(
+        "sys.argv", ["lightning", "fit", "--config", str(REPO / "experiments/scenes.yaml"), "--print_config"]
+    )
     with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
         warnings.simplefilter("always")
         lightning_entry.main()
@@ -72,7 +89,16 @@ def test_version_and_the_lightning_script(capsys, monkeypatch):
 
 def test_print_config_is_resolved(capsys):
     with pytest.raises(SystemExit):
-        main(["predict", "--config", str(REPO / "experiments/generate.yaml"), "--config", str(REPO / "experiments/offline.yaml"), "--print_config"])
+        main(
+            [
+                "predict",
+                "--config",
+                str(REPO / "experiments/generate.yaml"),
+                "--config",
+                str(REPO / "experiments/offline.yaml"),
+                "--print_config",
+            ]
+        )
     printed = capsys.readouterr().out
     assert "${" not in printed and "default_root_dir: outputs/offline/prompts-splitall" in printed
 
@@ -83,7 +109,9 @@ def test_print_config_is_resolved(capsys):
 def test_manifest_line_without_id(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"id": "a"}\n{"prompt": "x"}\n')
-    with pytest.raises(UserError, match=r"manifest.jsonl:2: the line is not a sample's record .*delete that line"):
+    with pytest.raises(
+        UserError, match=r"manifest.jsonl:2: the line is not a sample's record .*delete that line"
+    ):
         JsonlManifest(manifest).records()
 
 
@@ -93,12 +121,26 @@ def test_truncated_cache_json(scene_cache, tmp_path, capsys):
     broken.mkdir()
     (broken / "cache.json").write_text((cache / "cache.json").read_text()[:40])
     message = cli_error(["fit", *scenes_args(scene_cache), "--data.init_args.cache_dir", str(broken)], capsys)
-    assert f"{broken / 'cache.json'} is not valid JSON" in message and "Delete it and rerun the cache's predict command" in message
+    assert (
+        f"{broken / 'cache.json'} is not valid JSON" in message
+        and "Delete it and rerun the cache's predict command" in message
+    )
 
 
 def test_missing_cache_names_the_configs_that_build_it(tmp_path, capsys):
-    args = ["fit", "--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", str(REPO / "experiments/offline.yaml"),
-            "--data.init_args.cache_dir", str(tmp_path / "nothing"), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "experiments/pascal_split1.yaml"),
+        "--config",
+        str(REPO / "experiments/offline.yaml"),
+        "--data.init_args.cache_dir",
+        str(tmp_path / "nothing"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+    ]
     message = cli_error(args, capsys)
     assert "experiments/synth/<name>_train.yaml" in message and "no data.init_args.source" in message
 
@@ -116,8 +158,13 @@ def test_cache_samples_without_files_stop_fit_and_predict_rebuilds_them(tmp_path
 
 
 def test_local_model_folder_that_does_not_exist(tmp_path, capsys):
-    message = cli_error(["fit", *scenes_args(tmp_path), "--model.init_args.backbone.model_id", "./nowhere/my-sd"], capsys)
-    assert "model_id './nowhere/my-sd' is a local folder that does not exist" in message and "hf download" not in message
+    message = cli_error(
+        ["fit", *scenes_args(tmp_path), "--model.init_args.backbone.model_id", "./nowhere/my-sd"], capsys
+    )
+    assert (
+        "model_id './nowhere/my-sd' is a local folder that does not exist" in message
+        and "hf download" not in message
+    )
 
 
 def test_corrupt_mask_rcnn_weights_file(tmp_path, monkeypatch):
@@ -168,12 +215,18 @@ def test_reports_cli_names_a_missing_file_and_the_wrong_table(tmp_path):
         (None, "does not exist"),
         ("name: x\nparameter: p\nvalues: [1\n", "is not valid YAML"),
         ("name: x\nparameter: p\nvalues: 3\nstages: [[fit]]\n", "values must be a non-empty list, not 3"),
-        ("name: x\nparameter: p\nvalues: [1]\nstages: [fit, --config, a.yaml]\n", "each stage must be a list starting with one of"),
+        (
+            "name: x\nparameter: p\nvalues: [1]\nstages: [fit, --config, a.yaml]\n",
+            "each stage must be a list starting with one of",
+        ),
         ("name: x\nvalues: [1]\n", "lacks ['parameter', 'stages']"),
-        ("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\nseeds: [0, 0]\n", "seeds must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not [0, 0]"),
+        (
+            "name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\nseeds: [0, 0]\n",
+            "seeds must be a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2], not [0, 0]",
+        ),
         ("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\nseeds: 3\n", "seeds must be a non-empty list"),
     ],
-)  # fmt: skip
+)
 def test_launcher_names_what_is_wrong_with_a_grid(text, expected, tmp_path):
     grid = tmp_path / "bad.grid.yaml"
     if text is not None:
@@ -186,7 +239,10 @@ def test_launcher_names_what_is_wrong_with_a_grid(text, expected, tmp_path):
 def test_launcher_names_bad_seeds_on_the_command_line(tmp_path):
     grid = tmp_path / "good.grid.yaml"
     grid.write_text("name: x\nparameter: p\nvalues: [1]\nstages: [[fit]]\n")
-    with pytest.raises(SystemExit, match=r"^error: --seeds must be a non-empty list of distinct whole numbers >= 0, e.g. \[0, 1, 2\], not \[1, 1\]$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: --seeds must be a non-empty list of distinct whole numbers >= 0, e.g. \[0, 1, 2\], not \[1, 1\]$",
+    ):
         launch.main([str(grid), "--out", str(tmp_path / "out"), "--seeds", "1", "1"])
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
@@ -195,7 +251,10 @@ def test_launcher_names_bad_seeds_on_the_command_line(tmp_path):
 
 
 def own_segmentation_folder(root: Path) -> Path:
-    samples = {s: [(f"{s}{i}", *rectangle_image(i, [(1 + i % 2, 4, 4, 30, 30)])) for i in range(3)] for s in ("train", "val")}
+    samples = {
+        s: [(f"{s}{i}", *rectangle_image(i, [(1 + i % 2, 4, 4, 30, 30)])) for i in range(3)]
+        for s in ("train", "val")
+    }
     return write_voc_folder(root, ["cat", "dog"], samples)
 
 
@@ -203,9 +262,25 @@ def segmenter_fit(folder: Path, out: Path) -> list[str]:
     overlay = out / "mine.yaml"
     out.mkdir(exist_ok=True)
     overlay.write_text(f"data:\n  init_args:\n    val:\n      init_args:\n        root: {folder}\n")
-    return ["fit", "--config", str(P2 / "own_data.yaml"), "--config", str(overlay), "--config", str(P2 / "offline.yaml"),
-            "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(out), "--trainer.logger", "false",
-            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(P2 / "own_data.yaml"),
+        "--config",
+        str(overlay),
+        "--config",
+        str(P2 / "offline.yaml"),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger",
+        "false",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def test_missing_label_png_stops_fit_before_the_first_step(tmp_path, capsys):
@@ -224,11 +299,19 @@ def rewrite_label(folder: Path, sample_id: str, labels: np.ndarray, mode: str | 
 @pytest.mark.parametrize(
     "labels, mode, expected",
     [
-        (np.zeros((48, 48), np.uint8) + 1, "RGB", "is a RGB image; a label map holds one class index per pixel"),
-        (np.ones((30, 20), np.uint8), None, "is 20x30 but its image train1.jpg is 48x48; label maps must match their images"),
+        (
+            np.zeros((48, 48), np.uint8) + 1,
+            "RGB",
+            "is a RGB image; a label map holds one class index per pixel",
+        ),
+        (
+            np.ones((30, 20), np.uint8),
+            None,
+            "is 20x30 but its image train1.jpg is 48x48; label maps must match their images",
+        ),
         (np.full((48, 48), 7, np.uint8), None, "holds label 7 but only 2 classes are listed"),
     ],
-)  # fmt: skip
+)
 def test_label_maps_that_do_not_fit_are_named(labels, mode, expected, tmp_path):
     folder = own_segmentation_folder(tmp_path / "voc")
     rewrite_label(folder, "train1", labels, mode)
@@ -240,14 +323,23 @@ def test_label_maps_that_do_not_fit_are_named(labels, mode, expected, tmp_path):
 def test_voc_source_images_without_objects_are_named_before_a_build(tmp_path):
     folder = own_segmentation_folder(tmp_path / "voc")
     rewrite_label(folder, "val1", np.zeros((48, 48), np.uint8))
-    with pytest.raises(DataError, match=r"val1.png has no labelled object .*remove 'val1' from the image set"):
+    with pytest.raises(
+        DataError, match=r"val1.png has no labelled object .*remove 'val1' from the image set"
+    ):
         VOCFolder(str(folder)).prepare()
 
 
 # -- noise and documented commands -----------------------------------------------------------
 
-NOISE = ("💡 Tip", "module(s) in eval mode", "anonymous setting has no effect", "LeafSpec", "args parameter is intended",
-         "sync_dist=True", "callbacks used to create the checkpoint")  # fmt: skip
+NOISE = (
+    "💡 Tip",
+    "module(s) in eval mode",
+    "anonymous setting has no effect",
+    "LeafSpec",
+    "args parameter is intended",
+    "sync_dist=True",
+    "callbacks used to create the checkpoint",
+)
 
 
 def test_fit_and_test_print_no_known_noise(scene_cache, tmp_path, capfd, caplog):
@@ -282,14 +374,20 @@ def test_offline_segmenter_command_in_its_overlay_runs_as_written(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_gpu_config_on_a_machine_without_one(tmp_path, capsys):
     message = cli_error(["fit", *scenes_args(tmp_path), "--trainer.accelerator", "gpu"], capsys)
-    assert "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in message and "offline.yaml" in message
+    assert (
+        "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in message
+        and "offline.yaml" in message
+    )
 
 
 def test_wandb_logger_without_the_wandb_package(tmp_path, monkeypatch, capsys):
     from lightning.pytorch.loggers import wandb
 
     monkeypatch.setattr(wandb, "_WANDB_AVAILABLE", False)  # as on a machine without the package
-    message = cli_error(["fit", *scenes_args(tmp_path), "--trainer.logger", "grounded_diffusion.loggers.AutoWandbLogger"], capsys)
+    message = cli_error(
+        ["fit", *scenes_args(tmp_path), "--trainer.logger", "grounded_diffusion.loggers.AutoWandbLogger"],
+        capsys,
+    )
     assert message == (
         "error: trainer.logger: grounded_diffusion.loggers.AutoWandbLogger needs the wandb package: `pip install wandb`, "
         "or run without it: --trainer.logger false, or take it out of the config's trainer.logger list"
@@ -297,20 +395,30 @@ def test_wandb_logger_without_the_wandb_package(tmp_path, monkeypatch, capsys):
 
 
 def test_half_precision_backbone_on_the_cpu(scene_cache, capsys):
-    message = cli_error(["fit", *scenes_args(scene_cache), "--model.init_args.backbone.dtype", "float16"], capsys)
+    message = cli_error(
+        ["fit", *scenes_args(scene_cache), "--model.init_args.backbone.dtype", "float16"], capsys
+    )
     assert "backbone.dtype is float16 but this run is on the CPU" in message and "float32" in message
 
 
-@pytest.mark.parametrize("subcommand, kept", [("fit", "resume with --ckpt_path last"), ("predict", "every sample already written is kept")])
+@pytest.mark.parametrize(
+    "subcommand, kept",
+    [("fit", "resume with --ckpt_path last"), ("predict", "every sample already written is kept")],
+)
 def test_cuda_out_of_memory_names_the_batch_size(subcommand, kept, tmp_path, monkeypatch, capsys):
     from lightning_modules.grounding import GroundingModule
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(GroundingModule, "training_step" if subcommand == "fit" else "predict_step", out_of_memory)
+    monkeypatch.setattr(
+        GroundingModule, "training_step" if subcommand == "fit" else "predict_step", out_of_memory
+    )
     if subcommand == "fit":
         main(["predict", *scenes_args(tmp_path)])
     message = cli_error([subcommand, *scenes_args(tmp_path)], capsys)
-    assert "CUDA ran out of memory at data.init_args.batch_size 4 (per GPU): lower it, e.g. --data.init_args.batch_size 2" in message
+    assert (
+        "CUDA ran out of memory at data.init_args.batch_size 4 (per GPU): lower it, e.g. --data.init_args.batch_size 2"
+        in message
+    )
     assert kept in message

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_errors import cli_error
 
 from conftest import REPO, SCENES, scenes_args
 from grounded_diffusion.cli import main
@@ -25,10 +25,14 @@ from grounded_diffusion.data.cache import TripletCache
 from grounded_diffusion.data.grounded_folder import GroundedImageFolder
 from grounded_diffusion.errors import UserError
 from grounded_diffusion.files import FolderLock
-from test_errors import cli_error
 
 SMALL = "{train: 6, val: 2, test: 2}"
-IDS = sorted([*(f"scene-train-{i:06d}" for i in range(6)), *(f"scene-{s}-{i:06d}" for s in ("val", "test") for i in range(2))])
+IDS = sorted(
+    [
+        *(f"scene-train-{i:06d}" for i in range(6)),
+        *(f"scene-{s}-{i:06d}" for s in ("val", "test") for i in range(2)),
+    ]
+)
 
 
 def small(root: Path, steps: int = 2) -> list[str]:
@@ -70,8 +74,12 @@ class Tmpfs:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         path.mkdir(parents=True)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-        if mounted.returncode != 0:  # (a container without CAP_SYS_ADMIN): said as a skip, with mount's reason
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
+        if (
+            mounted.returncode != 0
+        ):  # (a container without CAP_SYS_ADMIN): said as a skip, with mount's reason
             pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
 
     def remount(self, options: str) -> None:
@@ -104,7 +112,10 @@ def test_a_manifest_id_that_leaves_the_cache_is_refused_on_every_read(run, capsy
         manifest.write(json.dumps(escape) + "\n")
     for subcommand in ("fit", "test"):
         message = cli_error([subcommand, *small(run)], capsys)
-        assert "sample id '../../../../escaped' is not a plain name" in message and "manifest.jsonl:11" in message
+        assert (
+            "sample id '../../../../escaped' is not a plain name" in message
+            and "manifest.jsonl:11" in message
+        )
     for folder in (cache.samples_dir, run / "report" / "overlays"):  # where a read or an overlay would land
         assert not list((folder / "../../../..").resolve().glob("escaped*"))
     with pytest.warns(UserWarning, match=r"dropped 1 damaged lines \(line 11\)"):
@@ -124,8 +135,17 @@ def test_predict_writes_a_lost_cache_json_again_after_checking_the_samples(run, 
     message = cli_error(["fit", *small(run)], capsys)
     assert "is not valid JSON" in message and "Delete it and rerun the cache's predict command" in message
     cache.metadata_path.unlink()
-    other = cli_error(["predict", *small(run), "--model.init_args.backbone.branches", "uncond+cond",
-                       "--data.init_args.cache_dir", str(cache.root)], capsys)  # fmt: skip
+    other = cli_error(
+        [
+            "predict",
+            *small(run),
+            "--model.init_args.backbone.branches",
+            "uncond+cond",
+            "--data.init_args.cache_dir",
+            str(cache.root),
+        ],
+        capsys,
+    )
     assert "has no cache.json and its samples were built with other settings" in other
     assert not cache.metadata_path.exists()
     main(["predict", *small(run)])  # every sample is done: nothing to build, and cache.json is back
@@ -137,11 +157,20 @@ def test_predict_writes_a_lost_cache_json_again_after_checking_the_samples(run, 
 
 
 def test_two_predict_runs_on_one_cache_one_refuses_and_every_id_is_written_once(tmp_path, capsys):
-    args = [*small(tmp_path), "--data.init_args.source.init_args.counts", "{train: 40, val: 2, test: 2}",
-            "--data.init_args.batch_size", "2"]  # fmt: skip
+    args = [
+        *small(tmp_path),
+        "--data.init_args.source.init_args.counts",
+        "{train: 40, val: 2, test: 2}",
+        "--data.init_args.batch_size",
+        "2",
+    ]
     lock = tmp_path / "cache-cond-t5" / ".lock"
-    first = subprocess.Popen([sys.executable, "-m", "grounded_diffusion", "predict", *args], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "grounded_diffusion", "predict", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]
@@ -151,7 +180,9 @@ def test_two_predict_runs_on_one_cache_one_refuses_and_every_id_is_written_once(
         message = cli_error(["predict", *args], capsys)
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    assert f"The triplet cache at '{lock.parent}' is being written by another run (pid {first.pid} on" in message
+    assert (
+        f"The triplet cache at '{lock.parent}' is being written by another run (pid {first.pid} on" in message
+    )
     assert "or give this run another data.init_args.cache_dir" in message
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
     ids = manifest_ids(TripletCache(lock.parent))
@@ -164,18 +195,33 @@ def test_a_grounded_image_build_refuses_a_folder_another_run_writes(tmp_path, ca
     holder = FolderLock(out, "The grounded image folder", "data.init_args.out_dir")
     holder.acquire()  # (as another process would: a second open file of the same lock)
     try:
-        message = cli_error(["predict", "--config", str(REPO / "experiments/generate.yaml"), "--config",
-                             str(REPO / "experiments/offline.yaml"), "--trainer.default_root_dir", str(out)], capsys)  # fmt: skip
+        message = cli_error(
+            [
+                "predict",
+                "--config",
+                str(REPO / "experiments/generate.yaml"),
+                "--config",
+                str(REPO / "experiments/offline.yaml"),
+                "--trainer.default_root_dir",
+                str(out),
+            ],
+            capsys,
+        )
     finally:
         holder.release()
-    assert f"The grounded image folder at '{out}' is being written by another run (pid {os.getpid()} on" in message
+    assert (
+        f"The grounded image folder at '{out}' is being written by another run (pid {os.getpid()} on"
+        in message
+    )
     assert not (out / "JPEGImages").exists()
 
 
 # -- 4. a full disk -------------------------------------------------------------------------------
 
 
-def test_a_full_disk_during_a_cache_build_keeps_every_sample_and_a_rerun_completes(built, tmp_path, tmpfs, capsys):
+def test_a_full_disk_during_a_cache_build_keeps_every_sample_and_a_rerun_completes(
+    built, tmp_path, tmpfs, capsys
+):
     disk = tmpfs(900_000)  # room for about five of the ten samples (167 kB each)
     cache_dir = disk.path / "cache"
     args = [*small(tmp_path), "--data.init_args.cache_dir", str(cache_dir)]
@@ -194,7 +240,9 @@ def test_a_full_disk_during_a_cache_build_keeps_every_sample_and_a_rerun_complet
         resumed, whole = cache.load(sample_id)[0], reference.load(sample_id)[0]
         assert resumed.keys() == whole.keys()
         for key in resumed:  # features: within fp16 rounding (CPU kernels differ with the batch's size)
-            tolerance = {"rtol": 2e-3, "atol": 2e-3} if key.startswith("features.") else {"rtol": 0, "atol": 0}
+            tolerance = (
+                {"rtol": 2e-3, "atol": 2e-3} if key.startswith("features.") else {"rtol": 0, "atol": 0}
+            )
             torch.testing.assert_close(resumed[key], whole[key], **tolerance, msg=f"{sample_id} {key}")
 
 
@@ -208,7 +256,10 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(built, tmp
     disk.remount(f"size={used + len(before) // 2}")  # half a checkpoint left
     resume = [*args, "--ckpt_path", "last", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"]
     message = cli_error(["fit", *resume], capsys)
-    assert f"disk full at {checkpoints}/" in message and "the checkpoints written before it are intact" in message
+    assert (
+        f"disk full at {checkpoints}/" in message
+        and "the checkpoints written before it are intact" in message
+    )
     assert (checkpoints / "last.ckpt").read_bytes() == before
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step=2.ckpt", "last.ckpt"]  # no torn file
     disk.remount("size=200m")
@@ -216,19 +267,46 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(built, tmp
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
-def test_a_full_disk_during_grounded_generation_keeps_every_image_and_a_rerun_completes(built, tmp_path, tmpfs, capsys):
+def test_a_full_disk_during_grounded_generation_keeps_every_image_and_a_rerun_completes(
+    built, tmp_path, tmpfs, capsys
+):
     main(["fit", *small(tmp_path / "head", steps=1), "--data.init_args.cache_dir", str(cache_of(built).root)])
     disk = tmpfs(100_000)  # room for some of the six images (with their label maps and overlays)
     out = disk.path / "generated"
-    prompts = "{class_path: PromptList, init_args: {file: null, prompts: [" + ", ".join(
-        f'{{prompt: "a photograph of a {c}", categories: [{c}]}}' for c in ("disc", "ring", "star", "square", "bar", "cross")
-    ) + "]}}"
-    args = ["--config", str(REPO / "experiments/generate.yaml"), "--config", str(REPO / "experiments/offline.yaml"),
-            "--config", SCENES, "--data", "datamodules.grounded_images.GroundedImageDataModule",
-            "--data.init_args.out_dir", str(out), "--data.init_args.prompts", prompts, "--data.init_args.batch_size", "2",
-            "--trainer.default_root_dir", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.callbacks", "callbacks.grounded_writer.GroundedImageWriter",
-            "--ckpt_path", str(tmp_path / "head" / "checkpoints" / "last.ckpt")]  # fmt: skip
+    prompts = (
+        "{class_path: PromptList, init_args: {file: null, prompts: ["
+        + ", ".join(
+            f'{{prompt: "a photograph of a {c}", categories: [{c}]}}'
+            for c in ("disc", "ring", "star", "square", "bar", "cross")
+        )
+        + "]}}"
+    )
+    args = [
+        "--config",
+        str(REPO / "experiments/generate.yaml"),
+        "--config",
+        str(REPO / "experiments/offline.yaml"),
+        "--config",
+        SCENES,
+        "--data",
+        "datamodules.grounded_images.GroundedImageDataModule",
+        "--data.init_args.out_dir",
+        str(out),
+        "--data.init_args.prompts",
+        prompts,
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        "callbacks.grounded_writer.GroundedImageWriter",
+        "--ckpt_path",
+        str(tmp_path / "head" / "checkpoints" / "last.ckpt"),
+    ]
     message = cli_error(["predict", *args], capsys)
     assert f"disk full at {out}/" in message and "every image already written is kept" in message
     folder = GroundedImageFolder(out)
@@ -258,9 +336,20 @@ def test_a_read_only_output_folder_is_named_before_any_work(built, tmp_path, tmp
     message = cli_error(["predict", *small(disk.path / "run")], capsys)
     assert f"trainer.default_root_dir '{disk.path / 'run'}' is not writable: read-only" in message
     message = cli_error(["fit", *small(disk.path / "new")], capsys)
-    assert f"trainer.default_root_dir '{disk.path / 'new'}' is not writable (its parent {disk.path}, where it would be created)" in message
+    assert (
+        f"trainer.default_root_dir '{disk.path / 'new'}' is not writable (its parent {disk.path}, where it would be created)"
+        in message
+    )
     cache = cache_of(built).root
-    message = cli_error(["predict", *small(tmp_path / "run"), "--data.init_args.cache_dir", str(disk.path / "run" / cache.name)], capsys)
+    message = cli_error(
+        [
+            "predict",
+            *small(tmp_path / "run"),
+            "--data.init_args.cache_dir",
+            str(disk.path / "run" / cache.name),
+        ],
+        capsys,
+    )
     assert "data.init_args.cache_dir" in message and "is not writable: read-only" in message
     assert not (tmp_path / "run").exists()
 
@@ -268,7 +357,10 @@ def test_a_read_only_output_folder_is_named_before_any_work(built, tmp_path, tmp
 def test_an_output_path_that_is_a_file_is_named_before_any_work(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     message = cli_error(["fit", *small(tmp_path / "taken" / "run")], capsys)
-    assert f"trainer.default_root_dir '{tmp_path / 'taken' / 'run'}': {tmp_path / 'taken'} is a file, not a folder" in message
+    assert (
+        f"trainer.default_root_dir '{tmp_path / 'taken' / 'run'}': {tmp_path / 'taken'} is a file, not a folder"
+        in message
+    )
 
 
 # -- 6. checkpoints: damaged, or of another model ---------------------------------------------------
@@ -300,11 +392,26 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(built, head, tmp_path, 
 
 def test_a_checkpoint_of_another_model_is_named(built, head, tmp_path, capsys):
     recorded = torch.load(head / "last.ckpt", weights_only=True)["hyper_parameters"]["_class_path"]
-    assert recorded == "lightning_modules.grounding.GroundingModule"  # what LightningCLI records, and the check reads
+    assert (
+        recorded == "lightning_modules.grounding.GroundingModule"
+    )  # what LightningCLI records, and the check reads
     segmenter = tmp_path / "segmenter.ckpt"
-    hparams = {"_class_path": "lightning_modules.segmentation.SemanticSegmentationModule", "vocabulary": "pascal"}
+    hparams = {
+        "_class_path": "lightning_modules.segmentation.SemanticSegmentationModule",
+        "vocabulary": "pascal",
+    }
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, segmenter)
-    message = cli_error(["fit", *small(tmp_path), "--data.init_args.cache_dir", str(cache_of(built).root), "--ckpt_path", str(segmenter)], capsys)
+    message = cli_error(
+        [
+            "fit",
+            *small(tmp_path),
+            "--data.init_args.cache_dir",
+            str(cache_of(built).root),
+            "--ckpt_path",
+            str(segmenter),
+        ],
+        capsys,
+    )
     assert message == (
         f"error: checkpoint {segmenter} is of a Protocol II segmenter (SemanticSegmentationModule), but this run's model "
         "is a grounding head (GroundingModule): give a checkpoint written by a fit of the same model config"
@@ -315,10 +422,19 @@ def test_a_checkpoint_of_another_model_is_named(built, head, tmp_path, capsys):
 
 
 def test_a_learning_rate_that_diverges_says_so_and_where_to_go_on(built, tmp_path, capsys):
-    args = [*small(tmp_path, steps=6), "--data.init_args.cache_dir", str(cache_of(built).root), "--model.init_args.lr", "1e30"]
+    args = [
+        *small(tmp_path, steps=6),
+        "--data.init_args.cache_dir",
+        str(cache_of(built).root),
+        "--model.init_args.lr",
+        "1e30",
+    ]
     message = cli_error(["fit", *args], capsys)
     assert "The learning rate is too high for it (now 1e+30): lower model.init_args.lr" in message
-    assert "start the fit again (no checkpoint was written before this step)" in message and "--ckpt_path" not in message
+    assert (
+        "start the fit again (no checkpoint was written before this step)" in message
+        and "--ckpt_path" not in message
+    )
 
 
 def test_nan_in_a_cached_sample_names_the_sample_not_the_learning_rate(run, capsys):
@@ -331,16 +447,33 @@ def test_nan_in_a_cached_sample_names_the_sample_not_the_learning_rate(run, caps
     save_file(tensors, cache.sample_path(record["id"]), metadata=metadata)
     message = cli_error(["fit", *small(run, steps=4)], capsys)
     assert f"sample {record['id']} of the triplet cache {cache.root} holds NaN or infinite values" in message
-    assert "Delete its file and rerun the predict command" in message and "lower model.init_args.lr" not in message
+    assert (
+        "Delete its file and rerun the predict command" in message
+        and "lower model.init_args.lr" not in message
+    )
 
 
 def test_a_learning_rate_given_when_resuming_is_the_one_that_trains(built, tmp_path, caplog):
     args = [*small(tmp_path), "--data.init_args.cache_dir", str(cache_of(built).root)]
     main(["fit", *args])  # lr 1e-3 (experiments/scenes.yaml)
-    for ckpt_path in ("last", str(tmp_path / "checkpoints" / "last.ckpt")):  # by name, and as a file (whose hparams LightningCLI reads)
+    for ckpt_path in (
+        "last",
+        str(tmp_path / "checkpoints" / "last.ckpt"),
+    ):  # by name, and as a file (whose hparams LightningCLI reads)
         steps = 4 if ckpt_path == "last" else 6
         with caplog.at_level("INFO"):
-            main(["fit", *args, "--ckpt_path", ckpt_path, "--model.init_args.lr", "1e-5", "--trainer.max_steps", str(steps)])
+            main(
+                [
+                    "fit",
+                    *args,
+                    "--ckpt_path",
+                    ckpt_path,
+                    "--model.init_args.lr",
+                    "1e-5",
+                    "--trainer.max_steps",
+                    str(steps),
+                ]
+            )
         checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
         assert checkpoint["global_step"] == steps and checkpoint["hyper_parameters"]["lr"] == 1e-5
         assert {g["lr"] for s in checkpoint["optimizer_states"] for g in s["param_groups"]} == {1e-5}
@@ -353,19 +486,57 @@ def test_a_learning_rate_given_when_resuming_is_the_one_that_trains(built, tmp_p
 @pytest.mark.parametrize(
     "override, expected",
     [
-        (["--model.init_args.mask_threshold", "1.5"], "model.init_args.mask_threshold is 1.5, outside [0.0, 1.0]: the nearest valid value is 1.0, default 0.5"),
-        (["--model.init_args.daam_threshold", "-0.2"], "model.init_args.daam_threshold is -0.2, outside [0.0, 1.0]: the nearest valid value is 0.0"),
-        (["--model.init_args.test_min_oracle_score", "7"], "model.init_args.test_min_oracle_score is 7.0, outside [0.0, 1.0]"),
-        (["--model.init_args.backbone.capture_step", "60"], "model.init_args.backbone.capture_step is 60, outside [1, 50]: the nearest valid value is 50, default 5"),
-        (["--model.init_args.backbone.capture_step", "0"], "capture_step is 0, outside [1, 50]: the nearest valid value is 1"),
-        (["--data.init_args.batch_size", "-2"], "data.init_args.batch_size is -2, outside [1, inf]: the nearest valid value is 1, default 8"),
+        (
+            ["--model.init_args.mask_threshold", "1.5"],
+            "model.init_args.mask_threshold is 1.5, outside [0.0, 1.0]: the nearest valid value is 1.0, default 0.5",
+        ),
+        (
+            ["--model.init_args.daam_threshold", "-0.2"],
+            "model.init_args.daam_threshold is -0.2, outside [0.0, 1.0]: the nearest valid value is 0.0",
+        ),
+        (
+            ["--model.init_args.test_min_oracle_score", "7"],
+            "model.init_args.test_min_oracle_score is 7.0, outside [0.0, 1.0]",
+        ),
+        (
+            ["--model.init_args.backbone.capture_step", "60"],
+            "model.init_args.backbone.capture_step is 60, outside [1, 50]: the nearest valid value is 50, default 5",
+        ),
+        (
+            ["--model.init_args.backbone.capture_step", "0"],
+            "capture_step is 0, outside [1, 50]: the nearest valid value is 1",
+        ),
+        (
+            ["--data.init_args.batch_size", "-2"],
+            "data.init_args.batch_size is -2, outside [1, inf]: the nearest valid value is 1, default 8",
+        ),
         (["--data.init_args.batch_size", "0"], "data.init_args.batch_size is 0, outside [1, inf]"),
-        (["--trainer.max_steps", "0"], "trainer.max_steps is 0: the fit would train nothing and write no checkpoint"),
-        (["--data.init_args.split", "null", "--data.init_args.unseen", "[ring, star]", "--data.init_args.seen", "[disc, star]"], "star listed as both seen and unseen"),
-        (["--data.init_args.split", "null", "--data.init_args.unseen", "[rign]"], "Unknown unseen category 'rign' (did you mean 'ring'"),
-        (["--trainer.devices", "64"], f"trainer.devices is 64 but this machine has {os.cpu_count()} CPU cores (trainer.accelerator 'cpu'): the nearest valid value is {os.cpu_count()}"),
+        (
+            ["--trainer.max_steps", "0"],
+            "trainer.max_steps is 0: the fit would train nothing and write no checkpoint",
+        ),
+        (
+            [
+                "--data.init_args.split",
+                "null",
+                "--data.init_args.unseen",
+                "[ring, star]",
+                "--data.init_args.seen",
+                "[disc, star]",
+            ],
+            "star listed as both seen and unseen",
+        ),
+        (
+            ["--data.init_args.split", "null", "--data.init_args.unseen", "[rign]"],
+            "Unknown unseen category 'rign' (did you mean 'ring'",
+        ),
+        (
+            ["--trainer.devices", "64"],
+            f"trainer.devices is 64 but this machine has {os.cpu_count()} CPU cores (trainer.accelerator 'cpu'): "
+            f"the nearest valid value is {os.cpu_count()}",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_values_are_refused_before_any_work(override, expected, tmp_path, capsys):
     assert expected in cli_error(["fit", *small(tmp_path), *override], capsys)
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
@@ -374,8 +545,13 @@ def test_bad_values_are_refused_before_any_work(override, expected, tmp_path, ca
 def test_more_gpus_than_the_machine_has(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    message = cli_error(["fit", *small(tmp_path), "--trainer.accelerator", "gpu", "--trainer.devices", "2"], capsys)
-    assert "trainer.devices is 2 but this machine has 1 CUDA GPUs (trainer.accelerator 'gpu'): the nearest valid value is 1" in message
+    message = cli_error(
+        ["fit", *small(tmp_path), "--trainer.accelerator", "gpu", "--trainer.devices", "2"], capsys
+    )
+    assert (
+        "trainer.devices is 2 but this machine has 1 CUDA GPUs (trainer.accelerator 'gpu'): the nearest valid value is 1"
+        in message
+    )
 
 
 # -- 9. class paths: what the key takes, and nothing from the standard library ------------------------
@@ -384,15 +560,38 @@ def test_more_gpus_than_the_machine_has(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        (["--model", "os.system"], "model: 'os.system' is not a subclass of lightning.pytorch.core.module.LightningModule"),
-        (["--data", "subprocess.Popen"], "data: 'subprocess.Popen' is not a subclass of lightning.pytorch.core.datamodule.LightningDataModule"),
-        (["--model.init_args.oracle", "os.system"], "model.init_args.oracle: 'os.system' is not a subclass of grounded_diffusion.models.oracle.Oracle"),
-        (["--trainer.callbacks+=subprocess.Popen"], "trainer.callbacks: 'subprocess.Popen' is not a subclass of lightning.pytorch.callbacks.callback.Callback"),
-        (["--trainer.logger", "os.system"], "trainer.logger: 'os.system' is not a subclass of lightning.pytorch.loggers.logger.Logger"),
-        (["--data.init_args.source", "subprocess.Popen"], "data.init_args.source: 'subprocess.Popen' is not a subclass of grounded_diffusion.data.voc.VOCFolder or grounded_diffusion.data.prompts.PromptSet"),
-        (["--model.init_args.oracle", "lightning_modules.grounding.GroundingModule"], "model.init_args.oracle: 'lightning_modules.grounding.GroundingModule' is not a subclass of grounded_diffusion.models.oracle.Oracle: a class_path there must name one"),
+        (
+            ["--model", "os.system"],
+            "model: 'os.system' is not a subclass of lightning.pytorch.core.module.LightningModule",
+        ),
+        (
+            ["--data", "subprocess.Popen"],
+            "data: 'subprocess.Popen' is not a subclass of lightning.pytorch.core.datamodule.LightningDataModule",
+        ),
+        (
+            ["--model.init_args.oracle", "os.system"],
+            "model.init_args.oracle: 'os.system' is not a subclass of grounded_diffusion.models.oracle.Oracle",
+        ),
+        (
+            ["--trainer.callbacks+=subprocess.Popen"],
+            "trainer.callbacks: 'subprocess.Popen' is not a subclass of lightning.pytorch.callbacks.callback.Callback",
+        ),
+        (
+            ["--trainer.logger", "os.system"],
+            "trainer.logger: 'os.system' is not a subclass of lightning.pytorch.loggers.logger.Logger",
+        ),
+        (
+            ["--data.init_args.source", "subprocess.Popen"],
+            "data.init_args.source: 'subprocess.Popen' is not a subclass of grounded_diffusion.data.voc.VOCFolder "
+            "or grounded_diffusion.data.prompts.PromptSet",
+        ),
+        (
+            ["--model.init_args.oracle", "lightning_modules.grounding.GroundingModule"],
+            "model.init_args.oracle: 'lightning_modules.grounding.GroundingModule' is not a subclass of "
+            "grounded_diffusion.models.oracle.Oracle: a class_path there must name one",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_class_path_of_the_wrong_kind_is_refused_in_one_line(override, expected, tmp_path, capsys):
     message = cli_error(["fit", *small(tmp_path), *override], capsys)
     assert expected in message
@@ -404,7 +603,9 @@ def test_a_standard_library_class_path_is_refused_before_it_is_imported(tmp_path
     assert "this" not in sys.modules  # importing it prints the Zen of Python
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *small(tmp_path), "--model", "this.Foo"])
-    assert str(exit_info.value.code).startswith("error: model: 'this.Foo' is not a subclass of lightning.pytorch.core.module.LightningModule")
+    assert str(exit_info.value.code).startswith(
+        "error: model: 'this.Foo' is not a subclass of lightning.pytorch.core.module.LightningModule"
+    )
     assert "this" not in sys.modules and "Beautiful is better than ugly" not in "".join(capfd.readouterr())
 
 
@@ -413,10 +614,19 @@ def test_your_own_subclasses_still_work(built, tmp_path, monkeypatch):
         "from lightning import Callback\n\n\n"
         "class StepsWritten(Callback):\n"
         "    def on_train_end(self, trainer, pl_module):\n"
-        "        (trainer.default_root_dir + '/steps.txt') and open(trainer.default_root_dir + '/steps.txt', 'w').write(str(trainer.global_step))\n"
-    )  # fmt: skip
+        "        steps = trainer.default_root_dir + '/steps.txt'\n"
+        "        open(steps, 'w').write(str(trainer.global_step))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    main(["fit", *small(tmp_path / "run"), "--data.init_args.cache_dir", str(cache_of(built).root), "--trainer.callbacks+=my_callbacks.StepsWritten"])
+    main(
+        [
+            "fit",
+            *small(tmp_path / "run"),
+            "--data.init_args.cache_dir",
+            str(cache_of(built).root),
+            "--trainer.callbacks+=my_callbacks.StepsWritten",
+        ]
+    )
     assert (tmp_path / "run" / "steps.txt").read_text() == "2"
 
 
@@ -430,9 +640,14 @@ def test_damaged_sample_files_are_named_and_predict_builds_them_again(run, capsy
     cut.write_bytes(cut.read_bytes()[:5000])
     random.write_bytes(np.random.default_rng(0).bytes(5000))
     message = cli_error(["fit", *small(run, steps=4)], capsys)
-    assert f"Cannot read sample '" in message and "rerun the cache's predict command (it finds such samples" in message
+    assert (
+        "Cannot read sample '" in message
+        and "rerun the cache's predict command (it finds such samples" in message
+    )
     assert str(cut) in message or str(random) in message
-    with pytest.warns(UserWarning, match=rf"2 listed sample files are unreadable \(first: {cut}\); rebuilding them"):
+    with pytest.warns(
+        UserWarning, match=rf"2 listed sample files are unreadable \(first: {cut}\); rebuilding them"
+    ):
         main(["predict", *small(run)])
     assert sorted(manifest_ids(cache)) == IDS and cache.readable(training[0]) and cache.readable(training[1])
     main(["fit", *small(run)])
@@ -445,8 +660,13 @@ def test_a_damaged_manifest_line_is_named_and_predict_builds_its_sample_again(ru
     lines[2] = lines[2][: len(lines[2]) // 2] + "\x00garbage"
     cache.manifest_path.write_text("\n".join(lines) + "\n")
     message = cli_error(["fit", *small(run)], capsys)
-    assert f"{cache.manifest_path}:3: the line is not a sample's record" in message and "rerun the build that wrote it" in message
-    with pytest.warns(UserWarning, match=r"dropped 1 damaged lines \(line 3\); their samples are built again"):
+    assert (
+        f"{cache.manifest_path}:3: the line is not a sample's record" in message
+        and "rerun the build that wrote it" in message
+    )
+    with pytest.warns(
+        UserWarning, match=r"dropped 1 damaged lines \(line 3\); their samples are built again"
+    ):
         main(["predict", *small(run)])
     ids = manifest_ids(cache)
     assert sorted(ids) == IDS and ids[-1] == lost
@@ -464,7 +684,10 @@ def test_a_scenes_folder_with_a_missing_label_map_stops_predict_before_any_sampl
     label = tmp_path / "scenes" / "SegmentationClass" / "scene-val-000001.png"
     label.unlink()
     message = cli_error(["predict", *small(tmp_path)], capsys)
-    assert f"{label} does not exist" in message and f"The folder is generated: delete {tmp_path / 'scenes'} and rerun" in message
+    assert (
+        f"{label} does not exist" in message
+        and f"The folder is generated: delete {tmp_path / 'scenes'} and rerun" in message
+    )
     assert not list(tmp_path.glob("cache-*"))  # nothing written
 
 
@@ -502,11 +725,14 @@ def test_a_coco_image_that_does_not_decode_is_named(tmp_path):
         COCOSegmentationSet(str(images), str(annotations)).validate()
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "Prompt file '{path}' does not exist"),
-    (b"\xff\xfe\x00binary", "Prompt file '{path}' is not UTF-8 text (byte 0)"),
-    (b"a photograph of a dog\n", "{path}:1: expected 'prompt | category, category'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "Prompt file '{path}' does not exist"),
+        (b"\xff\xfe\x00binary", "Prompt file '{path}' is not UTF-8 text (byte 0)"),
+        (b"a photograph of a dog\n", "{path}:1: expected 'prompt | category, category'"),
+    ],
+)
 def test_a_prompt_file_that_cannot_serve_is_named_at_config_time(content, expected, tmp_path):
     from grounded_diffusion.data.prompts import PromptList, PromptSet
     from grounded_diffusion.errors import ConfigError

@@ -20,8 +20,15 @@ def test_sd15_unet_forward_is_the_published_0_80_tflop():
 def test_a_one_block_unet_by_hand():
     """One 32-channel level without attention at an 8² latent (64 positions), counted by hand:
     2 FLOPs per multiply-add of each convolution and linear layer, in the order of the forward."""
-    unet = {"sample_size": 8, "block_out_channels": (32,), "layers_per_block": 1, "norm_num_groups": 8,
-            "down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",), "mid_block_type": None}  # fmt: skip
+    unet = {
+        "sample_size": 8,
+        "block_out_channels": (32,),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "down_block_types": ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",),
+        "mid_block_type": None,
+    }
     conv3 = lambda c_in, c_out: 2 * c_in * c_out * 9 * 64  # noqa: E731
     time_embedding = 2 * 32 * 128 + 2 * 128 * 128  # the sinusoid's 32 channels -> 128 -> 128
     conv_in = conv3(4, 32)

@@ -5,11 +5,11 @@ steps that need real values (DDIM sampling, Mask R-CNN, backward)."""
 import json
 
 import pytest
-from host_syncs import CudaSyncWarnings, HostSyncs
 from test_host_syncs import assert_sampling_adds_no_sync_per_step
 
 from conftest import REPO, scenes_args
 from grounded_diffusion.cli import main
+from host_syncs import CudaSyncWarnings, HostSyncs
 
 pytestmark = pytest.mark.gpu
 OFFLINE = str(REPO / "experiments" / "offline.yaml")
@@ -28,14 +28,36 @@ def test_scenes_predict_fit_test_on_gpu(tmp_path):
 @pytest.mark.parametrize("storage", ["features", "latents"])
 def test_synthesis_with_oracle_then_training_on_gpu(storage, tmp_path):
     """Generation + feature capture + DAAM + Mask R-CNN on CUDA, then fit and test (replay too)."""
-    base = ["--config", str(REPO / "experiments/synth/pascal_split1_train.yaml"), "--config", OFFLINE,
-            "--trainer.default_root_dir", str(tmp_path), "--data.init_args.max_per_group", "2",
-            "--data.init_args.cache_dir", str(tmp_path / "cache"), *ON_GPU]  # fmt: skip
+    base = [
+        "--config",
+        str(REPO / "experiments/synth/pascal_split1_train.yaml"),
+        "--config",
+        OFFLINE,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.init_args.max_per_group",
+        "2",
+        "--data.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        *ON_GPU,
+    ]
     writer = [{"class_path": "callbacks.cache_writer.TripletCacheWriter", "init_args": {"storage": storage}}]
     main(["predict", *base, "--trainer.callbacks", json.dumps(writer)])
-    fit = ["--config", str(REPO / "experiments/pascal_split1.yaml"), "--config", OFFLINE, "--trainer.default_root_dir", str(tmp_path),
-           "--data.init_args.cache_dir", str(tmp_path / "cache"),
-           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", *ON_GPU]  # fmt: skip
+    fit = [
+        "--config",
+        str(REPO / "experiments/pascal_split1.yaml"),
+        "--config",
+        OFFLINE,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        *ON_GPU,
+    ]
     main(["fit", *fit])
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
@@ -44,12 +66,32 @@ def test_protocol2_segmenter_on_gpu(tmp_path):
     from protocol2_data import make_voc
 
     voc = make_voc(tmp_path / "voc")
-    args = ["--config", str(P2 / "pascal_maskformer.yaml"), "--config", str(P2 / "offline.yaml"),
-            "--data.init_args.train", json.dumps([{"class_path": "grounded_diffusion.data.segmentation_sets.VOCSegmentationSet",
-                                                   "init_args": {"root": str(voc), "image_set": "train"}}]),
-            "--data.init_args.val.init_args.root", str(voc), "--data.init_args.batch_size", "2",
-            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            *ON_GPU]  # fmt: skip
+    args = [
+        "--config",
+        str(P2 / "pascal_maskformer.yaml"),
+        "--config",
+        str(P2 / "offline.yaml"),
+        "--data.init_args.train",
+        json.dumps(
+            [
+                {
+                    "class_path": "grounded_diffusion.data.segmentation_sets.VOCSegmentationSet",
+                    "init_args": {"root": str(voc), "image_set": "train"},
+                }
+            ]
+        ),
+        "--data.init_args.val.init_args.root",
+        str(voc),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        *ON_GPU,
+    ]
     main(["fit", *args])
     main(["test", *args, "--ckpt_path", "last"])
     assert json.loads((tmp_path / "run" / "zs3" / "report.json").read_text())["architecture"] == "maskformer"
@@ -60,4 +102,6 @@ def test_sampling_adds_no_host_sync_per_step_on_gpu(counter):
     """On CUDA, by PyTorch's own count (sync debug mode) and by the dispatch count the CPU tests
     use: capture and DAAM add no synchronizing call per step to diffusers' sampling loop."""
     plain, ours = assert_sampling_adds_no_sync_per_step("cuda", counter)
-    print(f"{counter.__name__}, 5 steps: plain {plain.count}, ours {ours.count}; ours adds {dict(ours.where - plain.where)}")
+    print(
+        f"{counter.__name__}, 5 steps: plain {plain.count}, ours {ours.count}; ours adds {dict(ours.where - plain.where)}"
+    )

@@ -12,9 +12,19 @@ from conftest import REPO
 SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
 
 
-def session(*stages: str, wheels: Path, out: Path, python: str = sys.executable, budget: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": python, "WHEELS_DIR": str(wheels), "OUT": str(out), **({"BUDGET": str(budget)} if budget else {})}
-    return subprocess.run(["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=300)
+def session(
+    *stages: str, wheels: Path, out: Path, python: str = sys.executable, budget: int | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHON": python,
+        "WHEELS_DIR": str(wheels),
+        "OUT": str(out),
+        **({"BUDGET": str(budget)} if budget else {}),
+    }
+    return subprocess.run(
+        ["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_check_stage_imports_every_module_and_ends_with_the_table(tmp_path):
@@ -49,7 +59,10 @@ def test_missing_libraries_without_wheels_name_the_wheels_command(tmp_path):
     bare.chmod(0o755)
     run = session("check", python=str(bare), wheels=tmp_path / "no_wheels", out=tmp_path / "out")
     assert run.returncode == 2
-    assert "lacks the project's libraries" in run.stdout and "gpu_session.sh wheels' where pip reaches a registry" in run.stdout
+    assert (
+        "lacks the project's libraries" in run.stdout
+        and "gpu_session.sh wheels' where pip reaches a registry" in run.stdout
+    )
 
 
 def test_the_wheels_and_the_gpu_image_hold_every_requirement_of_the_project():
@@ -57,22 +70,33 @@ def test_the_wheels_and_the_gpu_image_hold_every_requirement_of_the_project():
     requirement of the project, and of each wheel in turn, must be carried or in the image.
     Read from this .venv, whose versions the wheels take (gpu_session.sh wheels)."""
     import re
-    import tomllib
     from importlib.metadata import requires
 
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    wheels = {canonicalize_name(n) for n in re.search(r"WHEELS=\(([^)]*)\)", SCRIPT.read_text()).group(1).split()}
+    wheels = {
+        canonicalize_name(n) for n in re.search(r"WHEELS=\(([^)]*)\)", SCRIPT.read_text()).group(1).split()
+    }
     listed = (REPO / "benchmarks" / "gpu_image_packages.txt").read_text().splitlines()
     image = {canonicalize_name(line.split("==")[0]) for line in listed if line and not line.startswith("#")}
-    image_python = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-                    "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-                    "implementation_name": "cpython", "platform_python_implementation": "CPython"}  # fmt: skip
+    image_python = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
 
     def needed(texts, extras=()):
         for req in map(Requirement, texts):
-            if req.marker is None or any(req.marker.evaluate({**image_python, "extra": e}) for e in ("", *extras)):
+            if req.marker is None or any(
+                req.marker.evaluate({**image_python, "extra": e}) for e in ("", *extras)
+            ):
                 yield req
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -88,20 +112,30 @@ def test_the_wheels_and_the_gpu_image_hold_every_requirement_of_the_project():
             missing.add(name)
             continue
         todo.extend(needed(requires(req.name) or [], req.extras))
-    assert not missing, f"add to WHEELS in benchmarks/gpu_session.sh (or to the image's list, if it has them): {sorted(missing)}"
+    assert not missing, (
+        f"add to WHEELS in benchmarks/gpu_session.sh (or to the image's list, if it has them): {sorted(missing)}"
+    )
 
 
 def stand_in_python(tmp_path: Path, script: str, action: str) -> str:
     """An interpreter that has the libraries and no GPU, and runs ``action`` (shell) where its
     arguments name ``script`` (benchmarks/environment.py is the check stage's, pytest the tests')."""
     python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\ncase "$*" in\n  *{script}*) {action} ;;\n  *"import torch"*) echo 0 ;;\n  *) exit 0 ;;\nesac\n')
+    python.write_text(
+        f'#!/bin/sh\ncase "$*" in\n  *{script}*) {action} ;;\n  *"import torch"*) echo 0 ;;\n  *) exit 0 ;;\nesac\n'
+    )
     python.chmod(0o755)
     return str(python)
 
 
 def test_a_failing_check_stops_the_run_before_the_stages_that_need_it(tmp_path):
-    run = session("check", "tests", python=stand_in_python(tmp_path, "environment.py", "exit 3"), wheels=tmp_path / "none", out=tmp_path / "out")
+    run = session(
+        "check",
+        "tests",
+        python=stand_in_python(tmp_path, "environment.py", "exit 3"),
+        wheels=tmp_path / "none",
+        out=tmp_path / "out",
+    )
     assert "error: check failed, so no other stage can work" in run.stdout and "=== tests" not in run.stdout
     assert run.stdout.strip().splitlines()[-1].startswith("| check | 3 | ")
 
@@ -110,8 +144,15 @@ def test_the_budget_stops_a_stage_that_outruns_it_and_skips_what_no_longer_fits(
     """BUDGET=52: the tests get the 32 s left after the check and the table's 20, are stopped,
     and the next stage is skipped; the table still prints, inside the budget."""
     start = time.monotonic()
-    run = session("check", "tests", "throughput", python=stand_in_python(tmp_path, "pytest", "sleep 100"),
-                  wheels=tmp_path / "none", out=tmp_path / "out", budget=52)  # fmt: skip
+    run = session(
+        "check",
+        "tests",
+        "throughput",
+        python=stand_in_python(tmp_path, "pytest", "sleep 100"),
+        wheels=tmp_path / "none",
+        out=tmp_path / "out",
+        budget=52,
+    )
     assert time.monotonic() - start < 52
     check, tests, throughput = run.stdout.strip().splitlines()[-3:]
     assert check.startswith("| check | 0 | ") and tests.startswith("| tests | 124: stopped after ")

@@ -17,7 +17,9 @@ def make_inputs(batch=2, objects=2, seed=0):
 @pytest.fixture
 def head():
     torch.manual_seed(0)
-    return GroundingHead(CHANNELS, 32, HeadConfig(group_channels=[16, 8, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
+    return GroundingHead(
+        CHANNELS, 32, HeadConfig(group_channels=[16, 8, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64)
+    )
 
 
 def test_output_shape_and_fused_width(head):
@@ -31,7 +33,9 @@ def test_output_shape_and_fused_width(head):
 def test_padding_slots_do_not_change_real_objects(head):
     groups, text = make_inputs(batch=1)
     one = head(groups, text[:, :1], torch.ones(1, 1, dtype=torch.bool))
-    padded = head(groups, torch.cat([text[:, :1], torch.randn(1, 1, 32) * 100], 1), torch.tensor([[True, False]]))
+    padded = head(
+        groups, torch.cat([text[:, :1], torch.randn(1, 1, 32) * 100], 1), torch.tensor([[True, False]])
+    )
     torch.testing.assert_close(padded[:, :1], one, rtol=1e-5, atol=1e-5)
 
 
@@ -48,11 +52,17 @@ def test_normalisation_is_the_same_in_train_and_eval():
 # The authors' Segmodule (Lipurple/Grounded-Diffusion, ldm/models/seg_module.py), parameter by
 # parameter from its layer definitions, at SD-1.5's group channels (both branches, 512²).
 AUTHORS_PARAMETERS = {
-    "1x1 convs, no bias (8²: 16, 16²: 32, 32²: 64, 64²: 128)": 15360 * 16 + 14080 * 32 + 8320 * 64 + 5120 * 128,
-    "Mix-Conv blocks: two 3x3 convs with bias at widths 48, 112, 240": sum(2 * (w * w * 9 + w) for w in (48, 112, 240)),
+    "1x1 convs, no bias (8²: 16, 16²: 32, 32²: 64, 64²: 128)": 15360 * 16
+    + 14080 * 32
+    + 8320 * 64
+    + 5120 * 128,
+    "Mix-Conv blocks: two 3x3 convs with bias at widths 48, 112, 240": sum(
+        2 * (w * w * 9 + w) for w in (48, 112, 240)
+    ),
     "to_k: 4x4 patches of the 240-ch map -> 512, no bias": 240 * 16 * 512,
     "to_q: 768 -> 512, no bias": 768 * 512,
-    "3 decoder layers: 2 bias-free attentions, FFN 2048, 3 LayerNorms": 3 * (2 * 4 * 512 * 512 + 2 * 512 * 2048 + 2048 + 512 + 3 * 2 * 512),
+    "3 decoder layers: 2 bias-free attentions, FFN 2048, 3 LayerNorms": 3
+    * (2 * 4 * 512 * 512 + 2 * 512 * 2048 + 2048 + 512 + 3 * 2 * 512),
     "MLP 512 -> 512 -> 512 -> 240": 2 * (512 * 512 + 512) + 512 * 240 + 240,
 }
 # What ours adds: biases on the 1x1 convs, the patch and text projections and the attentions
@@ -89,7 +99,9 @@ def two_object_batch(signatures, generator, batch, scale=100.0):
     """Two objects of different categories per sample, each a 5x5 square on a 16² map. Every
     feature group marks an object's pixels with its category's signature, at UNet-like magnitudes
     (at initialisation the visual tokens come out 4x the text queries' norm)."""
-    categories = torch.stack([torch.randperm(len(signatures[0]), generator=generator)[:2] for _ in range(batch)])
+    categories = torch.stack(
+        [torch.randperm(len(signatures[0]), generator=generator)[:2] for _ in range(batch)]
+    )
     masks = torch.zeros(batch, 2, 16, 16)
     corners = torch.randint(0, 12, (batch, 2, 2), generator=generator).tolist()
     for b, objects in enumerate(corners):
@@ -113,7 +125,11 @@ def test_the_text_tells_two_objects_apart_when_unet_features_are_large():
     g = torch.Generator().manual_seed(0)
     signatures = [torch.randn(8, c, generator=g) for c in CHANNELS]
     text = 3 * torch.randn(1, 32, generator=g) + 0.5 * torch.randn(8, 32, generator=g)
-    head = GroundingHead(CHANNELS, 32, HeadConfig(group_channels=[8, 8, 8, 8], embed_dim=32, num_heads=4, num_layers=2, ffn_dim=64))
+    head = GroundingHead(
+        CHANNELS,
+        32,
+        HeadConfig(group_channels=[8, 8, 8, 8], embed_dim=32, num_heads=4, num_layers=2, ffn_dim=64),
+    )
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
     both = torch.ones(16, 2, dtype=torch.bool)
     for _ in range(150):

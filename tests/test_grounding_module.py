@@ -21,10 +21,15 @@ def test_nan_loss_stops_with_the_samples_named():
         "masks": torch.ones(1, 2, 16, 16, dtype=torch.bool),
         "categories": torch.tensor([[0, -1]]),
     }
-    with pytest.raises(FloatingPointError, match="the data, not the learning rate: sample scene-train-000042 of the training data holds NaN"):
+    with pytest.raises(
+        FloatingPointError,
+        match="the data, not the learning rate: sample scene-train-000042 of the training data holds NaN",
+    ):
         module.training_step(batch, 0)
     batch["features"] = [torch.full_like(f, 3e38) for f in features]  # finite inputs, an infinite loss
-    with pytest.raises(FloatingPointError, match="The learning rate is too high for it .*start the fit again"):
+    with pytest.raises(
+        FloatingPointError, match="The learning rate is too high for it .*start the fit again"
+    ):
         module.training_step(batch, 0)
 
 
@@ -50,7 +55,12 @@ def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(mon
     s1 two_seen_unseen: a truth 0000 score 0 (empty), ours 1000 (I0 U1); b truth 0011 score .95, ours 0011 (I2 U2)
     s2 one_unseen:      b truth 1111 score .5 (low), ours 1000 (I1 U4)
     Filtered: a 1/2, b 2/2.  Unfiltered: a 1/3, b 3/6.  All-foreground, filtered: a 2/4, b 2/4."""
-    bits = lambda rows: torch.tensor([[[[int(v) for v in r]] if r else [[0] * 4] for r in s] for s in rows], dtype=torch.bool)  # noqa: E731
+
+    def bits(rows):
+        return torch.tensor(
+            [[[[int(v) for v in r]] if r else [[0] * 4] for r in s] for s in rows], dtype=torch.bool
+        )
+
     batch = {
         "masks": bits([["1100", ""], ["0000", "0011"], ["1111", ""]]),
         "categories": torch.tensor([[0, -1], [0, 1], [1, -1]]),

@@ -9,13 +9,13 @@ call, the metric updates) reads nothing back at all. ``tests/test_gpu.py`` count
 
 import pytest
 import torch
-from host_syncs import HostSyncs
 
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
+from host_syncs import HostSyncs
 
 PROMPTS = ["a photograph of a dog", "a photograph of a cat and a dog"]
 WORDS = [["dog"], ["cat", "dog"]]
@@ -27,7 +27,9 @@ def sampling_syncs(steps: int, device: str, counter) -> tuple:
     backbone = StableDiffusionBackbone(BackboneConfig(num_inference_steps=steps, capture_step=1)).to(device)
     with counter(device) as plain:
         noise = backbone.initial_noise([1, 2])
-        backbone.pipeline()(PROMPTS, num_inference_steps=steps, guidance_scale=5.0, latents=noise, output_type="pt")
+        backbone.pipeline()(
+            PROMPTS, num_inference_steps=steps, guidance_scale=5.0, latents=noise, output_type="pt"
+        )
     with counter(device) as ours:
         backbone.generate(PROMPTS, [1, 2], 5.0, words=WORDS)
     return plain, ours
@@ -64,7 +66,11 @@ def test_head_training_step_and_metric_updates_read_nothing_back(backbone):
     with HostSyncs() as syncs:
         latents = torch.randn(2, 4, 8, 8)
         features = backbone.replay_features(latents, torch.full((2,), backbone.timestep), PROMPTS)
-    head = GroundingHead([f.shape[1] for f in features], backbone.text_dim, HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64))
+    head = GroundingHead(
+        [f.shape[1] for f in features],
+        backbone.text_dim,
+        HeadConfig(group_channels=[16, 16, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64),
+    )
     categories = torch.tensor([[0, 3], [2, -1]])
     masks = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
     masks[0, 0, :8] = True  # the other masks are empty: ignored as zero masks

@@ -59,7 +59,9 @@ def test_loss_without_zero_masks_skips_empty_and_padding_slots():
     normal = F.binary_cross_entropy_with_logits(
         torch.tensor([2.0, -1.0, 0.5, 0.5, 1.0, 1.0]), torch.tensor([1.0, 0, 0, 0, 0, 1])
     )
-    no_zero = F.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, 0, 0, 1]))
+    no_zero = F.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, 0, 0, 1])
+    )
     torch.testing.assert_close(grounding_loss(logits, masks, categories, ignore_zero_masks=False), normal)
     torch.testing.assert_close(grounding_loss(logits, masks, categories, ignore_zero_masks=True), no_zero)
 
@@ -89,7 +91,9 @@ def test_image_noun_miou_averages_pairs_and_grouped_iou_splits_by_group():
     table = grouped.compute(split)["ours"]
     assert math.isclose(table["all"]["miou"], 100 * (1 / 2 + 2 / 3) / 2)
     assert math.isclose(table["all"]["image_noun_miou"], 100 * 2 / 3, rel_tol=1e-6)
-    assert table["one_seen"]["miou"] == 100 and math.isclose(table["one_seen"]["image_noun_miou"], 100, rel_tol=1e-6)
+    assert table["one_seen"]["miou"] == 100 and math.isclose(
+        table["one_seen"]["image_noun_miou"], 100, rel_tol=1e-6
+    )
     assert math.isclose(table["two_seen_unseen"]["miou"], 100 * (1 / 3 + 2 / 3) / 2)
     assert math.isnan(table["two_unseen"]["miou"]) and math.isnan(table["two_unseen"]["image_noun_miou"])
 
@@ -102,8 +106,12 @@ def test_share_on_the_other_object_counts_only_images_with_another_object():
     object: not counted. Share (2 + 2 + 0) / (3 + 4 + 1) = 1/2; without B's object 1, 4/7."""
     from grounded_diffusion.metrics import GroupedIoU, OtherObjectShare
 
-    preds = masks_from([[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]])
-    target = masks_from([[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]])
+    preds = masks_from(
+        [[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]]
+    )
+    target = masks_from(
+        [[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]]
+    )
     categories = torch.tensor([[0, 1], [1, 2], [0, -1]])
     share = OtherObjectShare()
     share.update(preds, target, categories)
@@ -124,8 +132,12 @@ def test_pair_confusion_counts_each_category_pair_in_both_directions():
     the other; 1 with 2 (image B) 2 of 4, and 2 with 1 none of 1: the pair 1 + 2, 2 of 5."""
     from grounded_diffusion.metrics import PairConfusion, confused_pairs
 
-    preds = masks_from([[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]])
-    target = masks_from([[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]])
+    preds = masks_from(
+        [[[[1, 1, 1, 0]], [[1, 1, 0, 0]]], [[[1, 1, 1, 1]], [[0, 0, 1, 0]]], [[[1, 1, 1, 1]], [[0, 0, 0, 0]]]]
+    )
+    target = masks_from(
+        [[[[1, 0, 0, 0]], [[1, 1, 1, 0]]], [[[1, 1, 0, 0]], [[0, 0, 1, 1]]], [[[1, 0, 0, 0]], [[0, 0, 0, 0]]]]
+    )
     categories = torch.tensor([[0, 1], [1, 2], [0, -1]])
     pairs = PairConfusion(3)
     pairs.update(preds, target, categories, categories)
@@ -134,7 +146,9 @@ def test_pair_confusion_counts_each_category_pair_in_both_directions():
     assert predicted.tolist() == [[0, 3, 0], [0, 0, 4], [0, 1, 0]]
     table = {tuple(row["pair"]): row for row in confused_pairs(pairs.compute(), ["a", "b", "c"])}
     assert set(table) == {("a", "b"), ("b", "c")}
-    assert math.isclose(table["a", "b"]["on_other_object"], 200 / 3) and table["b", "c"]["on_other_object"] == 40
+    assert (
+        math.isclose(table["a", "b"]["on_other_object"], 200 / 3) and table["b", "c"]["on_other_object"] == 40
+    )
     assert (table["b", "c"]["on_other_pixels"], table["b", "c"]["predicted_pixels"]) == (2, 5)
 
     pairs.reset()  # B's object 1 not scored: it still counts as the other object of object 0

@@ -45,7 +45,11 @@ def test_union_top1_threshold_and_voc_names(oracle):
             "scores": torch.tensor([0.9, 0.6, 0.2]),
             "masks": torch.stack([box_mask(0, 2, 0, 2), box_mask(4, 6, 4, 6), box_mask(0, 8, 0, 8)]),
         },
-        {"labels": torch.tensor([], dtype=torch.long), "scores": torch.tensor([]), "masks": torch.zeros(0, 1, 8, 8)},
+        {
+            "labels": torch.tensor([], dtype=torch.long),
+            "scores": torch.tensor([]),
+            "masks": torch.zeros(0, 1, 8, 8),
+        },
     ]
     oracle.model = FakeDetector(detections)
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)

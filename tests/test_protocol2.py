@@ -17,7 +17,11 @@ from conftest import REPO, assert_same_weights, last_weights, run_cli, scenes_ar
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.grounded_folder import rle_annotations, semantic_labels
 from grounded_diffusion.data.prompts import PromptList
-from grounded_diffusion.data.segmentation_sets import COCOSegmentationSet, FolderSegmentationSet, VOCSegmentationSet
+from grounded_diffusion.data.segmentation_sets import (
+    COCOSegmentationSet,
+    FolderSegmentationSet,
+    VOCSegmentationSet,
+)
 from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, CategorySplit
 from grounded_diffusion.errors import ConfigError
@@ -34,7 +38,9 @@ P2 = REPO / "experiments" / "protocol2"
 
 
 def test_label_map_takes_the_most_probable_object_above_threshold_with_an_ignore_band():
-    probs = torch.tensor([[[[0.9, 0.3, 0.55, 0.2]], [[0.6, 0.1, 0.1, 0.95]], [[0.99, 0.99, 0.99, 0.99]]]])  # [1, 3, 1, 4]
+    probs = torch.tensor(
+        [[[[0.9, 0.3, 0.55, 0.2]], [[0.6, 0.1, 0.1, 0.95]], [[0.99, 0.99, 0.99, 0.99]]]]
+    )  # [1, 3, 1, 4]
     labels = torch.tensor([[4, 7, 0]])  # third slot empty: its probabilities never count
     assert semantic_labels(probs, labels, 0.5).tolist() == [[[4, 0, 4, 7]]]
     assert semantic_labels(probs, labels, 0.5, ignore_band=0.1).tolist() == [[[4, 0, 255, 7]]]
@@ -56,7 +62,11 @@ def test_semantic_iou_matches_torchmetrics_jaccard():
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, 5, (4, 16, 16), generator=g)
     target[:, :2] = 255
-    preds = torch.where(torch.rand(4, 16, 16, generator=g) < 0.6, target.clamp(max=4), torch.randint(0, 5, (4, 16, 16), generator=g))
+    preds = torch.where(
+        torch.rand(4, 16, 16, generator=g) < 0.6,
+        target.clamp(max=4),
+        torch.randint(0, 5, (4, 16, 16), generator=g),
+    )
     ours = SemanticIoU(5)
     ours.update(preds[:2], target[:2])
     ours.update(preds[2:], target[2:])
@@ -66,11 +76,15 @@ def test_semantic_iou_matches_torchmetrics_jaccard():
 
 def test_zs3_summary_counts_background_as_seen_and_takes_the_harmonic_mean():
     split = CategorySplit(("a", "b", "c"), unseen=("c",))
-    summary = zs3_summary(torch.tensor([0.9, 0.5, float("nan"), 0.2]), split, background=True)  # background, a, b (absent), c
+    summary = zs3_summary(
+        torch.tensor([0.9, 0.5, float("nan"), 0.2]), split, background=True
+    )  # background, a, b (absent), c
     assert summary["seen_miou"] == pytest.approx(70.0)  # (90 + 50) / 2, b left out
     assert summary["unseen_miou"] == pytest.approx(20.0)
     assert summary["harmonic_miou"] == pytest.approx(2 * 70 * 20 / 90)
-    ignored = zs3_summary(torch.tensor([0.5, float("nan"), 0.2]), split)  # a, b (absent), c; no background class
+    ignored = zs3_summary(
+        torch.tensor([0.5, float("nan"), 0.2]), split
+    )  # a, b (absent), c; no background class
     assert ignored["seen_miou"] == pytest.approx(50.0) and list(ignored["per_category"]) == ["a", "b", "c"]
 
 
@@ -81,8 +95,12 @@ def test_maskformer_semantic_scores_match_transformers_post_processing():
     g = torch.Generator().manual_seed(0)
     class_logits, mask_logits = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 8, 8, generator=g)
     ours = semantic_scores(class_logits, mask_logits, (32, 32)).argmax(1)
-    output = MaskFormerForInstanceSegmentationOutput(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
-    reference = MaskFormerImageProcessor().post_process_semantic_segmentation(output, target_sizes=[(32, 32)] * 2)
+    output = MaskFormerForInstanceSegmentationOutput(
+        class_queries_logits=class_logits, masks_queries_logits=mask_logits
+    )
+    reference = MaskFormerImageProcessor().post_process_semantic_segmentation(
+        output, target_sizes=[(32, 32)] * 2
+    )
     assert torch.equal(ours, torch.stack(reference))
 
 
@@ -145,7 +163,12 @@ def test_mixture_keeps_real_images_of_seen_classes_only(voc_root):
     from datamodules.segmentation import SegmentationDataModule
 
     data = SegmentationDataModule(
-        "pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train", seen_only=True)], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32, batch_size=1
+        "pascal",
+        "zs3",
+        train=[VOCSegmentationSet(str(voc_root), "train", seen_only=True)],
+        val=VOCSegmentationSet(str(voc_root), "val"),
+        image_size=32,
+        batch_size=1,
     )
     data.setup("fit")
     assert len(data.train_set) == len(VOC_IMAGES["train"]) - 1  # the image with a sheep is out
@@ -159,7 +182,14 @@ def test_segmentation_validation_leaves_the_global_rng_alone_and_training_shuffl
     from datamodules.segmentation import SegmentationDataModule
     from grounded_diffusion.data.samplers import EpochShuffle
 
-    data = SegmentationDataModule("pascal", "zs3", train=[VOCSegmentationSet(str(voc_root), "train")], val=VOCSegmentationSet(str(voc_root), "val"), image_size=32, batch_size=1)
+    data = SegmentationDataModule(
+        "pascal",
+        "zs3",
+        train=[VOCSegmentationSet(str(voc_root), "train")],
+        val=VOCSegmentationSet(str(voc_root), "val"),
+        image_size=32,
+        batch_size=1,
+    )
     data.setup("fit")
     assert isinstance(data.train_dataloader().sampler, EpochShuffle)
     before = torch.get_rng_state()
@@ -184,7 +214,9 @@ def test_training_batches_are_flipped_with_their_labels_and_evaluation_batches_n
     flipped = data.on_after_batch_transfer(batch, 0)
     for i, flip in enumerate(expected_flips.tolist()):  # columns reversed, labels alike
         reference = image[i][..., [4, 3, 2, 1, 0]] if flip else image[i]
-        assert torch.equal(flipped["image"][i], reference) and torch.equal(flipped["labels"][i], reference[0] + 1)
+        assert torch.equal(flipped["image"][i], reference) and torch.equal(
+            flipped["labels"][i], reference[0] + 1
+        )
     data.trainer.validating = True
     assert data.on_after_batch_transfer(batch, 0) is batch
 
@@ -202,8 +234,18 @@ def head_checkpoint(scene_cache) -> Path:
 
 
 def generate(out: Path, checkpoint: Path | None, *extra: str) -> None:
-    args = ["predict", "--config", GENERATE, "--config", OFFLINE, "--trainer.default_root_dir", str(out),
-            "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    args = [
+        "predict",
+        "--config",
+        GENERATE,
+        "--config",
+        OFFLINE,
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     main(args + (["--ckpt_path", str(checkpoint)] if checkpoint else []))
 
 
@@ -248,9 +290,23 @@ def test_grounded_generation_resumes_and_needs_a_trained_head(head_checkpoint, t
 def synthetic_voc(head_checkpoint, tmp_path_factory) -> Path:
     """A synthetic PASCAL set (one- and two-object prompts over all 20 classes) from the build config."""
     out = tmp_path_factory.mktemp("synthetic_voc")
-    run_cli(["predict", "--config", str(P2 / "pascal_build.yaml"), "--config", OFFLINE, "--ckpt_path", str(head_checkpoint),
-             "--trainer.default_root_dir", str(out), "--data.init_args.max_per_group", "3",
-             "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    run_cli(
+        [
+            "predict",
+            "--config",
+            str(P2 / "pascal_build.yaml"),
+            "--config",
+            OFFLINE,
+            "--ckpt_path",
+            str(head_checkpoint),
+            "--trainer.default_root_dir",
+            str(out),
+            "--data.init_args.max_per_group",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     return out
 
 
@@ -270,27 +326,59 @@ def test_synthetic_set_is_a_voc_style_folder(synthetic_voc):
 
 def folder_sets(*roots: Path) -> str:
     """A ``data.init_args.train`` value: synthetic folders (jsonargparse cannot override one list item)."""
-    sets = [{"class_path": "grounded_diffusion.data.segmentation_sets.FolderSegmentationSet", "init_args": {"root": str(r)}} for r in roots]
+    sets = [
+        {
+            "class_path": "grounded_diffusion.data.segmentation_sets.FolderSegmentationSet",
+            "init_args": {"root": str(r)},
+        }
+        for r in roots
+    ]
     return json.dumps(sets)
 
 
 def segmenter_run(config: Path, out: Path, *extra: str, batch_size: int = 4) -> dict:
-    args = ["--config", str(config), *extra, "--config", str(P2 / "offline.yaml"), "--trainer.default_root_dir", str(out),
-            "--data.init_args.batch_size", str(batch_size),
-            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    args = [
+        "--config",
+        str(config),
+        *extra,
+        "--config",
+        str(P2 / "offline.yaml"),
+        "--trainer.default_root_dir",
+        str(out),
+        "--data.init_args.batch_size",
+        str(batch_size),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     main(["fit", *args])
     main(["test", *args, "--ckpt_path", "last"])
     return json.loads((out / "zs3" / "report.json").read_text())
 
 
 @pytest.mark.parametrize("architecture", ["maskformer", "mask2former", "deeplabv3"])
-def test_segmenter_trains_on_synthetic_and_scores_zs3_on_real_voc(architecture, synthetic_voc, voc_root, tmp_path, capsys):
-    extra = ["--config", str(P2 / "deeplabv3.yaml")] if architecture == "deeplabv3" else ["--model.init_args.architecture", architecture]
+def test_segmenter_trains_on_synthetic_and_scores_zs3_on_real_voc(
+    architecture, synthetic_voc, voc_root, tmp_path, capsys
+):
+    extra = (
+        ["--config", str(P2 / "deeplabv3.yaml")]
+        if architecture == "deeplabv3"
+        else ["--model.init_args.architecture", architecture]
+    )
     report = segmenter_run(
-        P2 / "pascal_maskformer.yaml", tmp_path, *extra,
-        "--data.init_args.train", folder_sets(synthetic_voc), "--data.init_args.val.init_args.root", str(voc_root),
-    )  # fmt: skip
+        P2 / "pascal_maskformer.yaml",
+        tmp_path,
+        *extra,
+        "--data.init_args.train",
+        folder_sets(synthetic_voc),
+        "--data.init_args.val.init_args.root",
+        str(voc_root),
+    )
     assert report["architecture"] == architecture and report["trained_on"] == ["synthetic (mixture)"]
     assert report["unseen"] == ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]
     for key in ("seen_miou", "unseen_miou", "harmonic_miou"):
@@ -300,22 +388,45 @@ def test_segmenter_trains_on_synthetic_and_scores_zs3_on_real_voc(architecture, 
 
 def test_mixture_with_real_seen_images_and_table2(synthetic_voc, voc_root, tmp_path, capsys):
     common = ["--data.init_args.val.init_args.root", str(voc_root)]
-    synthetic = segmenter_run(P2 / "pascal_maskformer.yaml", tmp_path / "a", "--data.init_args.train", folder_sets(synthetic_voc), *common)
+    synthetic = segmenter_run(
+        P2 / "pascal_maskformer.yaml",
+        tmp_path / "a",
+        "--data.init_args.train",
+        folder_sets(synthetic_voc),
+        *common,
+    )
     # the overlay as shipped, with the synthetic folder of this test (its VOC root follows val's)
     overlay = tmp_path / "with_real_seen.yaml"
-    overlay.write_text((P2 / "with_real_seen.yaml").read_text().replace("data/protocol2/pascal_mixture", str(synthetic_voc)))
+    overlay.write_text(
+        (P2 / "with_real_seen.yaml").read_text().replace("data/protocol2/pascal_mixture", str(synthetic_voc))
+    )
     mixture = segmenter_run(P2 / "pascal_maskformer.yaml", tmp_path / "d", "--config", str(overlay), *common)
     assert mixture["trained_on"] == ["synthetic (mixture)", "real (seen only)"] and mixture["real_seen"]
     from grounded_diffusion.reports import main as reports
 
-    reports(["--table", "2", "--out", str(tmp_path / "table2"), str(tmp_path / "a/zs3/report.json"), str(tmp_path / "d/zs3/report.json")])
+    reports(
+        [
+            "--table",
+            "2",
+            "--out",
+            str(tmp_path / "table2"),
+            str(tmp_path / "a/zs3/report.json"),
+            str(tmp_path / "d/zs3/report.json"),
+        ]
+    )
     text = (tmp_path / "table2" / "report.md").read_text()
-    assert "## PASCAL VOC" in text and "| a | maskformer | ✗ | mixture |" in text and "| d | maskformer | ✓ | mixture |" in text
+    assert (
+        "## PASCAL VOC" in text
+        and "| a | maskformer | ✗ | mixture |" in text
+        and "| d | maskformer | ✓ | mixture |" in text
+    )
     assert synthetic["num_seen"] == 15 and synthetic["num_unseen"] == 5
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_workers, synthetic_voc, voc_root, tmp_path, monkeypatch):
+def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(
+    num_workers, synthetic_voc, voc_root, tmp_path, monkeypatch
+):
     """Its training draws from the global random stream (the flips, and Mask2Former's loss points),
     which ``last.ckpt`` carries, also with loader workers; the stop at step 2 is part-way through
     the first epoch."""
@@ -323,22 +434,54 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_wor
 
     flipped = []  # the training batches the datamodule flipped: each one, in the training process
     flip = datamodules.segmentation.flip_horizontally
-    monkeypatch.setattr(datamodules.segmentation, "flip_horizontally", lambda batch: flipped.append(os.getpid()) or flip(batch))
+    monkeypatch.setattr(
+        datamodules.segmentation,
+        "flip_horizontally",
+        lambda batch: flipped.append(os.getpid()) or flip(batch),
+    )
 
     def fit(out: Path, *extra: str) -> dict[str, torch.Tensor]:
-        main(["fit", "--config", str(P2 / "pascal_maskformer.yaml"), "--model.init_args.architecture", "mask2former",
-              "--data.init_args.train", folder_sets(synthetic_voc), "--data.init_args.val.init_args.root", str(voc_root),
-              "--config", str(P2 / "offline.yaml"), "--data.init_args.num_workers", str(num_workers),
-              "--trainer.default_root_dir", str(out), "--data.init_args.batch_size", "2",
-              "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", *extra])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(P2 / "pascal_maskformer.yaml"),
+                "--model.init_args.architecture",
+                "mask2former",
+                "--data.init_args.train",
+                folder_sets(synthetic_voc),
+                "--data.init_args.val.init_args.root",
+                str(voc_root),
+                "--config",
+                str(P2 / "offline.yaml"),
+                "--data.init_args.num_workers",
+                str(num_workers),
+                "--trainer.default_root_dir",
+                str(out),
+                "--data.init_args.batch_size",
+                "2",
+                "--trainer.max_steps",
+                "4",
+                "--trainer.val_check_interval",
+                "2",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                *extra,
+            ]
+        )
         return last_weights(out)
 
     never_stopped = fit(tmp_path / "a")
     assert flipped == [os.getpid()] * 4
     # Stopped after step 2 of the same 4-step fit (as max_time stops one): the learning-rate
     # schedule, which runs over the whole fit, goes on where it was.
-    fit(tmp_path / "b", "--trainer.callbacks+=" + json.dumps({"class_path": "test_checkpoints.StopAt", "init_args": {"step": 2}}))
+    fit(
+        tmp_path / "b",
+        "--trainer.callbacks+="
+        + json.dumps({"class_path": "test_checkpoints.StopAt", "init_args": {"step": 2}}),
+    )
     assert torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
     assert_same_weights(fit(tmp_path / "b", "--ckpt_path", "last"), never_stopped)
     with pytest.raises(SystemExit, match="trained with lr_schedule 'poly', this fit has 'constant'"):
@@ -346,7 +489,9 @@ def test_a_segmenter_fit_resumed_trains_the_weights_of_one_never_stopped(num_wor
     # Outside a fit, the checkpoint loads as any Lightning one does (no trainer, nothing to resume).
     from lightning_modules.segmentation import SemanticSegmentationModule
 
-    loaded = SemanticSegmentationModule.load_from_checkpoint(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    loaded = SemanticSegmentationModule.load_from_checkpoint(
+        tmp_path / "b/checkpoints/last.ckpt", weights_only=True
+    )
     assert_same_weights(loaded.state_dict(), never_stopped)
 
 
@@ -369,7 +514,9 @@ def test_segmenter_learning_rate_follows_maskformers_poly_schedule_or_stays_cons
                 scheduler.step()
         return rates
 
-    assert learning_rates("poly") == pytest.approx([1e-3 * (1 - step / 10) ** 0.9 for step in range(11)], abs=1e-12)
+    assert learning_rates("poly") == pytest.approx(
+        [1e-3 * (1 - step / 10) ** 0.9 for step in range(11)], abs=1e-12
+    )
     assert learning_rates("constant") == [1e-3] * 11
     with pytest.raises(ConfigError, match="lr_schedule 'cosine' is not one of"):
         SemanticSegmentationModule("shapes", "lraspp", None, False, lr_schedule="cosine")
@@ -383,20 +530,42 @@ def test_coco_segmenter_scores_zs3_on_real_coco(synthetic_voc, coco_files, tmp_p
     images, annotations = coco_files
     # a COCO-labelled synthetic folder: the VOC-named one relabelled is not needed; train on real COCO instead
     report = segmenter_run(
-        P2 / "coco_maskformer.yaml", tmp_path, "--data.init_args.train",
-        json.dumps([{"class_path": "grounded_diffusion.data.segmentation_sets.COCOSegmentationSet",
-                     "init_args": {"images": str(images), "annotations": str(annotations), "seen_only": True}}]),
-        "--data.init_args.val.init_args.images", str(images), "--data.init_args.val.init_args.annotations", str(annotations),
+        P2 / "coco_maskformer.yaml",
+        tmp_path,
+        "--data.init_args.train",
+        json.dumps(
+            [
+                {
+                    "class_path": "grounded_diffusion.data.segmentation_sets.COCOSegmentationSet",
+                    "init_args": {"images": str(images), "annotations": str(annotations), "seen_only": True},
+                }
+            ]
+        ),
+        "--data.init_args.val.init_args.images",
+        str(images),
+        "--data.init_args.val.init_args.annotations",
+        str(annotations),
         batch_size=2,  # two seen-only images: one full batch
-    )  # fmt: skip
+    )
     assert report["vocabulary"] == "coco" and report["num_seen"] == 65 and report["num_unseen"] == 15
     assert report["per_category"]["dog"] is not None and len(report["per_category"]) == 81
     assert os.path.exists(tmp_path / "zs3" / "report.md")
 
 
 def test_two_process_generation_writes_every_prompt_once(head_checkpoint, tmp_path):
-    generate(tmp_path, head_checkpoint, "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--data.init_args.batch_size", "1")
-    assert sorted(json.loads(line)["id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()) == [f"{i:06d}" for i in range(4)]
+    generate(
+        tmp_path,
+        head_checkpoint,
+        "--trainer.strategy",
+        "ddp_spawn",
+        "--trainer.devices",
+        "2",
+        "--data.init_args.batch_size",
+        "1",
+    )
+    assert sorted(
+        json.loads(line)["id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()
+    ) == [f"{i:06d}" for i in range(4)]
     assert len(COCOApi(str(tmp_path / "annotations.json")).getImgIds()) == 4  # written once, after both ranks
 
 
@@ -432,9 +601,15 @@ def test_zs3_scores_at_original_resolution_with_background_ignored_or_a_class(ba
     labels_red, labels_green = np.zeros((5, 9), np.uint8), np.zeros((6, 4), np.uint8)
     labels_red[:, :2], labels_red[:, 2], labels_red[0, 8] = aeroplane, bicycle, 255
     labels_green[:2] = bicycle
-    write_voc_folder(tmp_path / "VOCdevkit" / "VOC2012", PASCAL_VOC, {"val": [("red", red, labels_red), ("green", green, labels_green)]})
+    write_voc_folder(
+        tmp_path / "VOCdevkit" / "VOC2012",
+        PASCAL_VOC,
+        {"val": [("red", red, labels_red), ("green", green, labels_green)]},
+    )
 
-    module = SemanticSegmentationModule("pascal", backbone=None, pretrained_backbone=False, num_queries=4, background=background)
+    module = SemanticSegmentationModule(
+        "pascal", backbone=None, pretrained_backbone=False, num_queries=4, background=background
+    )
     offset = background == "class"  # the segmenter's label of VOC label k: k - 1 with background ignored
 
     def constant_scores(images):
@@ -442,9 +617,18 @@ def test_zs3_scores_at_original_resolution_with_background_ignored_or_a_class(ba
         return F.one_hot(label, module.num_classes).float()[:, :, None, None].expand(-1, -1, 8, 8)
 
     module.forward = constant_scores
-    data = SegmentationDataModule("pascal", "zs3", val=VOCSegmentationSet(str(tmp_path), "val"), image_size=8, batch_size=2,
-                                  num_workers=0, background=background)  # fmt: skip
-    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(module, data)
+    data = SegmentationDataModule(
+        "pascal",
+        "zs3",
+        val=VOCSegmentationSet(str(tmp_path), "val"),
+        image_size=8,
+        batch_size=2,
+        num_workers=0,
+        background=background,
+    )
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        module, data
+    )
     results = module.results["test"]
 
     # Plain computation at original resolution: VOC labels -> the segmenter's, then Σ∩/Σ∪ per class.
@@ -455,7 +639,10 @@ def test_zs3_scores_at_original_resolution_with_background_ignored_or_a_class(ba
         return out
 
     truth = [segmenter_labels(labels_red), segmenter_labels(labels_green)]
-    preds = [np.full(labels_red.shape, aeroplane - 1 + offset), np.full(labels_green.shape, bicycle - 1 + offset)]
+    preds = [
+        np.full(labels_red.shape, aeroplane - 1 + offset),
+        np.full(labels_green.shape, bicycle - 1 + offset),
+    ]
     names = (["background"] if offset else []) + list(PASCAL_VOC)
     for k, name in enumerate(names):
         if name not in ("background", "aeroplane", "bicycle"):
@@ -464,7 +651,11 @@ def test_zs3_scores_at_original_resolution_with_background_ignored_or_a_class(ba
         union = sum(int((((t == k) | (p == k)) & (t != 255)).sum()) for t, p in zip(truth, preds))
         assert results["per_category"][name] == pytest.approx(100 * inter / union), name
     # By hand: background ignored -> aeroplane 10/15, bicycle 8/13; a class -> 10/44, 8/29, background 0.
-    expected = {"aeroplane": 10 / 15, "bicycle": 8 / 13} if background == "ignore" else {"aeroplane": 10 / 44, "bicycle": 8 / 29, "background": 0}
+    expected = (
+        {"aeroplane": 10 / 15, "bicycle": 8 / 13}
+        if background == "ignore"
+        else {"aeroplane": 10 / 44, "bicycle": 8 / 29, "background": 0}
+    )
     for name, iou in expected.items():
         assert results["per_category"][name] == pytest.approx(100 * iou)
     assert ("background" in results["per_category"]) == (background == "class")
@@ -486,10 +677,31 @@ def test_deeplabv3_loss_is_the_mean_over_labelled_pixels_and_zero_without_any():
 def test_inline_prompts_replace_the_file_and_a_null_file_override_names_the_fix(capsys):
     inline = '{class_path: PromptList, init_args: {file: null, prompts: [{prompt: "a photograph of a dog", categories: [dog]}]}}'
     with pytest.raises(SystemExit):
-        main(["predict", "--config", GENERATE, "--config", OFFLINE, "--data.init_args.prompts", inline, "--print_config"])
+        main(
+            [
+                "predict",
+                "--config",
+                GENERATE,
+                "--config",
+                OFFLINE,
+                "--data.init_args.prompts",
+                inline,
+                "--print_config",
+            ]
+        )
     printed = capsys.readouterr().out
     assert "file: null" in printed and "a photograph of a dog" in printed
     # jsonargparse turns this override into the string "None": the error says what to write instead.
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", GENERATE, "--config", OFFLINE, "--data.init_args.prompts.init_args.file", "null"])
+        main(
+            [
+                "predict",
+                "--config",
+                GENERATE,
+                "--config",
+                OFFLINE,
+                "--data.init_args.prompts.init_args.file",
+                "null",
+            ]
+        )
     assert "set the whole PromptList" in str(exit_info.value.code)

@@ -21,7 +21,9 @@ def run(ours: float, daam: float, missing: str | None = None, scored_other_objec
 
 def test_splits_are_averaged_per_group_and_written(tmp_path, capsys):
     paths = []
-    for number, (ours, daam, missing) in enumerate([(90, 60, None), (80, 50, "two_unseen"), (70, 40, None)], 1):
+    for number, (ours, daam, missing) in enumerate(
+        [(90, 60, None), (80, 50, "two_unseen"), (70, 40, None)], 1
+    ):
         path = tmp_path / f"metrics{number}.json"
         path.write_text(json.dumps(run(ours, daam, missing, scored_other_object=number != 3)))
         paths.append(str(path))
@@ -48,17 +50,37 @@ def test_old_metrics_without_groups_are_refused(tmp_path):
 
 
 def zs3_run(name, real_seen, real_all, synthetic, seen=70.0, unseen=0.0, harmonic=0.0) -> dict:
-    return {"name": name, "vocabulary": "shapes", "architecture": "lraspp", "real_seen": real_seen, "real_all": real_all,
-            "synthetic": synthetic, "background": "ignore", "num_seen": 15, "num_unseen": 5, "unseen": ["red circle"],
-            "seen_miou": seen, "unseen_miou": unseen, "harmonic_miou": harmonic}  # fmt: skip
+    return {
+        "name": name,
+        "vocabulary": "shapes",
+        "architecture": "lraspp",
+        "real_seen": real_seen,
+        "real_all": real_all,
+        "synthetic": synthetic,
+        "background": "ignore",
+        "num_seen": 15,
+        "num_unseen": 5,
+        "unseen": ["red circle"],
+        "seen_miou": seen,
+        "unseen_miou": unseen,
+        "harmonic_miou": harmonic,
+    }
 
 
 def test_table2_marks_real_training_data_as_seen_only_or_all_classes():
-    rows = [zs3_run("zs3", True, False, ""), zs3_run("ours", False, False, "mixture"), zs3_run("upper", False, True, "")]
+    rows = [
+        zs3_run("zs3", True, False, ""),
+        zs3_run("ours", False, False, "mixture"),
+        zs3_run("upper", False, True, ""),
+    ]
     text = reports.table2_markdown(reports.table2(rows))
     assert "## shapes world (mIoU %, background ignored; unseen: red circle)" in text
-    assert "| zs3 | lraspp | ✓ | ✗ | 70.00 | 0.00 | 0.00 |" in text and "| ours | lraspp | ✗ | mixture |" in text
-    assert "| upper | lraspp | all 20 | ✗ |" in text and "runs" not in text  # one run a row: the table as before
+    assert (
+        "| zs3 | lraspp | ✓ | ✗ | 70.00 | 0.00 | 0.00 |" in text and "| ours | lraspp | ✗ | mixture |" in text
+    )
+    assert (
+        "| upper | lraspp | all 20 | ✗ |" in text and "runs" not in text
+    )  # one run a row: the table as before
 
 
 def test_table2_averages_the_seeds_of_a_row_and_lists_every_run(tmp_path):
@@ -76,13 +98,23 @@ def test_table2_averages_the_seeds_of_a_row_and_lists_every_run(tmp_path):
     report = json.loads((tmp_path / "table2" / "report.json").read_text())
     synthetic, real = report["rows"]["shapes world"]  # in the order first seen
     assert synthetic["runs"] == 3 and real["runs"] == 1 and real["seen_miou_sd"] is None
-    assert synthetic["seen_miou"] == pytest.approx(52) and synthetic["seen_miou_sd"] == pytest.approx(2)  # sample sd
+    assert synthetic["seen_miou"] == pytest.approx(52) and synthetic["seen_miou_sd"] == pytest.approx(
+        2
+    )  # sample sd
     assert synthetic["unseen_miou"] == pytest.approx(64) and synthetic["unseen_miou_sd"] == pytest.approx(4)
     text = (tmp_path / "table2" / "report.md").read_text()
-    assert "| run | segmenter | Real / 15 | Synthetic / 15+5 (# objects) | runs | seen | unseen | harmonic |" in text
-    assert "| shapes_synthetic_lraspp | lraspp | ✗ | mixture | 3 | 52.00 ± 2.00 | 64.00 ± 4.00 | 57.33 ± 2.47 |" in text
+    assert (
+        "| run | segmenter | Real / 15 | Synthetic / 15+5 (# objects) | runs | seen | unseen | harmonic |"
+        in text
+    )
+    assert (
+        "| shapes_synthetic_lraspp | lraspp | ✗ | mixture | 3 | 52.00 ± 2.00 | 64.00 ± 4.00 | 57.33 ± 2.47 |"
+        in text
+    )
     assert "| shapes_real_seen_lraspp | lraspp | ✓ | ✗ | 1 | 70.00 | 0.00 | 0.00 |" in text
-    assert "| shapes_synthetic_lraspp_seed2 | lraspp | ✗ | mixture | 52.00 | 68.00 | 59.00 |" in text  # each run too
+    assert (
+        "| shapes_synthetic_lraspp_seed2 | lraspp | ✗ | mixture | 52.00 | 68.00 | 59.00 |" in text
+    )  # each run too
 
 
 def test_make_protocol2_trains_each_row_once_per_seed_and_tabulates_every_run():
@@ -92,9 +124,15 @@ def test_make_protocol2_trains_each_row_once_per_seed_and_tabulates_every_run():
 
     from conftest import REPO
 
-    commands = subprocess.run(["make", "-n", "protocol2", "SEEDS=0 2"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    commands = subprocess.run(
+        ["make", "-n", "protocol2", "SEEDS=0 2"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for row in ("real_seen", "synthetic", "with_real_seen", "real_all"):
         for seed, folder in ((0, f"shapes_{row}_lraspp"), (2, f"shapes_{row}_lraspp_seed2")):
-            fit = f"fit --config experiments/protocol2/shapes_segmenter.yaml {'' if row == 'synthetic' else f'--config experiments/protocol2/shapes_{row}.yaml'}"
-            assert f"{fit} --seed_everything {seed} --trainer.default_root_dir outputs/protocol2/{folder} &&" in commands
+            overlay = "" if row == "synthetic" else f"--config experiments/protocol2/shapes_{row}.yaml"
+            fit = f"fit --config experiments/protocol2/shapes_segmenter.yaml {overlay}"
+            assert (
+                f"{fit} --seed_everything {seed} --trainer.default_root_dir outputs/protocol2/{folder} &&"
+                in commands
+            )
             assert f"outputs/protocol2/{folder}/zs3/report.json" in commands.split("--table 2")[1]

@@ -19,7 +19,9 @@ SEEDS = [11, 12]
 @pytest.fixture(scope="module", params=["embedded/tiny-sd", "embedded/tiny-sd2", "embedded/tiny-sdxl"])
 def short_backbone(request):
     """Each architecture: SD-1.x, SD-2.x (v-prediction), SDXL (two text encoders, added conditions)."""
-    config = BackboneConfig(model_id=request.param, branches="uncond+cond", num_inference_steps=10, capture_step=2)
+    config = BackboneConfig(
+        model_id=request.param, branches="uncond+cond", num_inference_steps=10, capture_step=2
+    )
     return StableDiffusionBackbone(config)
 
 
@@ -40,7 +42,11 @@ def reference_daam(backbone, prompt, seed, word, monkeypatch, whole_in=()):
     head), then over the word's tokens. With ``whole_in`` (the prompt's categories), the word's
     occurrences inside a longer one of them are left out."""
     unet = backbone.unet
-    names = {m: n for n, m in unet.named_modules() if n.endswith("attn2") and n.startswith(("down_blocks", "up_blocks"))}
+    names = {
+        m: n
+        for n, m in unet.named_modules()
+        if n.endswith("attn2") and n.startswith(("down_blocks", "up_blocks"))
+    }
     sums = defaultdict(float)
     original = Attention.get_attention_scores
 
@@ -55,9 +61,12 @@ def reference_daam(backbone, prompt, seed, word, monkeypatch, whole_in=()):
     unet.set_attn_processor(AttnProcessor())
     try:
         backbone.pipeline()(
-            prompt, num_inference_steps=backbone.config.num_inference_steps, guidance_scale=7.5,
-            latents=backbone.initial_noise([seed]), output_type="pt",
-        )  # fmt: skip
+            prompt,
+            num_inference_steps=backbone.config.num_inference_steps,
+            guidance_scale=7.5,
+            latents=backbone.initial_noise([seed]),
+            output_type="pt",
+        )
     finally:
         unet.set_attn_processor(processors)
         monkeypatch.undo()
@@ -74,14 +83,21 @@ def reference_daam(backbone, prompt, seed, word, monkeypatch, whole_in=()):
     starts = [i for i in range(len(ids)) if ids[i : i + len(word_ids)] == word_ids]
     for longer in [w for w in whole_in if w != word and word in w]:
         longer_ids = backbone.tokenizer(longer, add_special_tokens=False).input_ids
-        inside = {i + k for i in range(len(ids)) if ids[i : i + len(longer_ids)] == longer_ids for k in range(len(longer_ids))}
+        inside = {
+            i + k
+            for i in range(len(ids))
+            if ids[i : i + len(longer_ids)] == longer_ids
+            for k in range(len(longer_ids))
+        }
         starts = [s for s in starts if s not in inside]
     positions = [s + k for s in starts for k in range(len(word_ids))]
     return token_maps[positions].mean(0)
 
 
 @pytest.mark.parametrize("matching", ["whole", "reference"])
-def test_batched_daam_matches_a_per_prompt_reference(short_backbone, generation, reference_matching, matching, monkeypatch):
+def test_batched_daam_matches_a_per_prompt_reference(
+    short_backbone, generation, reference_matching, matching, monkeypatch
+):
     traced = generation if matching == "whole" else reference_matching
     size = short_backbone.unet.config.sample_size
     assert traced.heat_maps.shape == (2, 2, size, size)
@@ -104,7 +120,9 @@ def test_dog_and_hot_dog_are_different_words(generation):
 def test_captured_features_are_the_unet_features_of_the_captured_latent(short_backbone, generation):
     """Replay: one UNet call on the stored latent gives the features captured during sampling."""
     timesteps = torch.full((2,), short_backbone.timestep)
-    replayed = short_backbone.unet_features(generation.latents, timesteps, short_backbone.encode_prompts(PROMPTS))
+    replayed = short_backbone.unet_features(
+        generation.latents, timesteps, short_backbone.encode_prompts(PROMPTS)
+    )
     assert [f.shape[1] for f in replayed] == [f.shape[1] for f in generation.features]
     for stored, again in zip(generation.features, replayed):
         torch.testing.assert_close(again, stored, rtol=1e-4, atol=1e-5)
@@ -119,8 +137,14 @@ def test_capture_step_latent_is_the_sampler_state_at_that_step(short_backbone, g
         states[i] = kwargs["latents"].clone()
         return {}
 
-    pipe(PROMPTS[1], num_inference_steps=10, guidance_scale=7.5, latents=short_backbone.initial_noise([SEEDS[1]]),
-         output_type="pt", callback_on_step_end=keep)  # fmt: skip
+    pipe(
+        PROMPTS[1],
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        latents=short_backbone.initial_noise([SEEDS[1]]),
+        output_type="pt",
+        callback_on_step_end=keep,
+    )
     capture_index = 10 - 2  # t=2 of 10 steps is loop index 8; its input is the state after step 7
     # batch of 2 vs batch of 1: float rounding only (latents are of order 1)
     torch.testing.assert_close(generation.latents[1:], states[capture_index - 1], rtol=1e-4, atol=1e-4)
@@ -142,7 +166,9 @@ def test_both_branches_need_guidance(short_backbone):
 
 
 @pytest.mark.parametrize("short_name, long_name", [("dog", "hot dog"), ("bear", "teddy bear")])
-def test_whole_category_matching_leaves_out_the_word_inside_a_longer_category(tmp_path, short_name, long_name):
+def test_whole_category_matching_leaves_out_the_word_inside_a_longer_category(
+    tmp_path, short_name, long_name
+):
     """Token positions counted by hand: [BOS] a(1) photograph(2) of(3) a(4) <long: 5, 6> and(7) a(8) <short: 9>."""
     tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp_path))
     prompt, words = f"a photograph of a {long_name} and a {short_name}", [long_name, short_name]

@@ -22,19 +22,30 @@ from grounded_diffusion.data.prompts import GROUPS
 FEATURES_WRITER = "[{class_path: callbacks.cache_writer.TripletCacheWriter, init_args: {storage: features}}]"
 
 
-def synth_args(root: Path, config: str = "pascal_split1_test", per_group: int = 2, batch_size: int = 4) -> list[str]:
+def synth_args(
+    root: Path, config: str = "pascal_split1_test", per_group: int = 2, batch_size: int = 4
+) -> list[str]:
     """A synthesis config run offline, small and short (6 DDIM steps, capture at t=2)."""
     return [
-        "--config", str(REPO / "experiments" / "synth" / f"{config}.yaml"),
-        "--config", str(REPO / "experiments" / "offline.yaml"),
-        "--data.init_args.max_per_group", str(per_group),
-        "--data.init_args.batch_size", str(batch_size),
-        "--model.init_args.backbone.num_inference_steps", "6",
-        "--model.init_args.backbone.capture_step", "2",
-        "--trainer.default_root_dir", str(root),
-        "--data.init_args.cache_dir", str(root / "cache-synth"),  # (offline: data/<vocab>_sim/embedded/tiny-sd/...)
-        "--trainer.enable_progress_bar", "false",
-    ]  # fmt: skip
+        "--config",
+        str(REPO / "experiments" / "synth" / f"{config}.yaml"),
+        "--config",
+        str(REPO / "experiments" / "offline.yaml"),
+        "--data.init_args.max_per_group",
+        str(per_group),
+        "--data.init_args.batch_size",
+        str(batch_size),
+        "--model.init_args.backbone.num_inference_steps",
+        "6",
+        "--model.init_args.backbone.capture_step",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--data.init_args.cache_dir",
+        str(root / "cache-synth"),  # (offline: data/<vocab>_sim/embedded/tiny-sd/...)
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def expected_ids(per_group: int) -> list[str]:
@@ -62,7 +73,9 @@ def test_synthesis_writes_every_requested_sample_with_all_its_parts(latents_cach
     tensors, file_metadata = cache.load(records[-1]["id"])
     objects = len(records[-1]["categories"])
     assert set(tensors) == {"latents", "timestep", "image.jpeg", "masks", "daam", "oracle_scores"}
-    assert tensors["latents"].shape == (4, 16, 16) and tensors["latents"].dtype == torch.float32  # the UNet's dtype
+    assert (
+        tensors["latents"].shape == (4, 16, 16) and tensors["latents"].dtype == torch.float32
+    )  # the UNet's dtype
     assert int(tensors["timestep"]) == metadata["capture_timestep"]
     image = decode_image(tensors)
     assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
@@ -77,8 +90,8 @@ def test_replayed_features_equal_stored_features(latents_cache, tmp_path):
     stored_cache, replay_cache = cache_in(tmp_path), cache_in(latents_cache)
     assert stored_cache.metadata()["storage"] == "features"
 
-    from lightning_modules.grounding import GroundingModule
     from grounded_diffusion.models.backbone import BackboneConfig
+    from lightning_modules.grounding import GroundingModule
 
     config = BackboneConfig(branches="uncond+cond", num_inference_steps=6, capture_step=2)
     module = GroundingModule(backbone=config)
@@ -101,16 +114,33 @@ def test_training_replays_latents(latents_cache):
     main(["predict", *synth_args(latents_cache, "pascal_split1_train")])
     assert {r["split"] for r in cache_in(latents_cache).manifest()} == {"train", "val", "test"}
     fit = [
-        "fit", "--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(latents_cache)[2:],
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2",
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(REPO / "experiments" / "pascal_split1.yaml"),
+        *synth_args(latents_cache)[2:],
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.init_args.batch_size",
+        "2",
+    ]
     main(fit)
     assert (latents_cache / "checkpoints" / "last.ckpt").exists()
 
     # Table 1 offline: ours vs DAAM on the synthetic test set, every group, τ also tuned on seen.
-    test = ["test", "--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(latents_cache)[2:],
-            "--ckpt_path", "last", "--verbose", "false",
-            "--model.init_args.daam_thresholds", "[0.2, 0.4, 0.6]"]  # fmt: skip
+    test = [
+        "test",
+        "--config",
+        str(REPO / "experiments" / "pascal_split1.yaml"),
+        *synth_args(latents_cache)[2:],
+        "--ckpt_path",
+        "last",
+        "--verbose",
+        "false",
+        "--model.init_args.daam_thresholds",
+        "[0.2, 0.4, 0.6]",
+    ]
     main(test)
     metrics = json.loads((latents_cache / "report" / "metrics.json").read_text())
     # The test filter is on: the random offline oracle is rarely sure, so most objects are dropped;
@@ -139,19 +169,45 @@ def test_a_half_precision_backbone_runs_every_stage(tmp_path):
     tensors, _ = cache_in(tmp_path).load(cache_in(tmp_path).manifest()[0]["id"])
     assert tensors["latents"].dtype == torch.bfloat16  # the UNet's dtype
     run = ["--config", str(REPO / "experiments" / "pascal_split1.yaml"), *synth_args(tmp_path)[2:], *half]
-    main(["fit", *run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2"])
+    main(
+        [
+            "fit",
+            *run,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--data.init_args.batch_size",
+            "2",
+        ]
+    )
     main(["test", *run, "--ckpt_path", "last", "--verbose", "false"])
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["groups"]["daam"]
-    main(["predict", "--config", str(REPO / "experiments" / "generate.yaml"), "--config", str(REPO / "experiments" / "offline.yaml"),
-          "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(tmp_path / "generated"),
-          "--trainer.enable_progress_bar", "false", *half])  # fmt: skip
+    main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "experiments" / "generate.yaml"),
+            "--config",
+            str(REPO / "experiments" / "offline.yaml"),
+            "--ckpt_path",
+            str(tmp_path / "checkpoints" / "last.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "generated"),
+            "--trainer.enable_progress_bar",
+            "false",
+            *half,
+        ]
+    )
     assert len(list((tmp_path / "generated" / "SegmentationClass").glob("*.png"))) > 0
 
 
 def test_a_killed_build_resumes_to_exactly_the_requested_ids(tmp_path):
     args = synth_args(tmp_path, per_group=4, batch_size=2)
     command = [sys.executable, "-m", "grounded_diffusion", "predict", *args]
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     manifest = None
     deadline = time.monotonic() + 240
     try:
@@ -178,15 +234,32 @@ def test_a_killed_build_resumes_to_exactly_the_requested_ids(tmp_path):
 
 
 def test_two_ddp_processes_write_exactly_the_requested_ids(tmp_path):
-    main(["predict", *synth_args(tmp_path, per_group=3, batch_size=2), "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"])
+    main(
+        [
+            "predict",
+            *synth_args(tmp_path, per_group=3, batch_size=2),
+            "--trainer.strategy",
+            "ddp_spawn",
+            "--trainer.devices",
+            "2",
+        ]
+    )
     lines = cache_in(tmp_path).manifest_path.read_text().splitlines()
     assert sorted(json.loads(line)["id"] for line in lines) == expected_ids(3)
 
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "experiments" / "synth").glob("*.yaml")))
 def test_every_synthesis_config_runs_offline(config, tmp_path):
-    main(["predict", *synth_args(tmp_path, config, per_group=1), "--model.init_args.backbone.num_inference_steps", "2",
-          "--model.init_args.backbone.capture_step", "1"])  # fmt: skip
+    main(
+        [
+            "predict",
+            *synth_args(tmp_path, config, per_group=1),
+            "--model.init_args.backbone.num_inference_steps",
+            "2",
+            "--model.init_args.backbone.capture_step",
+            "1",
+        ]
+    )
     records = cache_in(tmp_path).manifest()
     kind = config.rsplit("_", 1)[1]
     assert {r["split"] for r in records} == ({"train", "val"} if kind == "train" else {"test"})

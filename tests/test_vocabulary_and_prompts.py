@@ -24,9 +24,22 @@ def test_coco_has_80_classes_and_the_standard_zero_shot_split_1():
     assert len(split.seen) == 65 and len(split.unseen) == 15
     # The standard 65/15 split (docs/design.md §3), written out here independently.
     assert set(split.unseen) == {
-        "airplane", "train", "parking meter", "cat", "bear", "suitcase", "frisbee", "snowboard",
-        "fork", "sandwich", "hot dog", "toilet", "mouse", "toaster", "hair drier",
-    }  # fmt: skip
+        "airplane",
+        "train",
+        "parking meter",
+        "cat",
+        "bear",
+        "suitcase",
+        "frisbee",
+        "snowboard",
+        "fork",
+        "sandwich",
+        "hot dog",
+        "toilet",
+        "mouse",
+        "toaster",
+        "hair drier",
+    }
 
 
 def test_coco_rotations_are_fixed_disjoint_15_class_splits():

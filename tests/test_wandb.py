@@ -2,7 +2,6 @@
 
 import socket
 
-
 from conftest import scenes_args
 from grounded_diffusion.cli import main
 from grounded_diffusion.loggers import wandb_server_reachable

@@ -18,15 +18,22 @@ WORLD = REPO / "experiments" / "world"
 
 def world_args(config: str, root: Path, steps: int, *extra: str) -> list[str]:
     return [
-        "--config", str(WORLD / config),
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        "--data.init_args.batch_size", "2",
+        "--config",
+        str(WORLD / config),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.batch_size",
+        "2",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def saved(checkpoint: Path) -> dict:
@@ -86,7 +93,9 @@ def test_text_to_image_trains_resumes_with_its_ema_and_exports_a_pipeline(traine
     assert first["ema"]["optimization_step"] == 2
     run_cli(["fit", *world_args("text_to_image.yaml", tmp_path, 3, *args), "--ckpt_path", "last"])
     resumed = saved(tmp_path / "checkpoints" / "last.ckpt")
-    assert resumed["global_step"] == 3 and resumed["ema"]["optimization_step"] == 3  # EMA restored, not restarted
+    assert (
+        resumed["global_step"] == 3 and resumed["ema"]["optimization_step"] == 3
+    )  # EMA restored, not restarted
     assert (tmp_path / "samples" / "step-3.png").is_file()
     # The export: float16 on disk, loaded as float32 through the real from_pretrained path.
     from safetensors.torch import load_file
@@ -119,16 +128,22 @@ def test_segmenter_oracle_masks_and_scores_match_a_hand_computed_case(tmp_path):
     from grounded_diffusion.models.segmenters import LRASPP, save_segmenter
 
     classes = ["red circle", "blue ring", "green cross"]
-    save_segmenter(LRASPP(4), tmp_path, architecture="lraspp", num_classes=4, classes=classes, background="class")
+    save_segmenter(
+        LRASPP(4), tmp_path, architecture="lraspp", num_classes=4, classes=classes, background="class"
+    )
     oracle = SegmenterOracle(str(tmp_path), min_pixels=2)
     oracle.build()
     # A 1x4 image; rows are pixels, columns the classes (background, red circle, blue ring,
     # green cross): background; red circle (p .7); red circle (p .5); blue ring (p .6), which
     # covers 1 pixel < min_pixels and so is not found; green cross is nowhere.
-    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.1, 0.2, 0.6, 0.1]])
+    probs = torch.tensor(
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.1, 0.2, 0.6, 0.1]]
+    )
     logits = probs.log().T.reshape(1, 4, 1, 4)  # [B, classes, H, W]; softmax(log p) = p (rows sum to 1)
     oracle.segmenter.scores = lambda images: logits
-    masks, scores = oracle(torch.zeros(1, 3, 1, 4, dtype=torch.uint8), [["red circle", "blue ring", "green cross"]])
+    masks, scores = oracle(
+        torch.zeros(1, 3, 1, 4, dtype=torch.uint8), [["red circle", "blue ring", "green cross"]]
+    )
     assert masks[0, 0, 0].tolist() == [False, True, True, False]
     assert scores[0, 0].item() == pytest.approx((0.7 + 0.5) / 2)
     assert not masks[0, 1].any() and scores[0, 1] == 0

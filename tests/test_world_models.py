@@ -34,7 +34,9 @@ def test_the_oracle_segments_held_out_rendered_scenes():
     images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2)
     labels = torch.from_numpy(np.stack([s[1] for s in scenes])).long()
     with torch.no_grad():
-        predicted = torch.cat([oracle.segmenter.scores(images[i : i + 50].float() / 255).argmax(1) for i in range(0, 200, 50)])
+        predicted = torch.cat(
+            [oracle.segmenter.scores(images[i : i + 50].float() / 255).argmax(1) for i in range(0, 200, 50)]
+        )
     iou = MulticlassJaccardIndex(num_classes=len(SHAPES_WORLD) + 1, average="none")(predicted, labels)
     assert 100 * iou[1:].mean().item() >= ORACLE_MIOU - ORACLE_TOLERANCE
 
@@ -45,9 +47,10 @@ def test_the_shipped_model_draws_the_named_objects_at_the_documented_rate():
 
     pipe = load_pipeline("embedded/shapes-sd", torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    rates = found_rates(pipe, SegmenterOracle(), CategorySplit.named("shapes", 1), per_group=8, seed=1, progress=False)
+    rates = found_rates(
+        pipe, SegmenterOracle(), CategorySplit.named("shapes", 1), per_group=8, seed=1, progress=False
+    )
     assert np.mean(list(rates.values())) >= FOUND_RATE - FOUND_TOLERANCE
-
 
 
 def test_daam_of_the_shipped_model_localises_in_its_finest_layers_and_avoids_the_object_in_coarser_ones():
@@ -59,7 +62,9 @@ def test_daam_of_the_shipped_model_localises_in_its_finest_layers_and_avoids_the
 
     pipe = load_pipeline("embedded/shapes-sd", torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    table = daam_by_resolution(pipe, SegmenterOracle(), CategorySplit.named("shapes", 1), per_group=10, seed=1, progress=False)
+    table = daam_by_resolution(
+        pipe, SegmenterOracle(), CategorySplit.named("shapes", 1), per_group=10, seed=1, progress=False
+    )
     assert table["16² layers only"]["map > 0.6"] >= table["all layers (DAAM)"]["map > 0.6"] + 15
     assert table["8² layers only"]["inverted > 0.6"] >= table["8² layers only"]["map > 0.6"] + 15
 
@@ -80,7 +85,10 @@ TWO_OBJECT_MIOU_BAR = 38.0
 # order, 40.1 at 400 steps, and 37.7 with the visual tokens unnormalised (400 steps).
 ON_OTHER_OBJECT_BAR = 33.0
 CI_STEPS = 800
-CI_COUNTS = "{train: {one_seen: 80, two_seen: 80}, val: {one_seen: 8, two_seen: 8}, test: {one_seen: 16, one_unseen: 16, two_seen: 16, two_seen_unseen: 16, two_unseen: 16}}"
+CI_COUNTS = (
+    "{train: {one_seen: 80, two_seen: 80}, val: {one_seen: 8, two_seen: 8}, "
+    "test: {one_seen: 16, one_unseen: 16, two_seen: 16, two_seen_unseen: 16, two_unseen: 16}}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +96,21 @@ def protocol1_run(tmp_path_factory) -> Path:
     """The run folder: checkpoints/last.ckpt (the head) and report/metrics.json."""
     root = tmp_path_factory.mktemp("shapes")
     args = [
-        "--config", str(REPO / "experiments" / "shapes.yaml"),
-        "--data.init_args.source.init_args.counts", CI_COUNTS,
-        "--trainer.default_root_dir", str(root),
-        "--trainer.max_steps", str(CI_STEPS),
-        "--trainer.val_check_interval", str(CI_STEPS // 2),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-    ]  # fmt: skip
+        "--config",
+        str(REPO / "experiments" / "shapes.yaml"),
+        "--data.init_args.source.init_args.counts",
+        CI_COUNTS,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        str(CI_STEPS),
+        "--trainer.val_check_interval",
+        str(CI_STEPS // 2),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
     run_cli(["predict", *args])
     run_cli(["fit", *args])
     run_cli(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
@@ -124,23 +139,33 @@ def test_protocol1_in_miniature_tells_the_two_objects_of_an_image_apart(protocol
 SEGMENT_MEASURED, SEGMENT_TOLERANCE = {"seen_miou": 67.8, "unseen_miou": 63.8}, 10.0
 
 
-def test_the_exported_head_segments_rendered_scenes_and_runs_the_readme_example(protocol1_run, tmp_path, monkeypatch):
+def test_the_exported_head_segments_rendered_scenes_and_runs_the_readme_example(
+    protocol1_run, tmp_path, monkeypatch
+):
     from grounded_diffusion.generator import GroundedGenerator
     from grounded_diffusion.world import segment_scores
 
     head = tmp_path / "outputs" / "shapes" / "head"  # where `make quickstart` exports its head
     run_cli(["export", "--ckpt_path", str(protocol1_run / "checkpoints" / "last.ckpt"), "--out", str(head)])
-    scores = segment_scores(GroundedGenerator.from_pretrained(head, device="cpu"), CategorySplit.named("shapes", 1), progress=False)
+    scores = segment_scores(
+        GroundedGenerator.from_pretrained(head, device="cpu"),
+        CategorySplit.named("shapes", 1),
+        progress=False,
+    )
     for key, measured in SEGMENT_MEASURED.items():
         assert scores[key] >= measured - SEGMENT_TOLERANCE, (key, scores)
 
     monkeypatch.chdir(tmp_path)
     (example,) = doc_blocks("## Python API and demo page", "python")
-    assert doc_blocks("# Python API and demo page", "python", "docs/generation.md") == [example]  # the guide shows the same
+    assert doc_blocks("# Python API and demo page", "python", "docs/generation.md") == [
+        example
+    ]  # the guide shows the same
     exec(compile(example, "README.md (Python API)", "exec"), {})
     assert (tmp_path / "grounded.png").is_file() and (tmp_path / "scene.png").is_file()
     coco = json.loads((tmp_path / "outputs" / "grounded" / "annotations.json").read_text())
-    assert [c["name"] for c in coco["categories"]] == ["blue cross", "yellow square"] and len(coco["annotations"]) == 2
+    assert [c["name"] for c in coco["categories"]] == ["blue cross", "yellow square"] and len(
+        coco["annotations"]
+    ) == 2
 
 
 # A CI-sized Protocol II run (experiments/protocol2/shapes_*.yaml, fewer images and steps): the
@@ -156,18 +181,47 @@ P2_MIOU_BAR = 7.0  # measured: seen 24.3, unseen 22.8 (poly decay; 17.7 / 15.6 w
 def test_protocol2_in_miniature_segments_unseen_categories_of_rendered_scenes(protocol1_run, tmp_path):
     synthetic, segmenter = tmp_path / "synthetic", tmp_path / "segmenter"
     quiet = ["--trainer.enable_progress_bar", "false"]
-    run_cli([
-        "predict", "--config", str(PROTOCOL2 / "shapes_build.yaml"), "--ckpt_path", str(protocol1_run / "checkpoints" / "last.ckpt"),
-        "--data.init_args.prompts.init_args.counts", "{train: {one_seen: 64, two_seen: 64}}",
-        "--trainer.default_root_dir", str(synthetic), *quiet,
-    ])  # fmt: skip
-    train = [{"class_path": "grounded_diffusion.data.segmentation_sets.FolderSegmentationSet", "init_args": {"root": str(synthetic)}}]
+    run_cli(
+        [
+            "predict",
+            "--config",
+            str(PROTOCOL2 / "shapes_build.yaml"),
+            "--ckpt_path",
+            str(protocol1_run / "checkpoints" / "last.ckpt"),
+            "--data.init_args.prompts.init_args.counts",
+            "{train: {one_seen: 64, two_seen: 64}}",
+            "--trainer.default_root_dir",
+            str(synthetic),
+            *quiet,
+        ]
+    )
+    train = [
+        {
+            "class_path": "grounded_diffusion.data.segmentation_sets.FolderSegmentationSet",
+            "init_args": {"root": str(synthetic)},
+        }
+    ]
     args = [
-        "--config", str(PROTOCOL2 / "shapes_segmenter.yaml"), "--data.init_args.train", json.dumps(train),
-        "--data.init_args.val.init_args.count", "32", "--data.init_args.test.init_args.count", "200",
-        "--data.init_args.batch_size", "8", "--trainer.max_steps", "1000", "--trainer.val_check_interval", "1000",
-        "--trainer.default_root_dir", str(segmenter), "--trainer.logger", "false", *quiet,
-    ]  # fmt: skip
+        "--config",
+        str(PROTOCOL2 / "shapes_segmenter.yaml"),
+        "--data.init_args.train",
+        json.dumps(train),
+        "--data.init_args.val.init_args.count",
+        "32",
+        "--data.init_args.test.init_args.count",
+        "200",
+        "--data.init_args.batch_size",
+        "8",
+        "--trainer.max_steps",
+        "1000",
+        "--trainer.val_check_interval",
+        "1000",
+        "--trainer.default_root_dir",
+        str(segmenter),
+        "--trainer.logger",
+        "false",
+        *quiet,
+    ]
     run_cli(["fit", *args])
     run_cli(["test", *args, "--ckpt_path", "last", "--verbose", "false"])
     report = json.loads((segmenter / "zs3" / "report.json").read_text())

@@ -21,7 +21,9 @@ def records(path: Path):
     data, position, pending = path.read_bytes(), HEADER, b""
     while position + HEADER <= len(data):
         left = BLOCK - position % BLOCK
-        _, length, kind = struct.unpack("<IHB", data[position : position + HEADER]) if left >= HEADER else (0, 0, 0)
+        _, length, kind = (
+            struct.unpack("<IHB", data[position : position + HEADER]) if left >= HEADER else (0, 0, 0)
+        )
         if left < HEADER or (length == 0 and kind == 0):  # block trailer / padding
             position += left
             continue
@@ -39,5 +41,7 @@ def history(run_dir: Path) -> list[dict]:
     rows = []
     for record in records(next(run_dir.glob("run-*.wandb"))):
         if record.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+            rows.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            )
     return rows

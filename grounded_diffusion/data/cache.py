@@ -48,7 +48,9 @@ class CacheError(UserError, RuntimeError):
     pass
 
 
-def encode_image(image: torch.Tensor, image_format: str = "jpeg", quality: int = 90) -> tuple[str, torch.Tensor]:
+def encode_image(
+    image: torch.Tensor, image_format: str = "jpeg", quality: int = 90
+) -> tuple[str, torch.Tensor]:
     """uint8 [3, H, W] -> (its cache key, the encoded bytes as a uint8 tensor)."""
     from torchvision.io import encode_jpeg, encode_png
 
@@ -105,7 +107,9 @@ class TripletCache:
                 "rerun the cache's predict command: it writes it again (its samples are kept)."
             ) from error
         if not isinstance(metadata, dict):
-            raise CacheError(f"{self.metadata_path} holds no settings object: delete it and rerun the cache's predict command")
+            raise CacheError(
+                f"{self.metadata_path} holds no settings object: delete it and rerun the cache's predict command"
+            )
         return metadata
 
     def initialise(self, metadata: Mapping) -> None:
@@ -153,7 +157,9 @@ class TripletCache:
     def sample_path(self, sample_id: str) -> Path:
         return self.samples_dir / f"{check_sample_id(sample_id, str(self.manifest_path))}.safetensors"
 
-    def write(self, record: Mapping, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    def write(
+        self, record: Mapping, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    ) -> None:
         """Atomically write one sample, then record it in the manifest."""
         data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata))
         atomic_write(self.sample_path(record["id"]), lambda tmp: tmp.write_bytes(data), KEPT)
@@ -172,7 +178,9 @@ class TripletCache:
         gone = set(missing)
         unreadable = [r["id"] for r in records if r["id"] not in gone and not self.readable(r["id"])]
         if missing:
-            warnings.warn(f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them")
+            warnings.warn(
+                f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them"
+            )
         if unreadable:
             warnings.warn(
                 f"{self.manifest_path}: {len(unreadable)} listed sample files are unreadable (first: "

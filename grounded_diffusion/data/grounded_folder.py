@@ -39,7 +39,9 @@ from grounded_diffusion.files import atomic_write
 KEPT = "every image already written is kept, and the rerun goes on from them"
 
 
-def semantic_labels(probs: Tensor, labels: Tensor, threshold: float = 0.5, ignore_band: float = 0.0) -> Tensor:
+def semantic_labels(
+    probs: Tensor, labels: Tensor, threshold: float = 0.5, ignore_band: float = 0.0
+) -> Tensor:
     """One label map per image from per-object probabilities.
 
     Args:
@@ -67,7 +69,11 @@ def rle_annotations(masks: np.ndarray) -> list[dict]:
     rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     areas, boxes = coco_mask.area(rles), coco_mask.toBbox(rles)
     return [
-        {"segmentation": {"size": list(r["size"]), "counts": r["counts"].decode("ascii")}, "area": int(a), "bbox": [float(v) for v in b]}
+        {
+            "segmentation": {"size": list(r["size"]), "counts": r["counts"].decode("ascii")},
+            "area": int(a),
+            "bbox": [float(v) for v in b],
+        }
         for r, a, b in zip(rles, areas, boxes)
     ]
 
@@ -102,7 +108,9 @@ class GroundedImageFolder:
 
     def classes(self) -> list[str]:
         if not self.classes_path.exists():
-            raise UserError(f"No grounded image folder at '{self.root}' (missing classes.txt); build it with predict")
+            raise UserError(
+                f"No grounded image folder at '{self.root}' (missing classes.txt); build it with predict"
+            )
         return self.classes_path.read_text().split("\n")[:-1]
 
     def initialise(self, classes: Sequence[str]) -> None:
@@ -127,13 +135,20 @@ class GroundedImageFolder:
         records = self.manifest.records()
         kept = [r for r in records if all(p.is_file() for p in self.files(r["id"]))]
         if len(kept) < len(records):  # listed, but an image or label map is gone: make them again
-            warnings.warn(f"{self.manifest.path}: {len(records) - len(kept)} listed samples lack a file; rebuilding them")
+            warnings.warn(
+                f"{self.manifest.path}: {len(records) - len(kept)} listed samples lack a file; rebuilding them"
+            )
             self.manifest.rewrite(kept)
 
     def files(self, sample_id: str) -> tuple[Path, Path]:
-        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
+        return (
+            self.root / "JPEGImages" / f"{sample_id}.jpg",
+            self.root / "SegmentationClass" / f"{sample_id}.png",
+        )
 
-    def write(self, record: dict, image: np.ndarray, labels: np.ndarray, overlay_image: np.ndarray | None) -> None:
+    def write(
+        self, record: dict, image: np.ndarray, labels: np.ndarray, overlay_image: np.ndarray | None
+    ) -> None:
         """One sample: image HxWx3 uint8, label map HxW uint8, optional overlay; manifest last."""
         sample_id = check_sample_id(record["id"], str(self.manifest.path))
         image_path, label_path = self.files(sample_id)
@@ -142,11 +157,19 @@ class GroundedImageFolder:
         label_png.putpalette(self.palette)
         _atomic_write(label_path, lambda t: label_png.save(t, format="PNG"))
         if overlay_image is not None:
-            _atomic_write(self.root / "overlays" / f"{sample_id}.png", lambda t: Image.fromarray(overlay_image).save(t, format="PNG"))
+            _atomic_write(
+                self.root / "overlays" / f"{sample_id}.png",
+                lambda t: Image.fromarray(overlay_image).save(t, format="PNG"),
+            )
         self.manifest.append(record)
 
     def write_batch(
-        self, batch: dict, classes: Sequence[str], mask_threshold: float = 0.5, ignore_band: float = 0.0, overlays: bool = True
+        self,
+        batch: dict,
+        classes: Sequence[str],
+        mask_threshold: float = 0.5,
+        ignore_band: float = 0.0,
+        overlays: bool = True,
     ) -> None:
         """Write a batch of grounded images: ``batch`` holds ``id``, ``split``, ``prompt`` and
         ``categories`` (lists), ``image`` (uint8 [B, 3, H, W]) and ``probs`` ([B, O, H, W], each
@@ -154,7 +177,10 @@ class GroundedImageFolder:
         reaches ``mask_threshold``; the label map and ``ignore_band``: see ``semantic_labels``."""
         probs = batch["probs"].float()
         labels = torch.tensor(
-            [[classes.index(c) + 1 for c in cs] + [0] * (probs.shape[1] - len(cs)) for cs in batch["categories"]],
+            [
+                [classes.index(c) + 1 for c in cs] + [0] * (probs.shape[1] - len(cs))
+                for cs in batch["categories"]
+            ],
             device=probs.device,
         )
         label_maps = semantic_labels(probs, labels, mask_threshold, ignore_band).cpu().numpy()
@@ -192,12 +218,25 @@ class GroundedImageFolder:
         }
         for number, record in enumerate(records, 1):
             height, width = record["size"]
-            coco["images"].append({"id": number, "file_name": f"JPEGImages/{record['id']}.jpg", "height": height, "width": width, "prompt": record["prompt"]})
+            coco["images"].append(
+                {
+                    "id": number,
+                    "file_name": f"JPEGImages/{record['id']}.jpg",
+                    "height": height,
+                    "width": width,
+                    "prompt": record["prompt"],
+                }
+            )
             for category, annotation in zip(record["categories"], record["masks"]):
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": number, "category_id": ids[classes.index(category)],
-                    "iscrowd": 0, **annotation,
-                })  # fmt: skip
+                coco["annotations"].append(
+                    {
+                        "id": len(coco["annotations"]) + 1,
+                        "image_id": number,
+                        "category_id": ids[classes.index(category)],
+                        "iscrowd": 0,
+                        **annotation,
+                    }
+                )
         _atomic_write(self.root / "annotations.json", lambda t: Path(t).write_text(json.dumps(coco)))
         return {"images": len(records), "splits": {s: len(v) for s, v in splits.items()}}
 

@@ -68,7 +68,10 @@ class JsonlManifest:
             except UserError:
                 bad.append(number)
         if bad:
-            warnings.warn(f"{self.path}: dropped {len(bad)} damaged lines (line {', '.join(map(str, bad[:5]))}); their samples are built again")
+            warnings.warn(
+                f"{self.path}: dropped {len(bad)} damaged lines (line {', '.join(map(str, bad[:5]))}); "
+                "their samples are built again"
+            )
             self.rewrite(good)
 
     def _lines(self) -> list[tuple[int, str]]:
@@ -77,7 +80,9 @@ class JsonlManifest:
         text = self.path.read_text(errors="replace")
         lines = text.split("\n")
         if lines[-1].strip():
-            warnings.warn(f"{self.path}: a torn last line skipped ({lines[-1][:60]!r}); the build's rerun removes it")
+            warnings.warn(
+                f"{self.path}: a torn last line skipped ({lines[-1][:60]!r}); the build's rerun removes it"
+            )
         return [(number, line) for number, line in enumerate(lines[:-1], 1) if line.strip()]
 
     def _record(self, number: int, line: str) -> dict:

@@ -23,8 +23,12 @@ TWO_OBJECT_TEMPLATE = "a photograph of a {c1} and a {c2}"
 
 # Test groups of paper Tab. 1: how many seen and how many unseen categories a sample names.
 GROUP_SIZES = {
-    "one_seen": (1, 0), "one_unseen": (0, 1), "two_seen": (2, 0), "two_seen_unseen": (1, 1), "two_unseen": (0, 2),
-}  # fmt: skip
+    "one_seen": (1, 0),
+    "one_unseen": (0, 1),
+    "two_seen": (2, 0),
+    "two_seen_unseen": (1, 1),
+    "two_unseen": (0, 2),
+}
 GROUPS = tuple(GROUP_SIZES)
 SEEN_GROUPS = ("one_seen", "two_seen")
 
@@ -70,7 +74,9 @@ class PromptSet:
         for split, groups in self.counts.items():
             unknown = set(groups) - set(GROUPS)
             if unknown:
-                raise ConfigError(f"Unknown prompt groups {sorted(unknown)} in counts.{split}; groups are {GROUPS}")
+                raise ConfigError(
+                    f"Unknown prompt groups {sorted(unknown)} in counts.{split}; groups are {GROUPS}"
+                )
             if split == "train" and set(groups) - set(SEEN_GROUPS):
                 raise ConfigError(
                     f"counts.train holds {sorted(set(groups) - set(SEEN_GROUPS))}: training sets use seen "
@@ -89,9 +95,13 @@ class PromptSet:
     def prepare(self) -> None:
         if self.templates_file is not None:
             path = Path(self.templates_file)
-            self.templates = [line.strip() for line in read_text_file(path, "templates_file").splitlines() if line.strip()]
+            self.templates = [
+                line.strip() for line in read_text_file(path, "templates_file").splitlines() if line.strip()
+            ]
             if not self.templates:
-                raise ConfigError(f"templates_file '{path}' holds no template (one per line, e.g. 'a photograph of a {{c1}}')")
+                raise ConfigError(
+                    f"templates_file '{path}' holds no template (one per line, e.g. 'a photograph of a {{c1}}')"
+                )
             self._check_templates(self.templates, str(path))
 
     def check(self, split: CategorySplit) -> None:
@@ -177,7 +187,9 @@ class PromptList:
     def __init__(self, prompts: Sequence[Mapping] = (), file: str | None = None, seed: int = 0) -> None:
         for number, entry in enumerate(prompts):
             if not {"prompt", "categories"} <= set(entry):
-                raise ConfigError(f"prompts[{number}] = {dict(entry)} needs both `prompt` and `categories` (a list of names)")
+                raise ConfigError(
+                    f"prompts[{number}] = {dict(entry)} needs both `prompt` and `categories` (a list of names)"
+                )
         self.entries = [{"prompt": p["prompt"], "categories": list(p["categories"])} for p in prompts]
         self.file, self.seed = file, seed
         if file is not None:
@@ -208,9 +220,11 @@ class PromptList:
             "seed": prompt_seed(self.seed, index),
         }
 
-    def dataset(self, category_split: CategorySplit, exclude: set[str] = frozenset(), max_per_group: int | None = None) -> Dataset:
+    def dataset(
+        self, category_split: CategorySplit, exclude: set[str] = frozenset(), max_per_group: int | None = None
+    ) -> Dataset:
         items = select_items([(f"{i:06d}",) for i in range(len(self.entries))], exclude, max_per_group)
-        return ListedPrompts(self, [int(sample_id) for sample_id, in items])
+        return ListedPrompts(self, [int(sample_id) for (sample_id,) in items])
 
 
 class ListedPrompts(Dataset):
@@ -231,7 +245,9 @@ def read_text_file(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte {error.start}): give a text file, one entry per line") from None
+        raise ConfigError(
+            f"{what} '{path}' is not UTF-8 text (byte {error.start}): give a text file, one entry per line"
+        ) from None
 
 
 def read_prompt_file(file: str) -> list[dict]:

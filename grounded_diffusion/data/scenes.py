@@ -30,7 +30,9 @@ def render_scene(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.n
     names = list(rng.choice(SCENES, size=num_objects, replace=False))
     # Textured background: low-frequency colour noise, dim and unsaturated.
     coarse = rng.uniform(0.15, 0.55, size=(4, 4, 3)).astype(np.float32)
-    background = np.array(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+    background = np.array(
+        Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    )
     image = background.astype(np.float32) + rng.normal(0, 6, size=(size, size, 3))
     labels = np.zeros((size, size), dtype=np.uint8)
     for k, name in enumerate(names):
@@ -42,16 +44,14 @@ def render_scene(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.n
         hue = (HUES[name] + rng.uniform(-0.03, 0.03)) % 1.0
         colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 0.95), rng.uniform(0.75, 1.0))) * 255
         shading = 1 + 0.15 * (np.mgrid[0:size, 0:size][0] - cy) / size  # a little vertical light
-        image[mask] = (colour[None] * shading[mask][:, None])
+        image[mask] = colour[None] * shading[mask][:, None]
         labels[mask] = SCENES.index(name) + 1
     image = np.clip(image + rng.normal(0, 3, size=image.shape), 0, 255).astype(np.uint8)
     present = [n for n in names if (labels == SCENES.index(n) + 1).any()]
     return image, labels, present
 
 
-def write_scene_folder(
-    root: str | Path, counts: dict[str, int], size: int = 128, seed: int = 0
-) -> Path:
+def write_scene_folder(root: str | Path, counts: dict[str, int], size: int = 128, seed: int = 0) -> Path:
     """Write ``counts[split]`` scenes per split as a VOC folder (ids ``scene-{split}-{i:06d}``)."""
     samples = {}
     offset = 0
@@ -93,4 +93,6 @@ class ProceduralScenes(VOCFolder):
         try:  # a folder written earlier may have lost or damaged files since
             super().prepare()
         except DataError as error:
-            raise DataError(f"{error}. The folder is generated: delete {self.root} and rerun to write it again") from None
+            raise DataError(
+                f"{error}. The folder is generated: delete {self.root} and rerun to write it again"
+            ) from None

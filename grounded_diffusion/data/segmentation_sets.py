@@ -15,7 +15,13 @@ from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
 from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
-from grounded_diffusion.data.validation import IGNORE_LABEL, DataError, check_image_label_pairs, decoded_image, find_problems
+from grounded_diffusion.data.validation import (
+    IGNORE_LABEL,
+    DataError,
+    check_image_label_pairs,
+    decoded_image,
+    find_problems,
+)
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
 
@@ -24,7 +30,9 @@ BACKGROUND_MODES = ("ignore", "class")
 
 
 def _pil_to_tensors(image: Image.Image, labels: Image.Image) -> tuple[Tensor, Tensor]:
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1), torch.from_numpy(np.array(labels, dtype=np.uint8))
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1), torch.from_numpy(
+        np.array(labels, dtype=np.uint8)
+    )
 
 
 class SegmentationSet:
@@ -76,7 +84,9 @@ class VOCSegmentationSet(SegmentationSet):
         year: ``2012`` (``2007`` too).
     """
 
-    def __init__(self, root: str, image_set: str = "train", year: str = "2012", seen_only: bool = False) -> None:
+    def __init__(
+        self, root: str, image_set: str = "train", year: str = "2012", seen_only: bool = False
+    ) -> None:
         from torchvision.datasets import VOCSegmentation
 
         self.seen_only = seen_only
@@ -139,7 +149,9 @@ class COCOSegmentationSet(SegmentationSet):
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"]))
         for annotation in sorted(annotations, key=lambda a: -a["area"]):
             mask = self.coco.annToMask(annotation).astype(bool)
-            labels[mask] = IGNORE_LABEL if annotation.get("iscrowd") else self.label_of[annotation["category_id"]]
+            labels[mask] = (
+                IGNORE_LABEL if annotation.get("iscrowd") else self.label_of[annotation["category_id"]]
+            )
         return _pil_to_tensors(image, Image.fromarray(labels))
 
     def labels_present(self, index: int) -> set[int]:
@@ -163,8 +175,10 @@ class COCOSegmentationSet(SegmentationSet):
         if isinstance(image, str):
             return image
         if image.size != (info["width"], info["height"]):
-            return (f"{path} is {image.size[0]}x{image.size[1]} but its annotations say {info['width']}x{info['height']}; "
-                    "use the annotation file of these images")  # fmt: skip
+            return (
+                f"{path} is {image.size[0]}x{image.size[1]} but its annotations say {info['width']}x{info['height']}; "
+                "use the annotation file of these images"
+            )
         return None
 
 
@@ -184,7 +198,9 @@ class FolderSegmentationSet(SegmentationSet):
     def __init__(self, root: str, split: str = "train", seen_only: bool = False) -> None:
         self.root, self.seen_only = Path(root), seen_only
         listing = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        missing = [str(p.relative_to(self.root)) for p in (listing, self.root / "classes.txt") if not p.is_file()]
+        missing = [
+            str(p.relative_to(self.root)) for p in (listing, self.root / "classes.txt") if not p.is_file()
+        ]
         if missing:
             raise ConfigError(
                 f"'{root}' is not a finished VOC-style folder: missing {' and '.join(missing)}. A synthetic set is built "
@@ -212,7 +228,10 @@ class FolderSegmentationSet(SegmentationSet):
 
     def files(self, index: int) -> tuple[Path, Path]:
         sample_id = self.ids[index]
-        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
+        return (
+            self.root / "JPEGImages" / f"{sample_id}.jpg",
+            self.root / "SegmentationClass" / f"{sample_id}.png",
+        )
 
     def describe_source(self) -> str:
         return f"segmentation folder {self.root}"
@@ -247,7 +266,9 @@ class RenderedShapes(SegmentationSet):
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(labels)
 
     def labels_present(self, index: int) -> set[int]:
-        return {SHAPES_WORLD.index(name) + 1 for name in render_shapes_scene(index, self.image_size, self.seed)[2]}
+        return {
+            SHAPES_WORLD.index(name) + 1 for name in render_shapes_scene(index, self.image_size, self.seed)[2]
+        }
 
     def validate(self) -> None:
         """Nothing to check: rendered exactly, no files."""

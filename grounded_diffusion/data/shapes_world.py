@@ -19,7 +19,6 @@ import colorsys
 import numpy as np
 from PIL import Image
 
-
 # Hue of each colour word; each object draws its own hue, saturation and brightness around it.
 COLOURS = {"red": 0.0, "yellow": 0.16, "green": 0.33, "blue": 0.62}
 # Shape word -> the form drawn (shape_mask below).
@@ -39,7 +38,12 @@ def diagonal(k: int) -> tuple[str, ...]:
 # categories, nested (one diagonal, two, three), never diagonal 0.
 SHAPES_WORLD_UNSEEN = {
     1: diagonal(0),
-    **{f"seen{5 * n}": tuple(c for c in SHAPES_WORLD if c not in sum((diagonal(k) for k in range(1, n + 1)), ())) for n in (1, 2, 3)},
+    **{
+        f"seen{5 * n}": tuple(
+            c for c in SHAPES_WORLD if c not in sum((diagonal(k) for k in range(1, n + 1)), ())
+        )
+        for n in (1, 2, 3)
+    },
 }
 
 TWO_OBJECT_CAPTION = "a photograph of a {c1} and a {c2}"
@@ -101,7 +105,9 @@ def render_shapes_scene(
         if num_objects == 2:  # object k in one half along `axis`, clear of the middle line
             half = first_half if k == 0 else 1 - first_half
             inner = 0.7 * r
-            centre[axis] = rng.uniform(r, size / 2 - inner) if half == 0 else rng.uniform(size / 2 + inner, size - r)
+            centre[axis] = (
+                rng.uniform(r, size / 2 - inner) if half == 0 else rng.uniform(size / 2 + inner, size - r)
+            )
         mask = shape_mask(SHAPES[shape], size, centre[0], centre[1], r, rng.uniform(0, 2 * np.pi))
         hue = (COLOURS[colour] + rng.uniform(-0.025, 0.025)) % 1.0
         rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))) * 255

@@ -46,23 +46,31 @@ def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min
     if isinstance(picture, str):
         return picture
     if min(picture.size) < min_side:
-        return (f"{image} is {picture.size[0]}x{picture.size[1]}, under {min_side} pixels a side: too small to segment "
-                "(resized to the model's size it would be a few blocks); remove its id from the image set")  # fmt: skip
+        return (
+            f"{image} is {picture.size[0]}x{picture.size[1]}, under {min_side} pixels a side: too small to segment "
+            "(resized to the model's size it would be a few blocks); remove its id from the image set"
+        )
     label_png = decoded_image(labels)
     if isinstance(label_png, str):
         return label_png
     if label_png.mode not in LABEL_MODES:
-        return (f"{labels} is a {label_png.mode} image; a label map holds one class index per pixel "
-                "(a palette or grayscale PNG, value k = class k)")  # fmt: skip
+        return (
+            f"{labels} is a {label_png.mode} image; a label map holds one class index per pixel "
+            "(a palette or grayscale PNG, value k = class k)"
+        )
     if label_png.size != picture.size:
-        return (f"{labels} is {label_png.size[0]}x{label_png.size[1]} but its image {image.name} is "
-                f"{picture.size[0]}x{picture.size[1]}; label maps must match their images pixel for pixel "
-                "(resize the label map with nearest-neighbour interpolation)")  # fmt: skip
+        return (
+            f"{labels} is {label_png.size[0]}x{label_png.size[1]} but its image {image.name} is "
+            f"{picture.size[0]}x{picture.size[1]}; label maps must match their images pixel for pixel "
+            "(resize the label map with nearest-neighbour interpolation)"
+        )
     values = np.unique(np.asarray(label_png))
     bad = [int(v) for v in values if num_classes < v < IGNORE_LABEL]
     if bad:
-        return (f"{labels} holds label {bad[0]} but only {num_classes} classes are listed (1..{num_classes}; 0 background, "
-                "255 ignore); add the missing class names to the class list")  # fmt: skip
+        return (
+            f"{labels} holds label {bad[0]} but only {num_classes} classes are listed (1..{num_classes}; 0 background, "
+            "255 ignore); add the missing class names to the class list"
+        )
     if need_object and not any(0 < v < IGNORE_LABEL for v in values):
         return f"{labels} has no labelled object (only background / ignore); remove '{image.stem}' from the image set"
     return None
@@ -73,11 +81,21 @@ def find_problems(items: Sequence, problem: Callable[[object], str | None], what
     outside the GIL), with a progress bar for large sets."""
     with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:
         results = pool.map(problem, items)
-        return [p for p in tqdm(results, total=len(items), desc=f"checking {what}", disable=len(items) < 500, leave=False) if p]
+        return [
+            p
+            for p in tqdm(
+                results, total=len(items), desc=f"checking {what}", disable=len(items) < 500, leave=False
+            )
+            if p
+        ]
 
 
 def check_image_label_pairs(
-    pairs: Sequence[tuple[Path, Path]], num_classes: int, what: str, need_object: bool = False, min_side: int = 1
+    pairs: Sequence[tuple[Path, Path]],
+    num_classes: int,
+    what: str,
+    need_object: bool = False,
+    min_side: int = 1,
 ) -> None:
     """Every image and label map exists, decodes in full, has the same size (at least
     ``min_side`` a side), and holds only labels 0..num_classes or 255; with ``need_object`` each

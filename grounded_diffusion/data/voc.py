@@ -107,10 +107,15 @@ class VOCFolder:
                 "a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt."
             )
         pairs = [self.files(i) for s in self.splits for i in self.ids(s)]
-        check_image_label_pairs(pairs, len(self.classes), f"VOC folder {self.root}", need_object=True, min_side=MIN_SIDE)
+        check_image_label_pairs(
+            pairs, len(self.classes), f"VOC folder {self.root}", need_object=True, min_side=MIN_SIDE
+        )
 
     def files(self, sample_id: str) -> tuple[Path, Path]:
-        return self.root / "JPEGImages" / f"{sample_id}.jpg", self.root / "SegmentationClass" / f"{sample_id}.png"
+        return (
+            self.root / "JPEGImages" / f"{sample_id}.jpg",
+            self.root / "SegmentationClass" / f"{sample_id}.png",
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -123,9 +128,15 @@ class VOCFolder:
     def splits(self) -> list[str]:
         if self._splits is not None:
             return self._splits
-        found = [s for s in ("train", "val", "test") if (self.root / "ImageSets" / "Segmentation" / f"{s}.txt").is_file()]
+        found = [
+            s
+            for s in ("train", "val", "test")
+            if (self.root / "ImageSets" / "Segmentation" / f"{s}.txt").is_file()
+        ]
         if not found:
-            raise ConfigError(f"{self.root} has no ImageSets/Segmentation/{{train,val,test}}.txt; list its image sets in `splits`")
+            raise ConfigError(
+                f"{self.root} has no ImageSets/Segmentation/{{train,val,test}}.txt; list its image sets in `splits`"
+            )
         return found
 
     def ids(self, split: str) -> list[str]:

@@ -93,7 +93,12 @@ VOCABULARIES = {"pascal": PASCAL_VOC, "coco": COCO, "scenes": SCENES, "shapes": 
 PASCAL_UNSEEN["zs3"] = ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
 COCO_UNSEEN["zs3"] = COCO_UNSEEN[1]  # the standard 65/15
 
-UNSEEN_SPLITS = {"pascal": PASCAL_UNSEEN, "coco": COCO_UNSEEN, "scenes": SCENES_UNSEEN, "shapes": SHAPES_WORLD_UNSEEN}
+UNSEEN_SPLITS = {
+    "pascal": PASCAL_UNSEEN,
+    "coco": COCO_UNSEEN,
+    "scenes": SCENES_UNSEEN,
+    "shapes": SHAPES_WORLD_UNSEEN,
+}
 
 
 class UnknownCategoryError(UserError, ValueError):
@@ -143,20 +148,31 @@ class CategorySplit:
         (built-in vocabularies: 1, 2, 3; on COCO also the seen-count sets ``seen5`` … ``seen65``),
         listed in ``unseen``, or everything but ``seen``; none of them: every category is seen."""
         categories = resolve_vocabulary(vocabulary)
-        given = [name for name, value in (("split", split), ("unseen", unseen), ("seen", seen)) if value is not None]
+        given = [
+            name
+            for name, value in (("split", split), ("unseen", unseen), ("seen", seen))
+            if value is not None
+        ]
         both = sorted(set(seen or ()) & set(unseen or ()))
         if both:
-            raise ConfigError(f"{', '.join(both)} listed as both seen and unseen; give only one list (the other categories are the rest)")
+            raise ConfigError(
+                f"{', '.join(both)} listed as both seen and unseen; give only one list (the other categories are the rest)"
+            )
         for name, names in (("unseen", unseen), ("seen", seen)):
             twice = sorted({n for n in names or () if list(names).count(n) > 1})
             if twice:
                 raise ConfigError(f"{name} lists {', '.join(twice)} more than once; list each category once")
         if len(given) > 1:
-            raise ConfigError(f"Give one of split, unseen or seen (the others null), not {' and '.join(given)}")
+            raise ConfigError(
+                f"Give one of split, unseen or seen (the others null), not {' and '.join(given)}"
+            )
         if split is not None:
             splits = UNSEEN_SPLITS.get(vocabulary, {}) if isinstance(vocabulary, str) else {}
             if split not in splits:
-                names = ", ".join(repr(k) for k in splits) or "none (list the unseen categories in `unseen` or the seen ones in `seen`)"
+                names = (
+                    ", ".join(repr(k) for k in splits)
+                    or "none (list the unseen categories in `unseen` or the seen ones in `seen`)"
+                )
                 raise ConfigError(f"Vocabulary {vocabulary!r} has splits {names}, not {split!r}")
             unseen = splits[split]
         if seen is not None:

@@ -81,7 +81,9 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         # At config time, before any weights load.
         check_in_range("model.init_args.backbone.num_inference_steps", self.num_inference_steps, 1, None, 50)
-        check_in_range("model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5)
+        check_in_range(
+            "model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5
+        )
 
     def identity(self) -> dict:
         """The settings the features depend on (what a cache records); speed switches left out."""
@@ -139,7 +141,9 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     if model_id in EMBEDDED_WEIGHTS:
         source = str(EMBEDDED_WEIGHTS[model_id])
         if not (Path(source) / "model_index.json").is_file():
-            raise MissingWeightsError(f"The weights of '{model_id}' are missing from {source}; retrain them with `{RETRAIN_COMMAND}`.")
+            raise MissingWeightsError(
+                f"The weights of '{model_id}' are missing from {source}; retrain them with `{RETRAIN_COMMAND}`."
+            )
     if looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise MissingWeightsError(
             f"model_id '{model_id}' is a local folder that does not exist ({Path(source).expanduser().resolve()}); "
@@ -155,7 +159,11 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         try:
             # (SDXL has no safety checker: diffusers notes that it ignores these two)
             pipe = DiffusionPipeline.from_pretrained(
-                source, local_files_only=local_only, dtype=dtype, safety_checker=None, requires_safety_checker=False
+                source,
+                local_files_only=local_only,
+                dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
             )
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
@@ -194,7 +202,9 @@ def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_s
 class StableDiffusionBackbone(nn.Module):
     """Frozen SD: text embeddings, VAE encoding, and UNet features grouped by resolution."""
 
-    def __init__(self, config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None) -> None:
+    def __init__(
+        self, config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None
+    ) -> None:
         """``pipeline``: an already loaded pipeline to use instead of ``config.model_id``."""
         super().__init__()
         self.config = config = config or BackboneConfig()
@@ -203,7 +213,11 @@ class StableDiffusionBackbone(nn.Module):
         if config.branches not in BRANCHES:
             raise ConfigError(f"branches '{config.branches}' is not one of {BRANCHES}")
         if pipeline is not None:
-            pipe = pipeline if pipeline.unet.dtype == DTYPES[config.dtype] else pipeline.to(dtype=DTYPES[config.dtype])
+            pipe = (
+                pipeline
+                if pipeline.unet.dtype == DTYPES[config.dtype]
+                else pipeline.to(dtype=DTYPES[config.dtype])
+            )
         else:
             pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -219,7 +233,9 @@ class StableDiffusionBackbone(nn.Module):
         if config.compile_backend is not None:
             backends = torch._dynamo.list_backends(exclude_tags=())
             if config.compile_backend not in backends:
-                raise ConfigError(f"compile_backend '{config.compile_backend}' is not one of torch.compile's {backends} (null: eager)")
+                raise ConfigError(
+                    f"compile_backend '{config.compile_backend}' is not one of torch.compile's {backends} (null: eager)"
+                )
             self.unet.compile(backend=config.compile_backend)  # in place: hooks and pipelines keep working
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step
@@ -303,9 +319,15 @@ class StableDiffusionBackbone(nn.Module):
             height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
             # original size, crop top-left, target size: the pipeline's defaults, no crop
             time_ids = torch.tensor([height, width, 0, 0, height, width], device=latents.device)
-            added = {"text_embeds": embeds.pooled.to(self.dtype), "time_ids": time_ids.expand(len(latents), 6).to(self.dtype)}
+            added = {
+                "text_embeds": embeds.pooled.to(self.dtype),
+                "time_ids": time_ids.expand(len(latents), 6).to(self.dtype),
+            }
         return self.unet(
-            latents.to(self.dtype), timesteps, encoder_hidden_states=embeds.hidden.to(self.dtype), added_cond_kwargs=added
+            latents.to(self.dtype),
+            timesteps,
+            encoder_hidden_states=embeds.hidden.to(self.dtype),
+            added_cond_kwargs=added,
         ).sample
 
     @torch.no_grad()
@@ -341,7 +363,9 @@ class StableDiffusionBackbone(nn.Module):
         """Channels of each resolution group (coarse first), read off one dummy forward."""
         size = self.unet.config.sample_size
         latents = torch.zeros(1, self.unet.config.in_channels, size, size, device=self.unet.device)
-        timesteps = torch.tensor([self.timestep], device=self.unet.device)  # diffusers does not move a 1-D one
+        timesteps = torch.tensor(
+            [self.timestep], device=self.unet.device
+        )  # diffusers does not move a 1-D one
         groups = self.unet_features(latents, timesteps, self.encode_prompts([""]))
         return [g.shape[1] for g in groups]
 
@@ -353,7 +377,9 @@ class StableDiffusionBackbone(nn.Module):
         penultimate states concatenated, plus the pooled embedding); ``unconditional``: what the
         pipeline puts in the guidance batch for an empty negative prompt."""
         pipe, device = self.pipeline(), self.text_encoder.device
-        out = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=unconditional)
+        out = pipe.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=unconditional
+        )
         if self.is_xl:
             hidden, uncond, pooled, uncond_pooled = out
             return PromptEmbeds(uncond, uncond_pooled) if unconditional else PromptEmbeds(hidden, pooled)
@@ -437,7 +463,9 @@ class StableDiffusionBackbone(nn.Module):
                 add_watermarker=False,
             )
         else:
-            pipe = StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline(
+                **modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -489,7 +517,9 @@ class StableDiffusionBackbone(nn.Module):
         maps of ``words`` (one list of words per prompt) accumulated over all steps
         (``word_matching``: see models.daam)."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:
-            raise ConfigError("branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)")
+            raise ConfigError(
+                "branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)"
+            )
         steps = num_inference_steps or self.config.num_inference_steps
         step = steps - self.capture_step_for(steps)  # loop index of the capture timestep
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
@@ -526,7 +556,9 @@ class StableDiffusionBackbone(nn.Module):
         )
 
 
-def check_category_tokens(tokenizer, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> list[int]:
+def check_category_tokens(
+    tokenizer, categories: Sequence[str], template: str = CATEGORY_TEMPLATE
+) -> list[int]:
     """The number of tokens of each category name, or one line naming a name the text encoder
     cannot embed: empty, unknown to the tokenizer, or too long for its context in ``template``."""
     if not categories:
@@ -535,10 +567,16 @@ def check_category_tokens(tokenizer, categories: Sequence[str], template: str = 
     unknown = {tokenizer.unk_token_id} - {tokenizer.eos_token_id, tokenizer.pad_token_id, None}
     room = tokenizer.model_max_length - len(tokenizer(template.format(""), add_special_tokens=True).input_ids)
     for name in categories:
-        ids = tokenizer(name, add_special_tokens=False, verbose=False).input_ids if isinstance(name, str) else []
+        ids = (
+            tokenizer(name, add_special_tokens=False, verbose=False).input_ids
+            if isinstance(name, str)
+            else []
+        )
         if not ids or unknown & set(ids):
             what = "is not text" if not isinstance(name, str) else "has no token the text encoder knows"
-            raise ConfigError(f"category {name!r} {what}: name each category in words, e.g. 'dog' or 'traffic light'")
+            raise ConfigError(
+                f"category {name!r} {what}: name each category in words, e.g. 'dog' or 'traffic light'"
+            )
         if len(ids) > room:
             raise ConfigError(
                 f"category {name[:40]!r}... is {len(ids)} tokens, more than the {room} that fit the text encoder's "

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
-
 WORD_MATCHING = ("whole", "reference")
 
 
@@ -51,11 +50,15 @@ def word_token_indices(tokenizer, prompt: str, word: str, others: Sequence[str] 
     found = spans(search)
     if not found:
         raise ValueError(f"The word {word!r} is not in the prompt {prompt!r}")
-    longer = [span for other in others for span in spans(_bpe_words(tokenizer, other)) if len(span) > len(search)]
+    longer = [
+        span for other in others for span in spans(_bpe_words(tokenizer, other)) if len(span) > len(search)
+    ]
     whole = [s for s in found if not any(s.start >= o.start and s.stop <= o.stop for o in longer)]
     positions = [1 + k for span in (whole or found) for k in span]
     if max(positions) >= tokenizer.model_max_length:
-        raise ValueError(f"The word {word!r} lies beyond the {tokenizer.model_max_length} tokens of {prompt!r}")
+        raise ValueError(
+            f"The word {word!r} lies beyond the {tokenizer.model_max_length} tokens of {prompt!r}"
+        )
     return positions
 
 
@@ -76,11 +79,22 @@ class HeatMapProcessor(AttnProcessor2_0):
         super().__init__()
         self.tracer, self.layer = tracer, layer
 
-    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
         if encoder_hidden_states is not None and self.tracer.traces(hidden_states.shape[1]):
             # Only the conditional branch is traced: the last B samples of a guidance batch.
             cond = -self.tracer.batch
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+            context = (
+                attn.norm_encoder_hidden_states(encoder_hidden_states)
+                if attn.norm_cross
+                else encoder_hidden_states
+            )
             query = attn.head_to_batch_dim(attn.to_q(hidden_states[cond:]))
             key = attn.head_to_batch_dim(attn.to_k(context[cond:]))
             probs = attn.get_attention_scores(query, key, None)  # [B * heads, pixels, tokens]
@@ -156,7 +170,9 @@ class DAAMTracer:
             batch, heads, pixels, tokens = kept.shape
             side = int(pixels**0.5)
             maps = kept.permute(0, 1, 3, 2).reshape(batch * heads * tokens, 1, side, side)
-            maps = F.interpolate(maps, size=(self.latent_size, self.latent_size), mode="bicubic").clamp_(min=0)
+            maps = F.interpolate(maps, size=(self.latent_size, self.latent_size), mode="bicubic").clamp_(
+                min=0
+            )
             total = total + maps.view(batch, heads, tokens, self.latent_size, self.latent_size).sum(1)
             count += heads
         if not count:

@@ -94,7 +94,9 @@ class GroundingHead(nn.Module):
     """Text queries attend to visual tokens; an MLP turns each into a mask embedding whose dot
     product with the fused per-pixel features gives that object's mask logits."""
 
-    def __init__(self, feature_channels: Sequence[int], text_dim: int, config: HeadConfig | None = None) -> None:
+    def __init__(
+        self, feature_channels: Sequence[int], text_dim: int, config: HeadConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = config = config or HeadConfig()
         self.feature_channels, self.text_dim = list(feature_channels), text_dim  # (what a saved head records)

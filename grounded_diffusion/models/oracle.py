@@ -40,7 +40,9 @@ class Oracle(nn.Module):
         try:
             check_categories([self.label_of(c) for c in categories], self.labels, "category")
         except UnknownCategoryError as err:
-            raise UnknownCategoryError(f"The oracle ({type(self).__name__}) cannot label these categories. {err}") from None
+            raise UnknownCategoryError(
+                f"The oracle ({type(self).__name__}) cannot label these categories. {err}"
+            ) from None
 
     def label_of(self, category: str) -> str:
         """The oracle's name for a category (PASCAL names map onto COCO's)."""
@@ -105,23 +107,34 @@ class MaskRCNNOracle(Oracle):
         if self.model is not None:
             return
         if self.weights is None:
-            model = torchvision.models.get_model(self.architecture, weights=None, weights_backbone=None, **self.detector_kwargs)
+            model = torchvision.models.get_model(
+                self.architecture, weights=None, weights_backbone=None, **self.detector_kwargs
+            )
         else:
             model = self._load_pretrained()
         self.model = model.requires_grad_(False).eval()
 
     def _load_pretrained(self) -> nn.Module:
-        file, name = torchvision_weights_file(self.weights), f"{type(self.weights).__name__}.{self.weights.name}"
-        fix = (f"Download {self.weights.url} on a machine with network access and put it at {file} (the folder is "
-               "$TORCH_HOME/hub/checkpoints), or set model.init_args.oracle.init_args.weights: null for a random "
-               "detector (tests only).")  # fmt: skip
+        file, name = (
+            torchvision_weights_file(self.weights),
+            f"{type(self.weights).__name__}.{self.weights.name}",
+        )
+        fix = (
+            f"Download {self.weights.url} on a machine with network access and put it at {file} (the folder is "
+            "$TORCH_HOME/hub/checkpoints), or set model.init_args.oracle.init_args.weights: null for a random "
+            "detector (tests only)."
+        )
         try:
-            return torchvision.models.get_model(self.architecture, weights=self.weights, **self.detector_kwargs)
+            return torchvision.models.get_model(
+                self.architecture, weights=self.weights, **self.detector_kwargs
+            )
         except OSError as err:  # URLError when offline; a partial download
             raise MissingWeightsError(f"Could not load the oracle's weights {name} ({err}). {fix}") from None
         except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # a truncated or foreign file
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise MissingWeightsError(f"The oracle's weights file {file} is corrupt ({first_line}); delete it. {fix}") from None
+            raise MissingWeightsError(
+                f"The oracle's weights file {file} is corrupt ({first_line}); delete it. {fix}"
+            ) from None
 
     @property
     def labels(self) -> Sequence[str]:
@@ -155,10 +168,16 @@ class MaskRCNNOracle(Oracle):
                 )
                 if not keep.any():
                     continue
-                instance_scores, instance_masks = found["scores"][keep], found["masks"][keep, 0] > self.mask_threshold
+                instance_scores, instance_masks = (
+                    found["scores"][keep],
+                    found["masks"][keep, 0] > self.mask_threshold,
+                )
                 if self.instances == "top1":
                     best = instance_scores.argmax()
-                    instance_scores, instance_masks = instance_scores[best : best + 1], instance_masks[best : best + 1]
+                    instance_scores, instance_masks = (
+                        instance_scores[best : best + 1],
+                        instance_masks[best : best + 1],
+                    )
                 masks[b, o] = instance_masks.any(0)
                 scores[b, o] = instance_scores.max()
         return masks, scores
@@ -191,7 +210,10 @@ class SegmenterOracle(Oracle):
             )
         config = json.loads(config_file.read_text())
         if config.get("background") != "class":
-            raise ConfigError(f"The oracle segmenter in {self.folder} was trained with background '{config.get('background')}'; an oracle needs background: class")
+            raise ConfigError(
+                f"The oracle segmenter in {self.folder} was trained with background "
+                f"'{config.get('background')}'; an oracle needs background: class"
+            )
         self._labels = list(config["classes"])
         self.segmenter = None
         self.requires_grad_(False)
@@ -220,9 +242,12 @@ class SegmenterOracle(Oracle):
         slots = max(len(c) for c in categories)
         # class index of each slot (1 + position in the class list); -1 for empty slots
         index = torch.tensor(
-            [[self._labels.index(n) + 1 for n in names] + [-1] * (slots - len(names)) for names in categories],
+            [
+                [self._labels.index(n) + 1 for n in names] + [-1] * (slots - len(names))
+                for names in categories
+            ],
             device=images.device,
-        )  # fmt: skip
+        )
         masks = best[:, None] == index[:, :, None, None]
         area = masks.flatten(2).sum(-1)
         class_probs = probs.gather(1, index.clamp(min=0)[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))

@@ -75,10 +75,14 @@ class PretrainedHead:
         config is complete). Returns its path."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
-            raise HeadFolderError(f"cannot save the head to {folder}: a file is in the way; give a folder path")
+            raise HeadFolderError(
+                f"cannot save the head to {folder}: a file is in the way; give a folder path"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+        atomic_write(
+            folder / WEIGHTS_NAME, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})
+        )
         atomic_write(folder / CARD_NAME, lambda tmp: tmp.write_text(self._card(), encoding="utf-8"))
         config = json.dumps(self.config(), indent=2) + "\n"
         atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config, encoding="utf-8"))
@@ -93,12 +97,17 @@ class PretrainedHead:
             f"every category named in a prompt. Features: step {b.capture_step} of {b.num_inference_steps} DDIM "
             f"steps, branches `{b.branches}`; {sum(p.numel() for p in self.head.parameters()):,} parameters.\n\n"
             "```python\nfrom grounded_diffusion import GroundedGenerator\n\n"
-            "generator = GroundedGenerator.from_pretrained(\"THIS_FOLDER_OR_REPO\")\n"
-            "out = generator(\"a photograph of a dog and a cat\", [\"dog\", \"cat\"], seed=0)\n```\n"
+            'generator = GroundedGenerator.from_pretrained("THIS_FOLDER_OR_REPO")\n'
+            'out = generator("a photograph of a dog and a cat", ["dog", "cat"], seed=0)\n```\n'
         )
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload grounding head") -> str:  # fmt: skip
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload grounding head",
+    ) -> str:
         """Create the Hub repository if needed and upload the saved folder; returns its URL."""
         from huggingface_hub import HfApi
 
@@ -112,7 +121,9 @@ class PretrainedHead:
     # -- reading -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_folder: str | Path, revision: str | None = None, token: str | None = None) -> PretrainedHead:
+    def from_pretrained(
+        cls, name_or_folder: str | Path, revision: str | None = None, token: str | None = None
+    ) -> PretrainedHead:
         """A saved head folder, or a Hub repository id (downloaded with huggingface_hub)."""
         folder = _local_folder(str(name_or_folder), revision, token)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -124,9 +135,14 @@ class PretrainedHead:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise HeadFolderError(f"{config_path} is not valid JSON ({error}); export the head again: `{EXPORT_COMMAND}`") from None
+            raise HeadFolderError(
+                f"{config_path} is not valid JSON ({error}); export the head again: `{EXPORT_COMMAND}`"
+            ) from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise HeadFolderError(f"{config_path} is not a grounding head's config (format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+            raise HeadFolderError(
+                f"{config_path} is not a grounding head's config (format "
+                f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})"
+            )
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise HeadFolderError(
                 f"{folder} is format version {config['format_version']}, newer than this grounded-diffusion reads "
@@ -137,13 +153,19 @@ class PretrainedHead:
             backbone = BackboneConfig(**config["backbone"])
             settings = {k: config[k] for k in ("guidance_scale", "mask_threshold", "real_image_mode")}
         except (KeyError, TypeError) as error:
-            raise HeadFolderError(f"{config_path} lacks or misnames a field ({error}); export the head again: `{EXPORT_COMMAND}`") from None
+            raise HeadFolderError(
+                f"{config_path} lacks or misnames a field ({error}); export the head again: `{EXPORT_COMMAND}`"
+            ) from None
         if not weights_path.is_file():
-            raise HeadFolderError(f"{folder} has a {CONFIG_NAME} but no {WEIGHTS_NAME}; export the head again: `{EXPORT_COMMAND}`")
+            raise HeadFolderError(
+                f"{folder} has a {CONFIG_NAME} but no {WEIGHTS_NAME}; export the head again: `{EXPORT_COMMAND}`"
+            )
         try:
             weights = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:
-            raise HeadFolderError(f"{weights_path} cannot be read ({error}): it is damaged; export the head again") from None
+            raise HeadFolderError(
+                f"{weights_path} cannot be read ({error}): it is damaged; export the head again"
+            ) from None
         _load_weights(head, weights, str(weights_path))
         return cls(head.eval(), backbone, **settings)
 
@@ -153,14 +175,24 @@ class PretrainedHead:
         checkpoint = read_checkpoint(path, map_location="cpu")
         check_checkpoint_kind(checkpoint, path, GROUNDING_MODULE)
         hparams = checkpoint.get("hyper_parameters", {})
-        state = {k.removeprefix("head."): v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("head.")}
+        state = {
+            k.removeprefix("head."): v
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k.startswith("head.")
+        }
         if not state or "backbone" not in hparams or "head" not in hparams:
-            raise HeadFolderError(f"checkpoint {path} holds no grounding head (no head weights or settings): give a checkpoint of `fit`")
+            raise HeadFolderError(
+                f"checkpoint {path} holds no grounding head (no head weights or settings): give a checkpoint of `fit`"
+            )
         # The widths the head reads are in its weights: no need to load the backbone here.
-        reduce = sorted((k for k in state if k.startswith("visual_encoder.reduce.") and k.endswith(".weight")),
-                        key=lambda k: int(k.split(".")[2]))  # fmt: skip
+        reduce = sorted(
+            (k for k in state if k.startswith("visual_encoder.reduce.") and k.endswith(".weight")),
+            key=lambda k: int(k.split(".")[2]),
+        )
         feature_channels = [state[k].shape[1] for k in reduce]
-        head = GroundingHead(feature_channels, state["text_proj.weight"].shape[1], HeadConfig(**dict(hparams["head"])))
+        head = GroundingHead(
+            feature_channels, state["text_proj.weight"].shape[1], HeadConfig(**dict(hparams["head"]))
+        )
         _load_weights(head, state, str(path))
         return cls(
             head.eval(),
@@ -188,13 +220,21 @@ def _local_folder(name: str, revision: str | None, token: str | None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise HeadFolderError(f"{path} is a file; give the folder a head was saved to (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise HeadFolderError(
+            f"{path} is a file; give the folder a head was saved to (holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     if looks_like_local_path(name) or name.count("/") != 1:
-        raise HeadFolderError(f"head folder {path.resolve()} does not exist: give a folder saved by `save_pretrained` or `{EXPORT_COMMAND}`")
+        raise HeadFolderError(
+            f"head folder {path.resolve()} does not exist: give a folder saved by `save_pretrained` or `{EXPORT_COMMAND}`"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+        return Path(
+            snapshot_download(
+                name, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+            )
+        )
     except Exception as error:  # offline, unknown repository, no access: huggingface_hub's many errors
         detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise HeadFolderError(

@@ -71,14 +71,22 @@ class DeepLabV3(PixelClassifier):
             ``null`` for random weights (offline runs).
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet101", weights_backbone: str | None = "DEFAULT") -> None:
+    def __init__(
+        self, num_classes: int, backbone: str = "resnet101", weights_backbone: str | None = "DEFAULT"
+    ) -> None:
         super().__init__()
         builder = f"deeplabv3_{backbone}"
         if builder not in torchvision.models.list_models(torchvision.models.segmentation):
             raise ConfigError(f"backbone '{backbone}' is not one of resnet50, resnet101, mobilenet_v3_large")
-        weights = None if weights_backbone is None else torchvision.models.get_model_weights(backbone).verify(weights_backbone)
+        weights = (
+            None
+            if weights_backbone is None
+            else torchvision.models.get_model_weights(backbone).verify(weights_backbone)
+        )
         try:
-            self.model = torchvision.models.get_model(builder, weights=None, weights_backbone=weights, num_classes=num_classes, aux_loss=False)
+            self.model = torchvision.models.get_model(
+                builder, weights=None, weights_backbone=weights, num_classes=num_classes, aux_loss=False
+            )
         except OSError as err:  # offline: the download failed
             file = torchvision_weights_file(weights)
             raise MissingBackboneWeightsError(
@@ -101,21 +109,31 @@ class LRASPP(PixelClassifier):
             1/8 of its input) and its scores back to the input size: small images keep sharp edges.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", input_scale: float = 2.0) -> None:
+    def __init__(
+        self, num_classes: int, backbone: str = "mobilenet_v3_small", input_scale: float = 2.0
+    ) -> None:
         super().__init__()
         from torchvision.models.segmentation.lraspp import _lraspp_mobilenetv3  # torchvision's own builder
 
         if backbone not in ("mobilenet_v3_small", "mobilenet_v3_large"):
             raise ConfigError(f"backbone '{backbone}' is not one of mobilenet_v3_small, mobilenet_v3_large")
-        self.model = _lraspp_mobilenetv3(torchvision.models.get_model(backbone, weights=None, dilated=True), num_classes)
+        self.model = _lraspp_mobilenetv3(
+            torchvision.models.get_model(backbone, weights=None, dilated=True), num_classes
+        )
         self.input_scale = input_scale
 
     def scores(self, images: Tensor) -> Tensor:
         size = images.shape[-2:]
         if self.input_scale != 1:
-            images = F.interpolate(images, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, scale_factor=self.input_scale, mode="bilinear", align_corners=False
+            )
         scores = self.model(self.normalise(images))["out"]
-        return F.interpolate(scores, size=size, mode="bilinear", align_corners=False) if self.input_scale != 1 else scores
+        return (
+            F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+            if self.input_scale != 1
+            else scores
+        )
 
 
 class MaskFormer(Segmenter):
@@ -156,31 +174,69 @@ class MaskFormer(Segmenter):
             raise ConfigError(f"architecture '{architecture}' is not one of maskformer, mask2former")
         stages = ["stage1", "stage2", "stage3", "stage4"]
         if backbone is None:  # tiny and random: the embedded offline option
-            backbone_args = dict(backbone_config=ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", out_features=stages))
+            backbone_args = dict(
+                backbone_config=ResNetConfig(
+                    embedding_size=16,
+                    hidden_sizes=[16, 32, 64, 128],
+                    depths=[1, 1, 1, 1],
+                    layer_type="basic",
+                    out_features=stages,
+                )
+            )
             sizes = dict(width=32, layers=1, heads=2, ffn=64)
         elif backbone == RANDOM_RESNET_101:  # microsoft/resnet-101's architecture, random weights
-            backbone_args = dict(backbone_config=ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 23, 3], layer_type="bottleneck", out_features=stages))
+            backbone_args = dict(
+                backbone_config=ResNetConfig(
+                    embedding_size=64,
+                    hidden_sizes=[256, 512, 1024, 2048],
+                    depths=[3, 4, 23, 3],
+                    layer_type="bottleneck",
+                    out_features=stages,
+                )
+            )
             sizes = dict(width=256, layers=6, heads=8, ffn=2048)
         else:
-            backbone_args = dict(backbone=backbone, use_pretrained_backbone=pretrained_backbone, backbone_kwargs={"out_features": stages})
+            backbone_args = dict(
+                backbone=backbone,
+                use_pretrained_backbone=pretrained_backbone,
+                backbone_kwargs={"out_features": stages},
+            )
             sizes = dict(width=256, layers=6, heads=8, ffn=2048)
         try:
             if architecture == "maskformer":
                 config = MaskFormerConfig(
-                    num_labels=num_classes, num_queries=num_queries, fpn_feature_size=sizes["width"], mask_feature_size=sizes["width"],
-                    decoder_config=dict(model_type="detr", d_model=sizes["width"], encoder_layers=sizes["layers"], decoder_layers=sizes["layers"],
-                                        encoder_attention_heads=sizes["heads"], decoder_attention_heads=sizes["heads"],
-                                        encoder_ffn_dim=sizes["ffn"], decoder_ffn_dim=sizes["ffn"], num_queries=num_queries),
+                    num_labels=num_classes,
+                    num_queries=num_queries,
+                    fpn_feature_size=sizes["width"],
+                    mask_feature_size=sizes["width"],
+                    decoder_config=dict(
+                        model_type="detr",
+                        d_model=sizes["width"],
+                        encoder_layers=sizes["layers"],
+                        decoder_layers=sizes["layers"],
+                        encoder_attention_heads=sizes["heads"],
+                        decoder_attention_heads=sizes["heads"],
+                        encoder_ffn_dim=sizes["ffn"],
+                        decoder_ffn_dim=sizes["ffn"],
+                        num_queries=num_queries,
+                    ),
                     **backbone_args,
-                )  # fmt: skip
+                )
                 self.model = MaskFormerForInstanceSegmentation(config)
             else:
                 config = Mask2FormerConfig(
-                    num_labels=num_classes, num_queries=num_queries, feature_size=sizes["width"], mask_feature_size=sizes["width"],
-                    hidden_dim=sizes["width"], encoder_layers=sizes["layers"], decoder_layers=sizes["layers"] + 1,
-                    num_attention_heads=sizes["heads"], encoder_feedforward_dim=sizes["ffn"], dim_feedforward=sizes["ffn"],
+                    num_labels=num_classes,
+                    num_queries=num_queries,
+                    feature_size=sizes["width"],
+                    mask_feature_size=sizes["width"],
+                    hidden_dim=sizes["width"],
+                    encoder_layers=sizes["layers"],
+                    decoder_layers=sizes["layers"] + 1,
+                    num_attention_heads=sizes["heads"],
+                    encoder_feedforward_dim=sizes["ffn"],
+                    dim_feedforward=sizes["ffn"],
                     **backbone_args,
-                )  # fmt: skip
+                )
                 self.model = Mask2FormerForUniversalSegmentation(config)
         except Exception as err:
             if not isinstance(err, OSError) and type(err).__module__.split(".")[0] not in NETWORK_MODULES:
@@ -198,7 +254,9 @@ class MaskFormer(Segmenter):
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
         mask_labels, class_labels = instance_targets(labels, self.num_classes)
-        return self.model(pixel_values=self.normalise(images), mask_labels=mask_labels, class_labels=class_labels).loss
+        return self.model(
+            pixel_values=self.normalise(images), mask_labels=mask_labels, class_labels=class_labels
+        ).loss
 
 
 def semantic_scores(class_logits: Tensor, mask_logits: Tensor, size) -> Tensor:
@@ -210,7 +268,9 @@ def semantic_scores(class_logits: Tensor, mask_logits: Tensor, size) -> Tensor:
 def instance_targets(labels: Tensor, num_classes: int) -> tuple[list[Tensor], list[Tensor]]:
     """Label maps [B, H, W] -> per image, one binary mask per class present (ignore pixels
     belong to none) and the class ids: the mask-classification targets of (Mask)MaskFormer."""
-    one_hot = F.one_hot(labels.long().clamp(max=num_classes), num_classes + 1)[..., :num_classes]  # 255 -> dropped
+    one_hot = F.one_hot(labels.long().clamp(max=num_classes), num_classes + 1)[
+        ..., :num_classes
+    ]  # 255 -> dropped
     present = one_hot.flatten(1, 2).any(1)  # [B, K]
     masks = one_hot.permute(0, 3, 1, 2).float()
     return [m[p] for m, p in zip(masks, present)], [p.nonzero()[:, 0] for p in present]
@@ -220,14 +280,22 @@ ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3", "lraspp")
 
 
 def build_segmenter(
-    architecture: str, num_classes: int, backbone: str | None = None, pretrained_backbone: bool = False, num_queries: int = 100
+    architecture: str,
+    num_classes: int,
+    backbone: str | None = None,
+    pretrained_backbone: bool = False,
+    num_queries: int = 100,
 ) -> Segmenter:
     """The segmenter of ``architecture`` (see ``SemanticSegmentationModule`` for the arguments)."""
     if architecture == "deeplabv3":
-        return DeepLabV3(num_classes, backbone or "mobilenet_v3_large", "DEFAULT" if pretrained_backbone else None)
+        return DeepLabV3(
+            num_classes, backbone or "mobilenet_v3_large", "DEFAULT" if pretrained_backbone else None
+        )
     if architecture == "lraspp":
         if pretrained_backbone:
-            raise ConfigError("architecture lraspp trains from scratch: set model.init_args.pretrained_backbone: false")
+            raise ConfigError(
+                "architecture lraspp trains from scratch: set model.init_args.pretrained_backbone: false"
+            )
         return LRASPP(num_classes, backbone or "mobilenet_v3_small")
     if architecture in ("maskformer", "mask2former"):
         return MaskFormer(num_classes, architecture, backbone, pretrained_backbone, num_queries)
@@ -252,7 +320,13 @@ def load_segmenter(folder: str | Path) -> tuple[Segmenter, dict]:
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    segmenter = build_segmenter(config["architecture"], config["num_classes"], config.get("backbone"), False, config.get("num_queries", 100))
+    segmenter = build_segmenter(
+        config["architecture"],
+        config["num_classes"],
+        config.get("backbone"),
+        False,
+        config.get("num_queries", 100),
+    )
     reference = segmenter.state_dict()
     state = {k: v.to(reference[k].dtype) for k, v in load_file(folder / "model.safetensors").items()}
     segmenter.load_state_dict(state)

@@ -47,7 +47,9 @@ def default_cache_root() -> Path:
 def build_tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     """Build the tiny SD-1.x pipeline in memory (weights depend only on ``seed``)."""
     torch.manual_seed(seed)
-    return assemble_pipeline(tiny_sd1_unet(sample_size=16), tiny_vae(sample_size=128), CLIPTextModel(tiny_clip_config(64)))
+    return assemble_pipeline(
+        tiny_sd1_unet(sample_size=16), tiny_vae(sample_size=128), CLIPTextModel(tiny_clip_config(64))
+    )
 
 
 def tiny_sd1_unet(sample_size: int) -> UNet2DConditionModel:
@@ -106,7 +108,9 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     vae = tiny_vae(sample_size=128)
     text_encoder = CLIPTextModel(tiny_clip_config(32, hidden_act="gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(32, hidden_act="gelu", projection_dim=32, pad_token_id=0))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_clip_config(32, hidden_act="gelu", projection_dim=32, pad_token_id=0)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
         tokenizer_2 = load_clip_tokenizer(tmp, pad_token="!")
@@ -122,7 +126,11 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-TINY_BUILDERS = {TINY_SD_ID: build_tiny_stable_diffusion, TINY_SD2_ID: build_tiny_sd2, TINY_SDXL_ID: build_tiny_sdxl}
+TINY_BUILDERS = {
+    TINY_SD_ID: build_tiny_stable_diffusion,
+    TINY_SD2_ID: build_tiny_sd2,
+    TINY_SDXL_ID: build_tiny_sdxl,
+}
 
 
 def tiny_clip_config(hidden_size: int, **overrides) -> CLIPTextConfig:
@@ -145,7 +153,9 @@ def tiny_vae(sample_size: int) -> AutoencoderKL:
     """A narrow SD VAE whose scaling factor is calibrated like SD's 0.18215: latents of sample
     images (procedural scenes) scaled to unit variance, so that noise at the capture step does not
     drown the image."""
-    vae = sd_vae(sample_size=sample_size, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+    vae = sd_vae(
+        sample_size=sample_size, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8
+    )
     images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
     with torch.no_grad():
         latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
@@ -156,7 +166,10 @@ def tiny_vae(sample_size: int) -> AutoencoderKL:
 def sd_vae(**config) -> AutoencoderKL:
     """SD's VAE layout (4 levels: 8x downsampling, 4 latent channels) at the given widths."""
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, **config
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        **config,
     )
 
 
@@ -193,8 +206,12 @@ def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline
     random weights: the real shapes and costs, for benchmarks of size and speed."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**SD15_UNET)
-    vae = sd_vae(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(tiny_clip_config(768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+    vae = sd_vae(
+        sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215
+    )
+    text_encoder = CLIPTextModel(
+        tiny_clip_config(768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    )
     return assemble_pipeline(unet, vae, text_encoder)
 
 

@@ -62,9 +62,7 @@ def write_clip_tokenizer_files(out_dir: str | Path, pad_token: str | None = None
     tokenizer.save_pretrained(out_dir)
     # Recent transformers save tokenizer.json only; older readers need vocab.json + merges.txt.
     (out_dir / "vocab.json").write_text(json.dumps(vocab))
-    (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    )
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return out_dir
 
 
