@@ -11,14 +11,14 @@ P2 := experiments/protocol2
 HEAD := outputs/shapes/checkpoints/last.ckpt
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: quickstart protocol2 scenes world test smoke install clean
+.PHONY: quickstart protocol2 scenes world test test-fast lint format docs smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The registry's torch + torchvision (CUDA builds run on CPU too); a CPU-only torch wheel
 	# would not load the registry's torchvision.
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -e ".[test,demo,docs]"
 	# The reference DAAM (parity test): its pinned requirements are obsolete, its code is not.
 	$(PY) -m pip install --quiet --no-deps "daam==0.2.0"
 	touch $(STAMP)
@@ -82,8 +82,27 @@ world: $(STAMP)
 $(CHROMIUM):
 	apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
-test: $(STAMP) $(CHROMIUM)
+# Everything, what CI runs (.ci/run): lint and the docs build first, then every test (about 17 min
+# on 2 CPU cores).
+test: lint docs $(CHROMIUM)
 	$(PY) -m pytest
+
+# Unit tests only (under 3 min): no test marked `workflow` (whole CLI runs, DDP, world-model training).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not workflow"
+
+# ruff: the checks and the formatting that CI enforces; `make format` applies them.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The guides in docs/ as HTML (docs/_build/html); a warning fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html -q docs docs/_build/html
 
 # The whole method once at Stable Diffusion 1.5's real sizes (random weights), CPU or CUDA:
 # per-stage time and peak memory (benchmarks/sd15_smoke.py).

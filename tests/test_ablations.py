@@ -10,6 +10,8 @@ from conftest import REPO
 from grounded_diffusion import launch
 from grounded_diffusion.cli import main
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 GRIDS = sorted((REPO / "experiments" / "ablations").glob("*.grid.yaml"))
 

@@ -23,6 +23,8 @@ from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.pretrained_head import CONFIG_NAME, WEIGHTS_NAME, HeadFolderError
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 PROMPTS = [
     {"prompt": "a photograph of a dog and a cat", "categories": ["dog", "cat"]},
     {"prompt": "a photograph of a car", "categories": ["car"]},

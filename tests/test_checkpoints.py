@@ -19,6 +19,8 @@ from conftest import REPO, assert_same_weights, last_weights, scenes_args
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.samplers import loader_generator, training_sampler
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 
 def saved_step(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]

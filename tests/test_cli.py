@@ -10,6 +10,8 @@ from grounded_diffusion import lightning_entry
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 ABLATIONS = REPO / "experiments" / "ablations"
 BACKBONES = REPO / "experiments" / "backbones"  # overlays too
 PROTOCOL2 = REPO / "experiments" / "protocol2"

@@ -15,6 +15,8 @@ from datamodules.triplets import TripletDataModule
 from grounded_diffusion.models.grounding_head import HeadConfig
 from lightning_modules.grounding import GroundingModule
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 
 def small_run(cache_dir, devices, **trainer_args):
     seed_everything(0)

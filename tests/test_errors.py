@@ -22,6 +22,8 @@ from grounded_diffusion.data.voc import VOCFolder, write_voc_folder
 from grounded_diffusion.errors import UserError
 from protocol2_data import rectangle_image
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 P2 = REPO / "experiments" / "protocol2"
 
 

@@ -26,6 +26,8 @@ from grounded_diffusion.data.grounded_folder import GroundedImageFolder
 from grounded_diffusion.errors import UserError
 from grounded_diffusion.files import FolderLock
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 SMALL = "{train: 6, val: 2, test: 2}"
 IDS = sorted(
     [

@@ -14,6 +14,8 @@ from grounded_diffusion.data.voc import VOCFolder, write_voc_folder
 from grounded_diffusion.data.vocabulary import CategorySplit, read_classes_file
 from protocol2_data import rectangle_image
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 CLASSES = ["traffic light", "hot dog", "dog"]
 # (label, box) per image: every class alone and in pairs, in train and val.
 IMAGES = {

@@ -29,6 +29,8 @@ from grounded_diffusion.metrics import SemanticIoU, zs3_summary
 from grounded_diffusion.models.segmenters import instance_targets, semantic_scores
 from protocol2_data import VOC_IMAGES, make_coco, make_voc
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 GENERATE = str(REPO / "experiments" / "generate.yaml")
 OFFLINE = str(REPO / "experiments" / "offline.yaml")
 P2 = REPO / "experiments" / "protocol2"

@@ -19,6 +19,8 @@ from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache, decode_image
 from grounded_diffusion.data.prompts import GROUPS
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 FEATURES_WRITER = "[{class_path: callbacks.cache_writer.TripletCacheWriter, init_args: {storage: features}}]"
 
 

@@ -13,6 +13,8 @@ from conftest import REPO, run_cli
 from grounded_diffusion.data.shapes_world import COLOURS, SHAPES, SHAPES_WORLD, caption, render_shapes_scene
 from grounded_diffusion.data.vocabulary import CategorySplit
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 WORLD = REPO / "experiments" / "world"
 
 

@@ -20,6 +20,8 @@ from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_sce
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.oracle import SegmenterOracle
 
+pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
+
 PROTOCOL2 = REPO / "experiments" / "protocol2"
 
 # The README's figures (`make world`), and how far a run on another machine may fall below them.
