@@ -80,6 +80,18 @@ def run_cli(args: list[str]) -> None:
         main(args)
 
 
+def print_config(configs: list[str], subcommand: str = "fit") -> str:
+    """What ``SUBCOMMAND --config A --config B ... --print_config`` prints, run from the repository
+    root (the configs merged, interpolated, every default filled in), without the version line."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        run_cli([subcommand, *(a for c in configs for a in ("--config", str(c))), "--print_config"])
+    return "\n".join(line for line in out.getvalue().splitlines() if not line.startswith("# lightning"))
+
+
 @pytest.fixture(scope="session")
 def scene_cache(tmp_path_factory) -> Path:
     """A small cache built by the real predict run; returns the run folder (trainer.default_root_dir)."""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, scenes_args
+from conftest import REPO, print_config, scenes_args
 from grounded_diffusion import lightning_entry
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make tes
 
 ABLATIONS = REPO / "experiments" / "ablations"
 BACKBONES = REPO / "experiments" / "backbones"  # overlays too
+BASE = REPO / "experiments" / "base"  # pieces that experiments name, not experiments
 PROTOCOL2 = REPO / "experiments" / "protocol2"
 # Overlays go after an experiment; every other YAML is a complete experiment.
 P2_OVERLAYS = {
@@ -31,6 +32,7 @@ EXPERIMENTS = sorted(
     for p in (REPO / "experiments").rglob("*.yaml")
     if ABLATIONS not in p.parents
     and BACKBONES not in p.parents
+    and BASE not in p.parents
     and p.name != "offline.yaml"
     and not (p.parent == PROTOCOL2 and p.stem in P2_OVERLAYS)
 )
@@ -250,11 +252,14 @@ def test_lightning_script_without_lightning_sdk_says_what_to_install(monkeypatch
     "synth", sorted((REPO / "experiments" / "synth").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_synthesis_configs_feed_their_training_config(synth):
-    """A fit config trains on the cache its synthesis configs write, with the same backbone."""
+    """A fit config trains on the cache its synthesis configs write, with the same backbone
+    (compared resolved: both name base files and interpolate the cache path)."""
     import yaml
 
     fit_name = synth.stem.rsplit("_", 1)[0]
-    fit, built = (yaml.safe_load(p.read_text()) for p in (REPO / "experiments" / f"{fit_name}.yaml", synth))
+    fit, built = (
+        yaml.safe_load(print_config([p])) for p in (REPO / "experiments" / f"{fit_name}.yaml", synth)
+    )
     assert fit["data"]["init_args"]["cache_dir"] == built["data"]["init_args"]["cache_dir"]
     for key in ("vocabulary", "split"):
         assert fit["data"]["init_args"][key] == built["data"]["init_args"][key]

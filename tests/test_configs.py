@@ -8,15 +8,14 @@ it. After an intended change of a config or a default, regenerate it and review 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, print_config
+
 GOLDEN = Path(__file__).parent / "data" / "resolved_configs.json"
 # Overlays (they go after an experiment) are resolved with the experiment they are written for.
 OVERLAID = {
@@ -38,18 +37,9 @@ def experiments() -> list[str]:
     return [n for n in names if not n.startswith(SKIPPED_FOLDERS)]
 
 
-def resolved(config: str) -> str:
-    """``fit --print_config`` of the config (after its experiment, for an overlay), run from the
-    repository root, without the version comment."""
-    from grounded_diffusion.cli import main
-
-    configs = [OVERLAID[config], config] if config in OVERLAID else [config]
-    out = io.StringIO()
-    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.argv", ["grounded-diffusion"])
-        with pytest.raises(SystemExit):
-            main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
-    return "\n".join(line for line in out.getvalue().splitlines() if not line.startswith("# lightning"))
+def resolved(config: str) -> list[str]:
+    """``fit --print_config`` of the config (after its experiment, for an overlay), line by line."""
+    return print_config([OVERLAID[config], config] if config in OVERLAID else [config]).splitlines()
 
 
 @pytest.mark.parametrize("config", experiments())
@@ -64,8 +54,7 @@ def test_the_golden_file_lists_no_removed_experiment():
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    GOLDEN.write_text(json.dumps({c: resolved(c) for c in experiments()}, indent=1) + "\n")
+    GOLDEN.write_text(
+        json.dumps({c: resolved(c) for c in experiments()}, indent=1, ensure_ascii=False) + "\n"
+    )
     print(f"wrote {GOLDEN}")
