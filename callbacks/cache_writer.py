@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 from lightning import LightningModule, Trainer
@@ -12,10 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from grounded_diffusion.data.cache import TripletCache, encode_image, pack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_choice
 
-STORAGE_MODES = ("features", "latents")
-IMAGE_FORMATS = ("jpeg", "png")
+StorageMode = Literal["features", "latents"]
+ImageFormat = Literal["jpeg", "png"]
 
 
 class TripletCacheWriter(BasePredictionWriter):
@@ -33,13 +34,11 @@ class TripletCacheWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, storage: str = "features", image_format: str = "jpeg", image_quality: int = 90
+        self, storage: StorageMode = "features", image_format: ImageFormat = "jpeg", image_quality: int = 90
     ) -> None:
         super().__init__(write_interval="batch")
-        if storage not in STORAGE_MODES:
-            raise ConfigError(f"storage '{storage}' is not one of {STORAGE_MODES}")
-        if image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"image_format '{image_format}' is not one of {IMAGE_FORMATS}")
+        check_choice("storage", storage, StorageMode)
+        check_choice("image_format", image_format, ImageFormat)
         if not 1 <= image_quality <= 100:
             raise ConfigError(f"image_quality {image_quality} is not in 1..100")
         self.storage, self.image_format, self.image_quality = storage, image_format, image_quality

@@ -9,9 +9,9 @@ from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
-from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES, IGNORE_LABEL, SegmentationSet
+from grounded_diffusion.data.segmentation_sets import IGNORE_LABEL, BackgroundMode, SegmentationSet
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
-from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
 
 
 class SegmentationSamples(Dataset):
@@ -92,12 +92,11 @@ class SegmentationDataModule(LightningDataModule):
         image_size: int = 224,
         batch_size: int = 8,
         num_workers: int = 4,
-        background: str = "ignore",
+        background: BackgroundMode = "ignore",
         check_data: bool = True,
     ) -> None:
         super().__init__()
-        if background not in BACKGROUND_MODES:
-            raise ConfigError(f"data.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
+        check_choice("data.init_args.background", background, BackgroundMode)
         check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
         check_in_range("data.init_args.num_workers", num_workers, 0, None, 4)
         self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)

@@ -164,5 +164,10 @@ def one_line_config_error(error: Exception, argv: list[str]) -> str:
         )
         given = next((line for line in lines if line.startswith("Given value:")), "")
         detail = f"{expected} ({given})" if given and "Got value" not in expected else expected
+        choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", detail)
+        if choice:  # an enumerated option: the choices and the nearest, as check_choice says it
+            options = re.findall(r"'([^']*)'", choice[1])
+            hint = did_you_mean(choice[2], options)
+            detail = f"'{choice[2]}' is not one of {', '.join(options)}" + (f"; {hint}" if hint else "")
         return f"{'.init_args.'.join(keys)}: {detail}"
     return " ".join(message.split())

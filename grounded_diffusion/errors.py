@@ -2,6 +2,7 @@
 
 import difflib
 import importlib
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,6 +58,16 @@ def torchvision_weights_file(weights) -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def check_choice(key: str, value, choices) -> None:
+    """``value`` is one of ``choices`` (a ``Literal[...]`` type, which jsonargparse also checks at
+    config time, or a tuple), or one line naming the key, the value, the choices and the nearest."""
+    options = typing.get_args(choices) or tuple(choices)
+    if value in options:
+        return
+    hint = did_you_mean(str(value), [str(o) for o in options])
+    raise ConfigError(f"{key} '{value}' is not one of {options}" + (f"; {hint}" if hint else ""))
 
 
 def check_in_range(key: str, value, low=None, high=None, default=None) -> None:

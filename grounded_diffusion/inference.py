@@ -1,21 +1,24 @@
-"""What a trained head does at inference, shared by ``predict`` runs (GroundingModule) and the
-Python API (``grounded_diffusion.GroundedGenerator``): segment the categories named for generated
-images, and bring real images to the capture step (paper §4.1) to segment them.
-
-Pure functions of a ``StableDiffusionBackbone`` and a ``GroundingHead``; no Lightning.
+"""What ``predict`` makes, as functions of the frozen models (no Lightning): triplets synthesised
+from prompts (SD + oracle + DAAM), triplets converted from images with masks (paper §4.1), and
+grounded images (generation + the trained head). GroundingModule's ``predict_step`` and the Python
+API (``grounded_diffusion.GroundedGenerator``) call them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from grounded_diffusion.data.sources import sample_seed
 from grounded_diffusion.models.backbone import StableDiffusionBackbone
+from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.grounding_head import GroundingHead
 
-REAL_IMAGE_MODES = ("noise", "ddim_inversion")  # how real images reach the capture step
+RealImageMode = Literal["noise", "ddim_inversion"]  # how real images reach the capture step
+REAL_IMAGE_MODES = get_args(RealImageMode)
 
 
 def category_slots(categories: Sequence[Sequence[str]]) -> tuple[list[str], Tensor]:
@@ -87,3 +90,41 @@ def segment_real(
     timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
     features = backbone.unet_features(latents, timesteps, prompt_embeds)
     return head_probabilities(backbone, head, features, categories, images.shape[-2:])
+
+
+def synthesise_triplets(
+    backbone: StableDiffusionBackbone, oracle, batch: dict, guidance_scale: float, word_matching: str
+) -> dict:
+    """A batch of prompts (``prompt``, ``seed``, ``categories``) -> the batch with the generated
+    ``image``, the oracle's ``masks`` and ``oracle_scores``, the ``daam`` maps of the category words
+    over all steps, and the capture step's ``latents`` and ``features``: the triplet cache's samples."""
+    generation = backbone.generate(
+        batch["prompt"], batch["seed"], guidance_scale, batch["categories"], word_matching
+    )
+    masks, scores = oracle(generation.images, batch["categories"])
+    return {
+        **batch,
+        "image": generation.images,
+        "masks": masks,
+        "oracle_scores": scores,
+        "daam": generation.heat_maps,
+        "latents": generation.latents,
+        "features": generation.features,
+    }
+
+
+def convert_images(backbone: StableDiffusionBackbone, batch: dict, mode: str, word_matching: str) -> dict:
+    """A batch of real images with masks (``image``, ``prompt``, ``categories``, ``id``) -> the batch
+    with the capture step's ``latents`` and ``features`` and the ``daam`` maps of one UNet call at
+    that step (the baseline's view of a real image). Each sample's noise is drawn from its id, so
+    that its features do not depend on its batch or rank."""
+    prompt_embeds = backbone.encode_prompts(batch["prompt"])
+    seeds = [sample_seed(i) for i in batch["id"]]
+    latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, mode)
+    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
+    tracer = DAAMTracer(backbone.unet)
+    with tracer.trace(
+        backbone.tokenizer, batch["prompt"], batch["categories"], latents.shape[-1], word_matching
+    ):
+        features = backbone.unet_features(latents, timesteps, prompt_embeds)
+    return {**batch, "latents": latents.to(backbone.dtype), "features": features, "daam": tracer.word_maps()}

@@ -6,13 +6,14 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+from typing import Literal
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import check_choice
 
-MODES = ("auto", "online", "offline")
+WandbMode = Literal["auto", "online", "offline"]
 
 
 def wandb_server_reachable(timeout: float = 2.0) -> bool:
@@ -41,9 +42,8 @@ class AutoWandbLogger(WandbLogger):
     Other arguments go to ``WandbLogger`` (``project``, ``name``, ``save_dir``, ``tags``, ...).
     """
 
-    def __init__(self, mode: str = "auto", offline: bool = False, **kwargs) -> None:
-        if mode not in MODES:
-            raise ConfigError(f"W&B mode '{mode}' is not one of {MODES}")
+    def __init__(self, mode: WandbMode = "auto", offline: bool = False, **kwargs) -> None:
+        check_choice("W&B mode", mode, WandbMode)
         offline = offline or mode == "offline" or (mode == "auto" and not wandb_server_reachable())
         kwargs.setdefault("save_dir", ".")
         os.makedirs(kwargs["save_dir"], exist_ok=True)

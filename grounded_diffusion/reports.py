@@ -33,6 +33,29 @@ from pathlib import Path
 from grounded_diffusion.data.prompts import GROUPS
 
 GROUP_TITLES = ("one: seen", "one: unseen", "two: seen", "two: seen+unseen", "two: unseen")
+TRIVIAL = ("all_foreground", "all_background")  # the predictors every method must beat
+
+
+def table1_results(table: dict, daam_methods: dict[str, float], daam_threshold: float) -> dict:
+    """A test's Tab. 1 results (``metrics.json``) from ``GroupedIoU.compute``'s table: ours over
+    the whole set, the baselines, the groups of ours and DAAM, and DAAM at the τ of
+    ``daam_methods`` (``{"daam": τ, "daam@τ": τ, ...}``) with the best seen mIoU (``daam_tuned``)."""
+    results = {
+        **table["ours"]["all"],
+        "baselines": {m: table[m]["all"] for m in ("daam", *TRIVIAL)},
+        "groups": {m: table[m] for m in ("ours", "daam")},
+        "daam_threshold": daam_threshold,
+    }
+    grid = {t: table[m]["all"]["seen_miou"] for m, t in list(daam_methods.items())[1:]}
+    finite = {t: v for t, v in grid.items() if not math.isnan(v)}
+    if finite:  # τ chosen on seen categories only, then reported on every group
+        best = max(finite, key=finite.get)
+        results["daam_tuned"] = {
+            "threshold": best,
+            "seen_miou_by_threshold": grid,
+            "groups": table[f"daam@{best:g}"],
+        }
+    return results
 
 
 def pct(value: float | None) -> str:

@@ -10,19 +10,17 @@ from lightning import LightningModule
 from torch import Tensor
 
 from grounded_diffusion.data.prompts import PromptSet
-from grounded_diffusion.data.sources import sample_seed
-from grounded_diffusion.errors import ConfigError, check_in_range
-from grounded_diffusion.inference import REAL_IMAGE_MODES, ground_generated, real_image_latents
+from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
+from grounded_diffusion.inference import RealImageMode, convert_images, ground_generated, synthesise_triplets
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
-from grounded_diffusion.models.daam import WORD_MATCHING, DAAMTracer, normalized_heat_maps
+from grounded_diffusion.models.daam import WordMatching, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 from grounded_diffusion.quiet import quiet_known_noise
+from grounded_diffusion.reports import TRIVIAL, table1_results
 from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
-
-TRIVIAL = ("all_foreground", "all_background")
 
 
 class GroundingModule(LightningModule):
@@ -65,14 +63,12 @@ class GroundingModule(LightningModule):
         daam_threshold: float = 0.4,
         daam_thresholds: list[float] | None = None,
         test_min_oracle_score: float | None = 0.7,
-        real_image_mode: str = "noise",
-        daam_word_matching: str = "whole",
+        real_image_mode: RealImageMode = "noise",
+        daam_word_matching: WordMatching = "whole",
     ) -> None:
         super().__init__()
-        if real_image_mode not in REAL_IMAGE_MODES:
-            raise ConfigError(f"real_image_mode '{real_image_mode}' is not one of {REAL_IMAGE_MODES}")
-        if daam_word_matching not in WORD_MATCHING:
-            raise ConfigError(f"daam_word_matching '{daam_word_matching}' is not one of {WORD_MATCHING}")
+        check_choice("real_image_mode", real_image_mode, RealImageMode)
+        check_choice("daam_word_matching", daam_word_matching, WordMatching)
         for key, value, default in [
             ("mask_threshold", mask_threshold, 0.5),
             ("daam_threshold", daam_threshold, 0.4),
@@ -296,7 +292,7 @@ class GroundingModule(LightningModule):
                 if not math.isnan(summary["on_other_object"]):  # NaN where no image has two objects
                     keys.append("on_other_object")
                 self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in keys}, sync_dist=True)
-        results = self._table1_results(table)
+        results = table1_results(table, self.daam_methods, self.hparams.daam_threshold)
         results["confused_pairs"] = confused_pairs(self.test_pairs.compute(), self.category_split.categories)
         self.test_pairs.reset()
         if self.test_iou_unfiltered is not None:
@@ -309,27 +305,8 @@ class GroundingModule(LightningModule):
             }
             min_score = self.hparams.test_min_oracle_score
             results["test_filter"] = {"min_oracle_score": min_score, "objects": counts}
-            results["unfiltered"] = self._table1_results(unfiltered)
+            results["unfiltered"] = table1_results(unfiltered, self.daam_methods, self.hparams.daam_threshold)
         self.results["test"] = results
-
-    def _table1_results(self, table: dict) -> dict:
-        """Ours over the whole set, the baselines, Table-1 groups, and DAAM with τ chosen on seen."""
-        results = {
-            **table["ours"]["all"],
-            "baselines": {m: table[m]["all"] for m in ("daam", *TRIVIAL)},
-            "groups": {m: table[m] for m in ("ours", "daam")},
-            "daam_threshold": self.hparams.daam_threshold,
-        }
-        grid = {t: table[m]["all"]["seen_miou"] for m, t in list(self.daam_methods.items())[1:]}
-        finite = {t: v for t, v in grid.items() if not math.isnan(v)}
-        if finite:  # τ chosen on seen categories only, then reported on every group
-            best = max(finite, key=finite.get)
-            results["daam_tuned"] = {
-                "threshold": best,
-                "seen_miou_by_threshold": grid,
-                "groups": table[f"daam@{best:g}"],
-            }
-        return results
 
     # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1), ----
     # -- or grounded images (generation + the trained head's masks) ---------------------------
@@ -343,63 +320,23 @@ class GroundingModule(LightningModule):
             )
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """A batch of the source -> triplets with features and replay latents, for the cache; or,
-        for a grounded-image datamodule, images with one mask probability map per category."""
-        if getattr(self, "predict_mode", "triplets") == "ground":
-            return self._ground(batch)
-        if "image" in batch:
-            return self._convert_images(batch)
-        return self._synthesise(batch)
-
-    def _ground(self, batch: dict) -> dict:
-        """Generate, then segment every named category with the head. probs: [B, O, H, W] at
-        image size, 0 in empty slots."""
-        images, probs = ground_generated(
-            self.backbone,
-            self.head,
-            batch["prompt"],
-            batch["categories"],
-            batch["seed"],
-            self.hparams.guidance_scale,
-        )
-        return {**batch, "image": images, "probs": probs}
-
-    def _synthesise(self, batch: dict) -> dict:
+        """A batch of the source -> triplets for the cache (synthesised from prompts, or converted
+        from images with masks), or, for a grounded-image datamodule, images with one mask
+        probability map per category (``grounded_diffusion.inference`` makes each)."""
         h = self.hparams
-        generation = self.backbone.generate(
-            batch["prompt"], batch["seed"], h.guidance_scale, batch["categories"], h.daam_word_matching
-        )
-        masks, scores = self.oracle(generation.images, batch["categories"])
-        return {
-            **batch,
-            "image": generation.images,
-            "masks": masks,
-            "oracle_scores": scores,
-            "daam": generation.heat_maps,
-            "latents": generation.latents,
-            "features": generation.features,
-        }
-
-    def _convert_images(self, batch: dict) -> dict:
-        backbone = self.backbone
-        prompt_embeds = backbone.encode_prompts(batch["prompt"])
-        # One noise draw per sample id: the same features in any batch, on any rank.
-        seeds = [sample_seed(i) for i in batch["id"]]
-        latents = real_image_latents(
-            backbone, batch["image"], prompt_embeds, seeds, self.hparams.real_image_mode
-        )
-        timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-        # DAAM from this one UNet call: the baseline's view of a real image at the capture step.
-        tracer = DAAMTracer(backbone.unet)
-        words, matching = batch["categories"], self.hparams.daam_word_matching
-        with tracer.trace(backbone.tokenizer, batch["prompt"], words, latents.shape[-1], matching):
-            features = backbone.unet_features(latents, timesteps, prompt_embeds)
-        return {
-            **batch,
-            "latents": latents.to(backbone.dtype),
-            "features": features,
-            "daam": tracer.word_maps(),
-        }
+        if getattr(self, "predict_mode", "triplets") == "ground":
+            images, probs = ground_generated(
+                self.backbone,
+                self.head,
+                batch["prompt"],
+                batch["categories"],
+                batch["seed"],
+                h.guidance_scale,
+            )
+            return {**batch, "image": images, "probs": probs}
+        if "image" in batch:
+            return convert_images(self.backbone, batch, h.real_image_mode, h.daam_word_matching)
+        return synthesise_triplets(self.backbone, self.oracle, batch, h.guidance_scale, h.daam_word_matching)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

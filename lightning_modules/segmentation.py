@@ -4,21 +4,22 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor
 
-from grounded_diffusion.data.segmentation_sets import BACKGROUND_MODES
+from grounded_diffusion.data.segmentation_sets import BackgroundMode
 from grounded_diffusion.data.vocabulary import resolve_vocabulary
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, check_choice
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
-from grounded_diffusion.models.segmenters import ARCHITECTURES, Segmenter, build_segmenter, save_segmenter
+from grounded_diffusion.models.segmenters import Architecture, Segmenter, build_segmenter, save_segmenter
 from grounded_diffusion.quiet import quiet_known_noise
 from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
-LR_SCHEDULES = ("poly", "constant")
+LrSchedule = Literal["poly", "constant"]
 
 
 class SemanticSegmentationModule(LightningModule):
@@ -46,23 +47,20 @@ class SemanticSegmentationModule(LightningModule):
     def __init__(
         self,
         vocabulary: str = "pascal",
-        architecture: str = "maskformer",
+        architecture: Architecture = "maskformer",
         backbone: str | None = "microsoft/resnet-101",
         pretrained_backbone: bool = True,
         num_queries: int = 100,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
-        background: str = "ignore",
-        lr_schedule: str = "poly",
+        background: str = "ignore",  # (not Literal: configs interpolate it, checked below)
+        lr_schedule: LrSchedule = "poly",
         poly_power: float = 0.9,
     ) -> None:
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ConfigError(f"architecture '{architecture}' is not one of {ARCHITECTURES}")
-        if background not in BACKGROUND_MODES:
-            raise ConfigError(f"model.init_args.background '{background}' is not one of {BACKGROUND_MODES}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"model.init_args.lr_schedule '{lr_schedule}' is not one of {LR_SCHEDULES}")
+        check_choice("architecture", architecture, Architecture)
+        check_choice("model.init_args.background", background, BackgroundMode)
+        check_choice("model.init_args.lr_schedule", lr_schedule, LrSchedule)
         self.save_hyperparameters()
         self.classes = resolve_vocabulary(vocabulary)
         self.num_classes = len(self.classes) + (background == "class")

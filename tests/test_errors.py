@@ -424,3 +424,23 @@ def test_cuda_out_of_memory_names_the_batch_size(subcommand, kept, tmp_path, mon
         in message
     )
     assert kept in message
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model.init_args.real_image_mode", "nois"],
+            "model.init_args.real_image_mode: 'nois' is not one of noise, ddim_inversion; did you mean 'noise'?",
+        ),
+        (
+            ["--model.init_args.backbone.dtype", "float64"],
+            "model.init_args.backbone.dtype: 'float64' is not one of float32, float16, bfloat16; did you mean 'float16'?",
+        ),
+    ],
+)
+def test_an_enumerated_option_is_checked_at_config_time_with_its_choices(args, message, tmp_path):
+    """Literal-typed options: jsonargparse refuses the value before anything is built."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *scenes_args(tmp_path), *args])
+    assert exit_info.value.code == f"error: {message}"

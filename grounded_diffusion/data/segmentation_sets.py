@@ -7,6 +7,7 @@ image holds (to keep "real images of seen classes only")."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_fi
 from grounded_diffusion.errors import ConfigError
 
 # How a segmenter treats background: ``ignore`` (255, the ZS3 convention on VOC) or ``class`` (0).
-BACKGROUND_MODES = ("ignore", "class")
+BackgroundMode = Literal["ignore", "class"]
 
 
 def _pil_to_tensors(image: Image.Image, labels: Image.Image) -> tuple[Tensor, Tensor]:

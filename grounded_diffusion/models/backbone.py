@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -29,13 +30,14 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, UserError, check_in_range
+from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
 from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND
 from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BRANCHES = ("cond", "uncond+cond")
+Dtype = Literal["float32", "float16", "bfloat16"]
+Branches = Literal["cond", "uncond+cond"]
 PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
@@ -70,9 +72,9 @@ class BackboneConfig:
     """
 
     model_id: str = TINY_SD_ID
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     blocks: list[str] | None = None
-    branches: str = "cond"
+    branches: Branches = "cond"
     capture_step: int = 5
     num_inference_steps: int = 50
     channels_last: bool = False
@@ -208,10 +210,8 @@ class StableDiffusionBackbone(nn.Module):
         """``pipeline``: an already loaded pipeline to use instead of ``config.model_id``."""
         super().__init__()
         self.config = config = config or BackboneConfig()
-        if config.dtype not in DTYPES:
-            raise ConfigError(f"dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
-        if config.branches not in BRANCHES:
-            raise ConfigError(f"branches '{config.branches}' is not one of {BRANCHES}")
+        check_choice("dtype", config.dtype, Dtype)
+        check_choice("branches", config.branches, Branches)
         if pipeline is not None:
             pipe = (
                 pipeline

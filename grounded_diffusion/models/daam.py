@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Iterator, Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
-WORD_MATCHING = ("whole", "reference")
+WordMatching = Literal["whole", "reference"]
+WORD_MATCHING = get_args(WordMatching)
 
 
 def _bpe_words(tokenizer, text: str) -> list[str]:
@@ -116,7 +118,7 @@ class DAAMTracer:
         prompts: Sequence[str],
         words: Sequence[Sequence[str]],
         latent_size: int | None = None,
-        matching: str = "whole",
+        matching: WordMatching = "whole",
     ) -> Iterator[DAAMTracer]:
         """Trace ``words`` (one list per prompt) of the B ``prompts`` (the conditional branch is
         the last B samples of each UNet call, as in diffusers' guidance batches); ``matching``:
@@ -186,7 +188,7 @@ class DAAMTracer:
 
 
 def word_token_table(
-    tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: str = "whole"
+    tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: WordMatching = "whole"
 ) -> tuple[Tensor, Tensor]:
     """The tokens to trace and how they make words: ``token_index`` [B, K] and ``word_weights``
     [B, O, K] (O = the most words of a prompt; empty slots weigh nothing)."""

@@ -11,18 +11,19 @@ import json
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
-from grounded_diffusion.errors import ConfigError, check_in_range, torchvision_weights_file
+from grounded_diffusion.errors import ConfigError, check_choice, check_in_range, torchvision_weights_file
 from grounded_diffusion.models.backbone import MissingWeightsError
 from grounded_diffusion.models.segmenters import load_segmenter
 from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND, SHAPES_ORACLE_ID
 
-INSTANCE_MODES = ("union", "top1")
+InstanceMode = Literal["union", "top1"]
 
 
 class Oracle(nn.Module):
@@ -82,13 +83,12 @@ class MaskRCNNOracle(Oracle):
         architecture: str = "maskrcnn_resnet50_fpn_v2",
         weights: str | None = "DEFAULT",
         score_threshold: float = 0.5,
-        instances: str = "union",
+        instances: InstanceMode = "union",
         mask_threshold: float = 0.5,
         detector_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        if instances not in INSTANCE_MODES:
-            raise ConfigError(f"instances '{instances}' is not one of {INSTANCE_MODES}")
+        check_choice("instances", instances, InstanceMode)
         check_in_range("model.init_args.oracle.init_args.score_threshold", score_threshold, 0.0, 1.0, 0.5)
         check_in_range("model.init_args.oracle.init_args.mask_threshold", mask_threshold, 0.0, 1.0, 0.5)
         self.architecture, self.weights_name = architecture, weights

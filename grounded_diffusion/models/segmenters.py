@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, UserError, torchvision_weights_file
+from grounded_diffusion.errors import ConfigError, UserError, check_choice, torchvision_weights_file
 
 # Where the errors of an unreachable Hub come from (huggingface_hub's own subclass OSError).
 NETWORK_MODULES = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"}
@@ -25,6 +26,12 @@ NETWORK_MODULES = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"}
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+LrasppBackbone = Literal["mobilenet_v3_small", "mobilenet_v3_large"]
+TransformerArchitecture = Literal["maskformer", "mask2former"]
+Architecture = Literal["maskformer", "mask2former", "deeplabv3", "lraspp"]
+ARCHITECTURES = get_args(Architecture)
 
 
 class MissingBackboneWeightsError(UserError, RuntimeError):
@@ -110,13 +117,15 @@ class LRASPP(PixelClassifier):
     """
 
     def __init__(
-        self, num_classes: int, backbone: str = "mobilenet_v3_small", input_scale: float = 2.0
+        self,
+        num_classes: int,
+        backbone: LrasppBackbone = "mobilenet_v3_small",
+        input_scale: float = 2.0,
     ) -> None:
         super().__init__()
         from torchvision.models.segmentation.lraspp import _lraspp_mobilenetv3  # torchvision's own builder
 
-        if backbone not in ("mobilenet_v3_small", "mobilenet_v3_large"):
-            raise ConfigError(f"backbone '{backbone}' is not one of mobilenet_v3_small, mobilenet_v3_large")
+        check_choice("backbone", backbone, LrasppBackbone)
         self.model = _lraspp_mobilenetv3(
             torchvision.models.get_model(backbone, weights=None, dilated=True), num_classes
         )
@@ -156,7 +165,7 @@ class MaskFormer(Segmenter):
     def __init__(
         self,
         num_classes: int,
-        architecture: str = "maskformer",
+        architecture: TransformerArchitecture = "maskformer",
         backbone: str | None = "microsoft/resnet-101",
         pretrained_backbone: bool = True,
         num_queries: int = 100,
@@ -170,8 +179,7 @@ class MaskFormer(Segmenter):
             ResNetConfig,
         )
 
-        if architecture not in ("maskformer", "mask2former"):
-            raise ConfigError(f"architecture '{architecture}' is not one of maskformer, mask2former")
+        check_choice("architecture", architecture, TransformerArchitecture)
         stages = ["stage1", "stage2", "stage3", "stage4"]
         if backbone is None:  # tiny and random: the embedded offline option
             backbone_args = dict(
@@ -274,9 +282,6 @@ def instance_targets(labels: Tensor, num_classes: int) -> tuple[list[Tensor], li
     present = one_hot.flatten(1, 2).any(1)  # [B, K]
     masks = one_hot.permute(0, 3, 1, 2).float()
     return [m[p] for m, p in zip(masks, present)], [p.nonzero()[:, 0] for p in present]
-
-
-ARCHITECTURES = ("maskformer", "mask2former", "deeplabv3", "lraspp")
 
 
 def build_segmenter(
