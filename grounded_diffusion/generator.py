@@ -32,8 +32,8 @@ from grounded_diffusion.data.grounded_folder import GroundedImageFolder, overlay
 from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE, prompt_seed
 from grounded_diffusion.data.validation import MIN_SIDE, decoded_image
 from grounded_diffusion.data.voc import PALETTE_RGB
-from grounded_diffusion.errors import ConfigError, UserError, check_in_range
-from grounded_diffusion.inference import REAL_IMAGE_MODES, ground_generated, segment_real
+from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
+from grounded_diffusion.inference import RealImageMode, ground_generated, segment_real
 from grounded_diffusion.models.backbone import DTYPES, StableDiffusionBackbone, check_category_tokens
 from grounded_diffusion.models.pretrained_head import PretrainedHead, check_compatible
 
@@ -311,8 +311,7 @@ class GroundedGenerator:
                     f"{len(prompts)} prompts for {len(pictures)} images: give one prompt, or one per image"
                 )
         mode = mode or self.pretrained.real_image_mode
-        if mode not in REAL_IMAGE_MODES:
-            raise ConfigError(f"mode '{mode}' is not one of {REAL_IMAGE_MODES}")
+        check_choice("mode", mode, RealImageMode)
         check_in_range("batch_size", batch_size, 1, None, 4)
         seeds = self._seeds(seed, len(pictures))
         side, device = self.backbone.image_size, self.backbone.unet.device

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Iterator, Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
+from grounded_diffusion.errors import check_choice
+
 WordMatching = Literal["whole", "reference"]
-WORD_MATCHING = get_args(WordMatching)
 
 
 def _bpe_words(tokenizer, text: str) -> list[str]:
@@ -192,8 +193,7 @@ def word_token_table(
 ) -> tuple[Tensor, Tensor]:
     """The tokens to trace and how they make words: ``token_index`` [B, K] and ``word_weights``
     [B, O, K] (O = the most words of a prompt; empty slots weigh nothing)."""
-    if matching not in WORD_MATCHING:
-        raise ValueError(f"DAAM word matching '{matching}' is not one of {WORD_MATCHING}")
+    check_choice("DAAM word matching", matching, WordMatching)
     positions = [
         [word_token_indices(tokenizer, p, w, ws if matching == "whole" else ()) for w in ws]
         for p, ws in zip(prompts, words)
