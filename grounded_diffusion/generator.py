@@ -194,6 +194,7 @@ class GroundedGenerator:
     def from_head(
         cls, head: PretrainedHead, device=None, dtype=None, model_id: str | None = None
     ) -> GroundedGenerator:
+        """A loaded ``PretrainedHead`` with the backbone it records (arguments as ``from_pretrained``)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, torch.dtype):
             dtype = next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
