@@ -11,7 +11,7 @@ P2 := experiments/protocol2
 HEAD := outputs/shapes/checkpoints/last.ckpt
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: quickstart protocol2 scenes world test test-fast lint format docs smoke install clean
+.PHONY: quickstart protocol2 scenes world world-wide test test-fast lint format docs smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,22 @@ world: $(STAMP)
 	cp -r $(WORLD)/text_to_image/pipeline $(WEIGHTS)/shapes-sd
 	cp -r $(WORLD)/oracle/segmenter $(WEIGHTS)/shapes-oracle
 	$(PY) -m grounded_diffusion.world --per-group 50
+
+# The wide shapes world (48 categories: 8 colour words x 6 shape words), the same three fits: its
+# models ship in grounded_diffusion/weights/shapes-wide-{sd,oracle}. On a 2-core CPU: about 80 min.
+WIDE := outputs/world_wide
+WIDE_VAE := --config experiments/world/autoencoder.yaml --config experiments/world/wide.yaml
+WIDE_T2I := --config experiments/world/text_to_image.yaml --config experiments/world/wide.yaml
+WIDE_ORACLE := --config experiments/world/oracle.yaml --config experiments/world/oracle_wide.yaml
+world-wide: $(STAMP)
+	$(RUN) fit $(WIDE_VAE) --trainer.default_root_dir $(WIDE)/autoencoder
+	$(RUN) fit $(WIDE_T2I) --trainer.default_root_dir $(WIDE)/text_to_image --model.init_args.vae $(WIDE)/autoencoder/vae
+	$(RUN) fit $(WIDE_ORACLE)
+	$(RUN) test $(WIDE_ORACLE) --ckpt_path last --verbose false
+	rm -rf $(WEIGHTS)/shapes-wide-sd $(WEIGHTS)/shapes-wide-oracle
+	cp -r $(WIDE)/text_to_image/pipeline $(WEIGHTS)/shapes-wide-sd
+	cp -r $(WIDE)/oracle/segmenter $(WEIGHTS)/shapes-wide-oracle
+	$(PY) -m grounded_diffusion.world --world shapes_wide --per-group 50
 
 # Debian's Chromium: the demo page's headless-browser test (tests/test_api.py).
 $(CHROMIUM):

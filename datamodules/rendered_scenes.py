@@ -8,7 +8,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from grounded_diffusion.data.samplers import loader_generator, training_sampler
-from grounded_diffusion.data.shapes_world import caption, render_shapes_scene
+from grounded_diffusion.data.shapes_world import ShapesWorld, caption, render_shapes_scene
 
 # Validation scenes come from indices far beyond any training set, so the two never meet.
 VAL_OFFSET = 10_000_000
@@ -18,14 +18,19 @@ class RenderedScenes(Dataset):
     """Scenes ``offset .. offset + count - 1`` of the world's seed: ``{image uint8 [3, H, W],
     labels uint8 [H, W], caption}``."""
 
-    def __init__(self, count: int, image_size: int = 64, seed: int = 0, offset: int = 0) -> None:
-        self.count, self.image_size, self.seed, self.offset = count, image_size, seed, offset
+    def __init__(
+        self, count: int, image_size: int = 64, seed: int = 0, offset: int = 0, world: ShapesWorld = "shapes"
+    ) -> None:
+        self.count, self.image_size, self.seed = count, image_size, seed
+        self.offset, self.world = offset, world
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> dict:
-        image, labels, names = render_shapes_scene(self.offset + index, self.image_size, self.seed)
+        image, labels, names = render_shapes_scene(
+            self.offset + index, self.image_size, self.seed, world=self.world
+        )
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1),
             "labels": torch.from_numpy(labels),
@@ -40,6 +45,7 @@ class RenderedScenesDataModule(LightningDataModule):
         num_val: validation scenes (a fixed set).
         image_size: side in pixels (the world's models: 64).
         seed: the world's seed.
+        world: ``shapes`` (20 categories) or ``shapes_wide`` (48).
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class RenderedScenesDataModule(LightningDataModule):
         num_val: int = 256,
         image_size: int = 64,
         seed: int = 0,
+        world: ShapesWorld = "shapes",
         batch_size: int = 32,
         num_workers: int = 0,
     ) -> None:
@@ -56,7 +63,7 @@ class RenderedScenesDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        dataset = RenderedScenes(h.num_train, h.image_size, h.seed)
+        dataset = RenderedScenes(h.num_train, h.image_size, h.seed, world=h.world)
         sampler = training_sampler(self.trainer, dataset, h.batch_size)
         return DataLoader(
             dataset,
@@ -69,7 +76,7 @@ class RenderedScenesDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
-        dataset = RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET)
+        dataset = RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET, world=h.world)
         return DataLoader(
             dataset, batch_size=h.batch_size, num_workers=h.num_workers, generator=loader_generator()
         )

@@ -40,9 +40,14 @@ from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.reports import markdown_table, mean_sd, spread
 
-METRICS = ["seen_miou", "unseen_miou", "harmonic_miou"] + [
-    f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS
-]
+# Ours per category, the baselines' (DAAM and the all-foreground predictor) per category, then
+# ours and DAAM per test group (paper Tab. 1).
+BASELINES = ("daam", "all_foreground")
+METRICS = (
+    ["seen_miou", "unseen_miou", "harmonic_miou"]
+    + [f"{baseline}_{key}" for baseline in BASELINES for key in ("seen_miou", "unseen_miou")]
+    + [f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS]
+)
 COLUMNS = ["value", "seed", "x", *METRICS]
 
 
@@ -177,6 +182,9 @@ def collect(grid: dict, out: Path) -> list[dict]:
             metrics = json.loads(path.read_text())
             row = {"value": value, "seed": seed, "x": numeric(value)}
             row.update({k: metrics.get(k) for k in ("seen_miou", "unseen_miou", "harmonic_miou")})
+            for baseline in BASELINES:
+                for key in ("seen_miou", "unseen_miou"):
+                    row[f"{baseline}_{key}"] = metrics.get("baselines", {}).get(baseline, {}).get(key)
             for method in ("ours", "daam"):
                 for group in GROUPS:
                     row[f"{method}_{group}"] = (

@@ -7,25 +7,31 @@ each latent resolution alone localise the named object, and from their inverted 
     python -m grounded_diffusion.world --per-group 50
     python -m grounded_diffusion.world --daam-by-resolution --per-group 50
     python -m grounded_diffusion.world --segment outputs/shapes/head   # a head's mIoU on rendered scenes
+    python -m grounded_diffusion.world --world shapes_wide --per-group 50   # the wide world's models
+    python -m grounded_diffusion.world --text-space --split word_green   # unseen embeddings among seen ones
+    python -m grounded_diffusion.world --features CACHE --split word_green   # do the UNet features separate them?
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 from tqdm import tqdm
 
+from grounded_diffusion.data.cache import TripletCache, unpack_masks
 from grounded_diffusion.data.prompts import GROUPS, PromptSet
-from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
+from grounded_diffusion.data.shapes_world import render_shapes_scene, world_categories
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.metrics import CategoryIoU
 from grounded_diffusion.models.backbone import load_pipeline
 from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.oracle import SegmenterOracle
-from grounded_diffusion.models.shapes_sd import SHAPES_ORACLE_ID, SHAPES_SD_ID
+from grounded_diffusion.models.shapes_sd import WORLD_MODELS
 
 
 def generate(pipe, samples: list[dict], guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
@@ -126,11 +132,20 @@ def daam_by_resolution(
     return table
 
 
+def split_name(args) -> int | str:
+    split = args.split or WORLD_MODELS[args.world][2]
+    return int(split) if str(split).isdigit() else split
+
+
+def world_split(args) -> CategorySplit:
+    return CategorySplit.named(args.world, split_name(args))
+
+
 def print_daam_by_resolution(pipe, args) -> None:
     table = daam_by_resolution(
         pipe,
         SegmenterOracle(args.oracle),
-        CategorySplit.named("shapes", 1),
+        world_split(args),
         args.per_group,
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
@@ -157,12 +172,14 @@ def segment_scores(
     mode: str | None = None,
     batch_size: int = 25,
     progress: bool = True,
+    world: str = "shapes",
 ) -> dict[str, float]:
     """mIoU (%) of a trained head segmenting rendered scenes (``GroundedGenerator.segment``, the
     real-image path): each scene with the names of the objects it holds and the paper's caption as
     prompt; its label map scored against the scene's own (torchmetrics), over the categories present:
-    all, seen and unseen by the head."""
-    rendered = [render_shapes_scene(i, seed=seed) for i in range(scenes)]
+    all, seen and unseen by the head, in the ``world`` whose categories ``split`` divides."""
+    categories = world_categories(world)
+    rendered = [render_shapes_scene(i, seed=seed, world=world) for i in range(scenes)]
     out = generator.segment(
         [s[0] for s in rendered],
         [s[2] for s in rendered],
@@ -171,35 +188,150 @@ def segment_scores(
         progress=progress,
     )
     to_world = torch.tensor(
-        [0] + [SHAPES_WORLD.index(c) + 1 for c in out.classes]
+        [0] + [categories.index(c) + 1 for c in out.classes]
     )  # the output's labels -> the world's
     predicted = torch.stack([to_world[torch.from_numpy(m).long()] for m in out.label_maps()])
     truth = torch.from_numpy(np.stack([s[1] for s in rendered])).long()
-    iou = MulticlassJaccardIndex(num_classes=len(SHAPES_WORLD) + 1, average="none")(predicted, truth)[1:]
-    present = torch.bincount(truth.flatten(), minlength=len(SHAPES_WORLD) + 1)[1:] > 0
+    iou = MulticlassJaccardIndex(num_classes=len(categories) + 1, average="none")(predicted, truth)[1:]
+    present = torch.bincount(truth.flatten(), minlength=len(categories) + 1)[1:] > 0
 
     def mean(names) -> float:
-        values = [iou[SHAPES_WORLD.index(c)] for c in names if present[SHAPES_WORLD.index(c)]]
+        values = [iou[categories.index(c)] for c in names if present[categories.index(c)]]
         return 100 * float(torch.stack(values).mean())
 
-    return {"miou": mean(SHAPES_WORLD), "seen_miou": mean(split.seen), "unseen_miou": mean(split.unseen)}
+    return {"miou": mean(categories), "seen_miou": mean(split.seen), "unseen_miou": mean(split.unseen)}
 
 
 def print_segment_scores(args) -> None:
     from grounded_diffusion.generator import GroundedGenerator
 
     generator = GroundedGenerator.from_pretrained(args.segment, device="cpu")
-    scores = segment_scores(generator, CategorySplit.named("shapes", 1), args.scenes, seed=3)
+    scores = segment_scores(generator, world_split(args), args.scenes, seed=3, world=args.world)
     print(
         f"\nsegment() of {args.scenes} rendered scenes (seed 3) with {args.segment}, mIoU (%): "
         + ", ".join(f"{k.removesuffix('_miou') if k != 'miou' else 'all'} {v:.1f}" for k, v in scores.items())
     )
 
 
+def text_space(embeddings: torch.Tensor, split: CategorySplit) -> list[dict]:
+    """Where each unseen category's text embedding falls among the seen ones' ([N, D], in the
+    order of ``split.categories``), centred on the seen mean (a component every embedding
+    shares): ``outside``, the share of its norm outside the span of the seen embeddings, which
+    the head's text projection, fit on seen categories only, never constrains; and its
+    ``nearest`` seen category by cosine (``cosine``)."""
+    index = [split.categories.index(c) for c in split.seen]
+    seen = embeddings[index].double()
+    centre = seen.mean(0)
+    _, singular, directions = torch.linalg.svd(seen - centre, full_matrices=False)
+    basis = directions[singular > 1e-6 * singular[0]]
+    rows = []
+    for name in split.unseen:
+        offset = embeddings[split.categories.index(name)].double() - centre
+        inside = (offset @ basis.T) @ basis
+        cosine = F.cosine_similarity(offset[None], seen - centre)
+        nearest = int(cosine.argmax())
+        rows.append(
+            {
+                "category": name,
+                "outside": float((offset - inside).norm() / offset.norm()),
+                "nearest": split.seen[nearest],
+                "cosine": float(cosine[nearest]),
+            }
+        )
+    return rows
+
+
+def print_text_space(args) -> None:
+    from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+
+    backbone = StableDiffusionBackbone(BackboneConfig(model_id=args.model_id, dtype="float32"))
+    split = world_split(args)
+    with torch.no_grad():
+        embeddings = backbone.category_embeddings(list(split.categories))
+    print(f"\nUnseen categories of {args.world} split {split_name(args)} in {args.model_id}'s text space:\n")
+    print("| unseen category | outside the seen span | nearest seen (cosine) |\n|---|---|---|")
+    for row in text_space(embeddings, split):
+        print(
+            f"| {row['category']} | {100 * row['outside']:.0f} % | {row['nearest']} ({row['cosine']:.2f}) |"
+        )
+
+
+def object_features(cache_dir: str | Path, subset: str = "test") -> tuple[torch.Tensor, list[str]]:
+    """One vector per object of a triplet cache's ``subset`` samples: the captured UNet
+    features (every resolution group, resized to the finest) averaged over the object's mask
+    ([N, C]), with the object's category."""
+    cache = TripletCache(cache_dir)
+    vectors, names = [], []
+    for record in cache.manifest():
+        if record["split"] != subset:
+            continue
+        tensors, metadata = cache.load(record["id"])
+        keys = sorted((k for k in tensors if k.startswith("features.")), key=lambda k: int(k.split(".")[1]))
+        size = tensors[keys[-1]].shape[-2:]
+        features = torch.cat(
+            [F.interpolate(tensors[k][None].float(), size=size, mode="bilinear")[0] for k in keys]
+        )
+        masks = F.interpolate(
+            unpack_masks(tensors["masks"], metadata["mask_shape"])[None].float(), size=size, mode="area"
+        )[0]
+        for mask, name in zip(masks, record["categories"]):
+            if mask.sum() > 0:  # (the oracle found the object)
+                vectors.append((features * mask).sum((1, 2)) / mask.sum())
+                names.append(name)
+    return torch.stack(vectors), names
+
+
+def nearest_centroid_accuracy(vectors: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """Per vector, whether the centroid nearest to it (features standardised; its own class's
+    centroid without it: leave-one-out) is its own label's. A linear read-out is enough when
+    this is high: the features separate the classes."""
+    x = ((vectors - vectors.mean(0)) / vectors.std(0).clamp_min(1e-6)).double()
+    classes = sorted(set(labels))
+    label = torch.tensor([classes.index(n) for n in labels])
+    one_hot = F.one_hot(label, len(classes)).double()
+    sums, counts = one_hot.T @ x, one_hot.sum(0)
+    centroids = sums / counts[:, None]
+    distances = torch.cdist(x, centroids)
+    # x minus the mean of its class's other vectors: (n x - sum) / (n - 1)
+    others = counts[label, None] - 1
+    own = ((x * counts[label, None] - sums[label]) / others.clamp_min(1)).norm(dim=1)
+    own[others[:, 0] == 0] = float("inf")  # a class of one: nothing left to compare with
+    distances[torch.arange(len(x)), label] = own  # leave-one-out: the own centroid without the vector
+    return distances.argmin(1) == label
+
+
+def print_feature_probe(args) -> None:
+    """Do the UNet features separate the held-out word's objects? Nearest-centroid accuracy on
+    the word of the held-out word's kind (colour or shape), over the cache's test objects."""
+    split = str(split_name(args))
+    if not split.startswith("word_"):
+        raise SystemExit(
+            f"error: --features needs a held-out-word split (--split word_green or word_cross), not {split}"
+        )
+    word = split.removeprefix("word_")
+    vectors, names = object_features(args.features)
+    position = 0 if any(name.split()[0] == word for name in names) else 1  # a colour word, or a shape word
+    labels = [name.split()[position] for name in names]
+    correct = nearest_centroid_accuracy(vectors, labels)
+    held_out = torch.tensor([label == word for label in labels])
+    print(
+        f"\nNearest-centroid accuracy of the {'colour' if position == 0 else 'shape'} word from the UNet "
+        f"features of {len(labels)} test objects in {args.features}: objects with '{word}' "
+        f"{100 * correct[held_out].float().mean():.1f} % ({int(held_out.sum())}), the others "
+        f"{100 * correct[~held_out].float().mean():.1f} %"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-id", default=SHAPES_SD_ID)
-    parser.add_argument("--oracle", default=SHAPES_ORACLE_ID)
+    parser.add_argument(
+        "--world", choices=list(WORLD_MODELS), default="shapes", help="whose models and scenes"
+    )
+    parser.add_argument("--model-id", default=None, help="default: the world's Stable Diffusion")
+    parser.add_argument("--oracle", default=None, help="default: the world's oracle")
+    parser.add_argument(
+        "--split", default=None, help="the unseen categories (default: the world's first split)"
+    )
     parser.add_argument("--per-group", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=20)
@@ -214,8 +346,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--segment", metavar="HEAD", help="a trained head's folder: its mIoU on rendered scenes instead"
     )
+    parser.add_argument(
+        "--text-space",
+        action="store_true",
+        help="where the split's unseen category embeddings fall among the seen ones' instead",
+    )
+    parser.add_argument(
+        "--features",
+        metavar="CACHE",
+        help="a held-out-word split's triplet cache: do its UNet features separate that word's objects?",
+    )
     parser.add_argument("--scenes", type=int, default=200, help="rendered scenes that --segment scores")
     args = parser.parse_args(argv)
+    model_id, oracle, _ = WORLD_MODELS[args.world]
+    args.model_id, args.oracle = args.model_id or model_id, args.oracle or oracle
+    if args.features:
+        print_feature_probe(args)
+        return
+    if args.text_space:
+        print_text_space(args)
+        return
     if args.segment:
         print_segment_scores(args)
         return
@@ -227,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = found_rates(
         pipe,
         SegmenterOracle(args.oracle),
-        CategorySplit.named("shapes", 1),
+        world_split(args),
         args.per_group,
         args.guidance_scale,
         args.steps,

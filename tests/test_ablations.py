@@ -1,6 +1,7 @@
 """Ablation grids without a W&B server (the launcher), and the W&B sweep files."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -89,6 +90,12 @@ def test_launcher_runs_a_grid_and_tabulates_it(tmp_path):
     assert all(
         float(r["seen_miou"]) >= 0 and float(r["daam_two_seen"]) > 0 for r in rows
     )  # DAAM from the cache
+    for row in rows:  # the baselines' per-category figures, as the test report gives them
+        report = launch.value_dir(out, row["value"]) / "report/metrics.json"
+        baselines = json.loads(report.read_text())["baselines"]
+        foreground, daam = baselines["all_foreground"], baselines["daam"]
+        assert float(row["all_foreground_unseen_miou"]) == pytest.approx(foreground["unseen_miou"])
+        assert float(row["daam_seen_miou"]) == pytest.approx(daam["seen_miou"]) and daam["seen_miou"] > 0
     assert "| False | 0.00 |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     launch.main([str(grid), "--config", str(small), "--out", str(out)])  # finished values are kept

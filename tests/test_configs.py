@@ -28,6 +28,9 @@ OVERLAID = {
     "experiments/protocol2/shapes_with_real_seen.yaml": "experiments/protocol2/shapes_segmenter.yaml",
     "experiments/protocol2/shapes_real_seen.yaml": "experiments/protocol2/shapes_segmenter.yaml",
     "experiments/protocol2/shapes_real_all.yaml": "experiments/protocol2/shapes_segmenter.yaml",
+    "experiments/shapes_wide.yaml": "experiments/shapes.yaml",
+    "experiments/world/wide.yaml": "experiments/world/text_to_image.yaml",
+    "experiments/world/oracle_wide.yaml": "experiments/world/oracle.yaml",
 }
 SKIPPED_FOLDERS = ("experiments/base/", "experiments/ablations/", "experiments/backbones/")
 

@@ -49,8 +49,9 @@ def make_own_folder(root: Path) -> Path:
 
 
 def guide_commands(heading: str) -> list[list[str]]:
-    """The ``lightning`` commands of the section's bash blocks, comments dropped."""
-    lines = "".join(doc_blocks(heading, "bash", OWN_DATA_GUIDE)).splitlines()
+    """The ``lightning`` commands of the section's bash blocks, comments dropped, continued lines
+    joined."""
+    lines = "".join(doc_blocks(heading, "bash", OWN_DATA_GUIDE)).replace("\\\n", " ").splitlines()
     return [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("lightning")]
 
 
@@ -107,6 +108,29 @@ def test_readme_own_data_commands_run_as_written(own_folder, tmp_path, monkeypat
         1,
         2,
     ]
+
+
+def test_the_offline_backbone_commands_run_with_the_shapes_world_sd(own_folder, tmp_path, monkeypatch):
+    """docs/own_data.md, "What an offline backbone can and cannot show": its three commands, then
+    the shapes world's SD overlay at the end, as the guide says."""
+    monkeypatch.chdir(tmp_path)
+    Path("my_data.yaml").write_text(
+        doc_blocks("# Train on your own data", "yaml", OWN_DATA_GUIDE)[0].replace(
+            "data/my_voc", str(own_folder)
+        )
+    )
+    commands = guide_commands("## What an offline backbone can and cannot show")
+    assert len(commands) == 3 and all("--data.init_args.max_per_group" in c for c in commands)
+    small = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.logger", "false"]
+    small += ["--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false"]
+    shapes_sd = ["--config", str(REPO / "experiments/backbones/shapes_sd.yaml")]
+    for command in commands:
+        command = [str(REPO / a) if a.startswith("experiments/") else a for a in command]
+        main([*command, *small, *shapes_sd])
+    root = tmp_path / "outputs" / "offline" / "my_voc-splitall"
+    cache = json.loads(next(root.glob("cache-*/cache.json")).read_text())
+    assert cache["backbone"]["model_id"] == "embedded/shapes-sd"
+    assert set(json.loads((root / "report" / "metrics.json").read_text())["per_category"]) == set(CLASSES)
 
 
 def test_readme_own_data_segmenter_commands_run_as_written(own_folder, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
-from grounded_diffusion.data.shapes_world import SHAPES_WORLD, render_shapes_scene
+from grounded_diffusion.data.shapes_world import ShapesWorld, render_shapes_scene, world_categories
 from grounded_diffusion.data.validation import (
     IGNORE_LABEL,
     DataError,
@@ -248,13 +248,21 @@ class RenderedShapes(SegmentationSet):
         seed: which scenes. The world's Stable Diffusion trained on seed 0; the oracle on 1
             (validated on 2); Protocol II scores on 3. Keep sets that must not meet apart.
         seen_only: keep only scenes without unseen classes.
+        world: ``shapes`` (20 categories) or ``shapes_wide`` (48).
     """
 
-    classes = list(SHAPES_WORLD)
     kind = "rendered"
 
-    def __init__(self, count: int, image_size: int = 64, seed: int = 3, seen_only: bool = False) -> None:
+    def __init__(
+        self,
+        count: int,
+        image_size: int = 64,
+        seed: int = 3,
+        seen_only: bool = False,
+        world: ShapesWorld = "shapes",
+    ) -> None:
         self.count, self.image_size, self.seed, self.seen_only = count, image_size, seed, seen_only
+        self.world, self.classes = world, list(world_categories(world))
 
     def describe(self) -> str:
         return f"rendered (seed {self.seed})"
@@ -263,13 +271,12 @@ class RenderedShapes(SegmentationSet):
         return self.count
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, labels, _ = render_shapes_scene(index, self.image_size, self.seed)
+        image, labels, _ = render_shapes_scene(index, self.image_size, self.seed, world=self.world)
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(labels)
 
     def labels_present(self, index: int) -> set[int]:
-        return {
-            SHAPES_WORLD.index(name) + 1 for name in render_shapes_scene(index, self.image_size, self.seed)[2]
-        }
+        names = render_shapes_scene(index, self.image_size, self.seed, world=self.world)[2]
+        return {self.classes.index(name) + 1 for name in names}
 
     def validate(self) -> None:
         """Nothing to check: rendered exactly, no files."""

@@ -10,11 +10,16 @@ A scene holds one or two objects on a dim, textured, unsaturated background, eac
 of the image (which half and which axis are random, so the caption's word order says nothing
 about position). Its caption is the paper's template, "a photograph of a {c1} and a {c2}".
 Scenes depend only on (seed, index).
+
+The wide world (``world="shapes_wide"``, 48 categories) adds colour and shape words, so that a
+word held out from the head has seen neighbours (``held_out_word``; docs/shapes_world.md,
+"Held-out words"). Its models are trained the same way (``make world-wide``).
 """
 
 from __future__ import annotations
 
 import colorsys
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -24,6 +29,18 @@ COLOURS = {"red": 0.0, "yellow": 0.16, "green": 0.33, "blue": 0.62}
 # Shape word -> the form drawn (shape_mask below).
 SHAPES = {"circle": "disc", "square": "square", "triangle": "triangle", "cross": "cross", "ring": "ring"}
 SHAPES_WORLD = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+# The wide world: 8 colour words around the hue circle x 6 shape words, 48 categories. With four
+# colours, a held-out colour word has no seen neighbour, and up to half of its categories'
+# embeddings lie outside the seen ones' span, where the head's text projection was never fit.
+# Here every colour has seen hue neighbours (orange between red and yellow), as "dog" has "cat"
+# and "horse" in CLIP's text space; the first four hues are the 20-category world's.
+WIDE_COLOURS = {**COLOURS, "orange": 0.08, "teal": 0.5, "purple": 0.76, "pink": 0.9}
+WIDE_SHAPES = {**SHAPES, "star": "star"}
+SHAPES_WIDE = tuple(f"{colour} {shape}" for colour in WIDE_COLOURS for shape in WIDE_SHAPES)
+# Each world's categories, in label order (label k = categories[k - 1]).
+WORLDS = {"shapes": SHAPES_WORLD, "shapes_wide": SHAPES_WIDE}
+ShapesWorld = Literal["shapes", "shapes_wide"]
 
 
 def diagonal(k: int) -> tuple[str, ...]:
@@ -45,6 +62,24 @@ SHAPES_WORLD_UNSEEN = {
         for n in (1, 2, 3)
     },
 }
+
+
+def held_out_word(word: str, categories: tuple[str, ...] = SHAPES_WORLD) -> tuple[str, ...]:
+    """Every category naming ``word``: with these unseen, the head never meets the word at all,
+    as the paper's head never meets "dog" (split 1 only recombines words it has seen)."""
+    return tuple(c for c in categories if word in c.split(" "))
+
+
+# Held-out-word splits: a whole colour word, a whole shape word.
+SHAPES_WORLD_UNSEEN.update({f"word_{w}": held_out_word(w) for w in ("green", "cross")})
+SHAPES_WIDE_UNSEEN = {f"word_{w}": held_out_word(w, SHAPES_WIDE) for w in ("green", "cross")}
+
+
+def world_categories(world: str) -> tuple[str, ...]:
+    if world not in WORLDS:
+        raise ValueError(f"No shapes world named '{world}'; the worlds are {', '.join(WORLDS)}")
+    return WORLDS[world]
+
 
 TWO_OBJECT_CAPTION = "a photograph of a {c1} and a {c2}"
 ONE_OBJECT_CAPTION = "a photograph of a {c1}"
@@ -83,10 +118,17 @@ def caption(names: list[str]) -> str:
 
 
 def render_shapes_scene(
-    index: int, size: int = 64, seed: int = 0, categories: tuple[str, ...] = SHAPES_WORLD
+    index: int,
+    size: int = 64,
+    seed: int = 0,
+    categories: tuple[str, ...] | None = None,
+    world: ShapesWorld = "shapes",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Image [H, W, 3] uint8, label map [H, W] (0 = background, k+1 = SHAPES_WORLD[k]) and the
-    names of the objects in caption order, for scene ``index`` drawing from ``categories``."""
+    """Image [H, W, 3] uint8, label map [H, W] (0 = background, k+1 = the world's category k) and
+    the names of the objects in caption order, for scene ``index`` drawing from ``categories``
+    (default: all of the world's)."""
+    vocabulary = world_categories(world)
+    categories = vocabulary if categories is None else categories
     rng = np.random.default_rng([seed, index])
     num_objects = int(rng.integers(1, 3))
     names = [str(n) for n in rng.choice(categories, size=num_objects, replace=False)]
@@ -108,11 +150,11 @@ def render_shapes_scene(
             centre[axis] = (
                 rng.uniform(r, size / 2 - inner) if half == 0 else rng.uniform(size / 2 + inner, size - r)
             )
-        mask = shape_mask(SHAPES[shape], size, centre[0], centre[1], r, rng.uniform(0, 2 * np.pi))
-        hue = (COLOURS[colour] + rng.uniform(-0.025, 0.025)) % 1.0
+        mask = shape_mask(WIDE_SHAPES[shape], size, centre[0], centre[1], r, rng.uniform(0, 2 * np.pi))
+        hue = (WIDE_COLOURS[colour] + rng.uniform(-0.025, 0.025)) % 1.0
         rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))) * 255
         shading = 1 + 0.2 * (np.mgrid[0:size, 0:size][0] - centre[1]) / size  # light from above
         image[mask] = rgb[None] * shading[mask][:, None]
-        labels[mask] = SHAPES_WORLD.index(name) + 1
+        labels[mask] = vocabulary.index(name) + 1
     image = np.clip(image + rng.normal(0, 2, image.shape), 0, 255).astype(np.uint8)
-    return image, labels, [n for n in names if (labels == SHAPES_WORLD.index(n) + 1).any()]
+    return image, labels, [n for n in names if (labels == vocabulary.index(n) + 1).any()]

@@ -6,7 +6,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from grounded_diffusion.data.shapes_world import SHAPES_WORLD, SHAPES_WORLD_UNSEEN
+from grounded_diffusion.data.shapes_world import (
+    SHAPES_WIDE,
+    SHAPES_WIDE_UNSEEN,
+    SHAPES_WORLD,
+    SHAPES_WORLD_UNSEEN,
+)
 from grounded_diffusion.errors import ConfigError, UserError, did_you_mean
 
 PASCAL_VOC = (
@@ -88,7 +93,13 @@ SCENES = ("disc", "square", "triangle", "ring", "cross", "star", "diamond", "bar
 SCENES_UNSEEN = {1: ("ring", "star", "bar")}
 
 # The shapes world of the trained embedded models: colour x shape (data/shapes_world.py).
-VOCABULARIES = {"pascal": PASCAL_VOC, "coco": COCO, "scenes": SCENES, "shapes": SHAPES_WORLD}
+VOCABULARIES = {
+    "pascal": PASCAL_VOC,
+    "coco": COCO,
+    "scenes": SCENES,
+    "shapes": SHAPES_WORLD,
+    "shapes_wide": SHAPES_WIDE,
+}
 # Zero-shot semantic segmentation of real images (ZS3, Protocol II): the standard splits.
 PASCAL_UNSEEN["zs3"] = ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
 COCO_UNSEEN["zs3"] = COCO_UNSEEN[1]  # the standard 65/15
@@ -98,6 +109,7 @@ UNSEEN_SPLITS = {
     "coco": COCO_UNSEEN,
     "scenes": SCENES_UNSEEN,
     "shapes": SHAPES_WORLD_UNSEEN,
+    "shapes_wide": SHAPES_WIDE_UNSEEN,
 }
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
 from grounded_diffusion.models.daam import DAAMTracer
-from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND
+from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, retrain_command
 from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -144,7 +144,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         source = str(EMBEDDED_WEIGHTS[model_id])
         if not (Path(source) / "model_index.json").is_file():
             raise MissingWeightsError(
-                f"The weights of '{model_id}' are missing from {source}; retrain them with `{RETRAIN_COMMAND}`."
+                f"The weights of '{model_id}' are missing from {source}; retrain them with `{retrain_command(model_id)}`."
             )
     if looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise MissingWeightsError(

@@ -21,7 +21,7 @@ from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError
 from grounded_diffusion.errors import ConfigError, check_choice, check_in_range, torchvision_weights_file
 from grounded_diffusion.models.backbone import MissingWeightsError
 from grounded_diffusion.models.segmenters import load_segmenter
-from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, RETRAIN_COMMAND, SHAPES_ORACLE_ID
+from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, SHAPES_ORACLE_ID, retrain_command
 
 InstanceMode = Literal["union", "top1"]
 
@@ -203,7 +203,7 @@ class SegmenterOracle(Oracle):
         self.folder = EMBEDDED_WEIGHTS.get(weights, Path(weights))
         config_file = self.folder / "config.json"
         if not config_file.is_file():
-            retrain = f" Retrain it with `{RETRAIN_COMMAND}`." if weights in EMBEDDED_WEIGHTS else ""
+            retrain = f" Retrain it with `{retrain_command(weights)}`." if weights in EMBEDDED_WEIGHTS else ""
             raise MissingWeightsError(
                 f"The oracle's weights '{weights}' are missing ({config_file} does not exist); give a folder written by "
                 f"SemanticSegmentationModule.export (experiments/world/oracle.yaml).{retrain}"

@@ -5,6 +5,7 @@ BPE vocabulary, with a 3-level VAE (4x downsampling: 64 px images, 16x16x4 laten
 are trained by the project (``make world``: lightning_modules/autoencoder.py, then
 lightning_modules/text_to_image.py) and ship in diffusers format under
 ``grounded_diffusion/weights/``, loaded through ``from_pretrained`` like any real checkpoint.
+The wide world's models (48 categories) have the same architectures (``make world-wide``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,25 @@ from grounded_diffusion.models.tiny_sd import tiny_clip_config, tiny_sd1_unet
 
 SHAPES_SD_ID = "embedded/shapes-sd"
 SHAPES_ORACLE_ID = "embedded/shapes-oracle"
+# The wide world's (48 categories, data/shapes_world.py), trained the same way by `make world-wide`.
+SHAPES_WIDE_SD_ID = "embedded/shapes-wide-sd"
+SHAPES_WIDE_ORACLE_ID = "embedded/shapes-wide-oracle"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # Embedded ids of the trained models -> their folders in the package.
-EMBEDDED_WEIGHTS = {SHAPES_SD_ID: WEIGHTS_DIR / "shapes-sd", SHAPES_ORACLE_ID: WEIGHTS_DIR / "shapes-oracle"}
-RETRAIN_COMMAND = "make world"
+EMBEDDED_WEIGHTS = {
+    model_id: WEIGHTS_DIR / model_id.removeprefix("embedded/")
+    for model_id in (SHAPES_SD_ID, SHAPES_ORACLE_ID, SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID)
+}
+# Each world's models: Stable Diffusion, oracle, and the split whose unseen categories the
+# world's found rates group (`python -m grounded_diffusion.world --world NAME`).
+WORLD_MODELS = {
+    "shapes": (SHAPES_SD_ID, SHAPES_ORACLE_ID, 1),
+    "shapes_wide": (SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID, "word_green"),
+}
+
+
+def retrain_command(model_id: str) -> str:
+    return "make world-wide" if "wide" in model_id else "make world"
 
 
 def shapes_vae() -> AutoencoderKL:
