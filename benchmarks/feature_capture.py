@@ -31,10 +31,10 @@ def main() -> None:
     embeds = backbone.encode_prompts(["a photograph of a dog and a cat"] * args.batch)
     t = torch.full((args.batch,), backbone.timestep, device=device)
 
-    batched = best_time(lambda: backbone.unet_features(latents, t, embeds), args.repeats, warmup=True)
+    batched = best_time(lambda: backbone.features(latents, t, embeds), args.repeats, warmup=True)
     singles = best_time(
         lambda: [
-            backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)
+            backbone.features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)
         ],
         args.repeats,
         warmup=True,

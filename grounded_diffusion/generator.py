@@ -34,7 +34,7 @@ from grounded_diffusion.data.validation import MIN_SIDE, decoded_image
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
 from grounded_diffusion.inference import RealImageMode, ground_generated, segment_real
-from grounded_diffusion.models.backbone import DTYPES, StableDiffusionBackbone, check_category_tokens
+from grounded_diffusion.models.backbone import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
 from grounded_diffusion.models.pretrained_head import PretrainedHead, check_compatible
 
 
@@ -152,10 +152,10 @@ class GroundedGenerator:
     ``from_checkpoint`` (a ``fit`` checkpoint); the backbone is the one the head was trained on.
     """
 
-    def __init__(self, backbone: StableDiffusionBackbone, head: PretrainedHead) -> None:
+    def __init__(self, backbone: FrozenBackbone, head: PretrainedHead) -> None:
         check_compatible(head, backbone)
         self.backbone, self.pretrained = backbone, head
-        self.head = head.head.to(backbone.unet.device).eval()
+        self.head = head.head.to(backbone.device).eval()
 
     # -- building -----------------------------------------------------------------------------
 
@@ -210,7 +210,7 @@ class GroundedGenerator:
                 stacklevel=3,
             )
         config = replace(head.backbone, dtype=dtype, model_id=model_id or head.backbone.model_id)
-        return cls(StableDiffusionBackbone(config).to(device), head)
+        return cls(build_backbone(config).to(device), head)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """The head's portable folder (config.json, model.safetensors, README.md)."""
@@ -315,7 +315,7 @@ class GroundedGenerator:
         check_choice("mode", mode, RealImageMode)
         check_in_range("batch_size", batch_size, 1, None, 4)
         seeds = self._seeds(seed, len(pictures))
-        side, device = self.backbone.image_size, self.backbone.unet.device
+        side, device = self.backbone.image_size, self.backbone.device
         probabilities = []
         for start in tqdm(
             range(0, len(pictures), batch_size), desc="segmentation", disable=not progress, leave=False

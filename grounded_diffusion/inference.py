@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from grounded_diffusion.data.sources import sample_seed
-from grounded_diffusion.models.backbone import StableDiffusionBackbone
-from grounded_diffusion.models.daam import DAAMTracer
+from grounded_diffusion.models.backbone import FrozenBackbone
 from grounded_diffusion.models.grounding_head import GroundingHead
 
 RealImageMode = Literal["noise", "ddim_inversion"]  # how real images reach the capture step
@@ -32,7 +31,7 @@ def category_slots(categories: Sequence[Sequence[str]]) -> tuple[list[str], Tens
 
 @torch.no_grad()
 def head_probabilities(
-    backbone: StableDiffusionBackbone,
+    backbone: FrozenBackbone,
     head: GroundingHead,
     features: Sequence[Tensor],
     categories: Sequence[Sequence[str]],
@@ -48,7 +47,7 @@ def head_probabilities(
 
 
 def ground_generated(
-    backbone: StableDiffusionBackbone,
+    backbone: FrozenBackbone,
     head: GroundingHead,
     prompts: Sequence[str],
     categories: Sequence[Sequence[str]],
@@ -64,7 +63,7 @@ def ground_generated(
 
 
 def real_image_latents(
-    backbone: StableDiffusionBackbone, images: Tensor, prompt_embeds, seeds: Sequence[int], mode: str
+    backbone: FrozenBackbone, images: Tensor, prompt_embeds, seeds: Sequence[int], mode: str
 ) -> Tensor:
     """RGB uint8 images [B, 3, H, W] -> their latents at the capture step: VAE encoding, then
     forward noise (one draw per seed, so that a sample's result does not depend on its batch) or
@@ -75,7 +74,7 @@ def real_image_latents(
 
 
 def segment_real(
-    backbone: StableDiffusionBackbone,
+    backbone: FrozenBackbone,
     head: GroundingHead,
     images: Tensor,
     prompts: Sequence[str],
@@ -88,12 +87,12 @@ def segment_real(
     prompt_embeds = backbone.encode_prompts(prompts)
     latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
     timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    features = backbone.unet_features(latents, timesteps, prompt_embeds)
+    features = backbone.features(latents, timesteps, prompt_embeds)
     return head_probabilities(backbone, head, features, categories, images.shape[-2:])
 
 
 def synthesise_triplets(
-    backbone: StableDiffusionBackbone, oracle, batch: dict, guidance_scale: float, word_matching: str
+    backbone: FrozenBackbone, oracle, batch: dict, guidance_scale: float, word_matching: str
 ) -> dict:
     """A batch of prompts (``prompt``, ``seed``, ``categories``) -> the batch with the generated
     ``image``, the oracle's ``masks`` and ``oracle_scores``, the ``daam`` maps of the category words
@@ -113,7 +112,7 @@ def synthesise_triplets(
     }
 
 
-def convert_images(backbone: StableDiffusionBackbone, batch: dict, mode: str, word_matching: str) -> dict:
+def convert_images(backbone: FrozenBackbone, batch: dict, mode: str, word_matching: str) -> dict:
     """A batch of real images with masks (``image``, ``prompt``, ``categories``, ``id``) -> the batch
     with the capture step's ``latents`` and ``features`` and the ``daam`` maps of one UNet call at
     that step (the baseline's view of a real image). Each sample's noise is drawn from its id, so
@@ -122,9 +121,6 @@ def convert_images(backbone: StableDiffusionBackbone, batch: dict, mode: str, wo
     seeds = [sample_seed(i) for i in batch["id"]]
     latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, mode)
     timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    tracer = DAAMTracer(backbone.unet)
-    with tracer.trace(
-        backbone.tokenizer, batch["prompt"], batch["categories"], latents.shape[-1], word_matching
-    ):
-        features = backbone.unet_features(latents, timesteps, prompt_embeds)
+    with backbone.trace_words(batch["prompt"], batch["categories"], word_matching) as tracer:
+        features = backbone.features(latents, timesteps, prompt_embeds)
     return {**batch, "latents": latents.to(backbone.dtype), "features": features, "daam": tracer.word_maps()}

@@ -14,7 +14,7 @@ from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
 from grounded_diffusion.inference import RealImageMode, convert_images, ground_generated, synthesise_triplets
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
 from grounded_diffusion.models.daam import WordMatching, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
@@ -92,7 +92,7 @@ class GroundingModule(LightningModule):
         self.samples_source = "the training data"
 
     def configure_models(self) -> None:
-        self.backbone = StableDiffusionBackbone(self.backbone_config)
+        self.backbone = build_backbone(self.backbone_config)
         self.head = GroundingHead(
             self.backbone.feature_channels(),
             self.backbone.text_dim,

@@ -20,7 +20,7 @@ from conftest import REPO, scenes_args
 from grounded_diffusion import GroundedGenerator, PretrainedHead
 from grounded_diffusion.cli import main
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone, build_backbone
 from grounded_diffusion.models.pretrained_head import CONFIG_NAME, WEIGHTS_NAME, HeadFolderError
 
 pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
@@ -398,14 +398,18 @@ def test_demo_page_renders_in_headless_chromium(demo_url, tmp_path):
     )  # a drawn page with the example image, not a blank one
 
 
-@pytest.mark.parametrize("model_id", ["embedded/tiny-sd2", "embedded/tiny-sdxl"])
+@pytest.mark.parametrize(
+    "model_id", ["embedded/tiny-sd2", "embedded/tiny-sdxl", "embedded/tiny-sd3", "embedded/tiny-flux"]
+)
 def test_generation_and_segmentation_run_on_every_backbone(model_id, tmp_path):
-    """SD-2.x (v-prediction) and SDXL (two text encoders, pooled text): a head built for the
-    backbone, saved and loaded, generates and segments at the backbone's own size."""
+    """SD-2.x (v-prediction), SDXL (two text encoders, pooled text), SD3 and FLUX.1 (diffusion
+    transformers): a head built for the backbone, saved and loaded, generates and segments at the
+    backbone's own size."""
     from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
-    config = BackboneConfig(model_id=model_id, num_inference_steps=4, capture_step=2)
-    backbone = StableDiffusionBackbone(config)
+    dit = {"image_size": 128, "max_sequence_length": 16} if model_id.endswith(("sd3", "flux")) else {}
+    config = BackboneConfig(model_id=model_id, num_inference_steps=4, capture_step=2, **dit)
+    backbone = build_backbone(config)
     head = GroundingHead(
         backbone.feature_channels(),
         backbone.text_dim,

@@ -55,8 +55,8 @@ def test_capture_step_counts_from_the_end_as_in_the_paper(backbone):
 def test_batch_of_n_equals_n_single_calls(backbone):
     latents, embeds = latents_and_prompts(backbone, 3)
     t = torch.full((3,), backbone.timestep)
-    batched = backbone.unet_features(latents, t, embeds)
-    singles = [backbone.unet_features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(3)]
+    batched = backbone.features(latents, t, embeds)
+    singles = [backbone.features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(3)]
     for g, group in enumerate(batched):
         torch.testing.assert_close(group, torch.cat([s[g] for s in singles]), rtol=1e-4, atol=1e-5)
 
@@ -224,8 +224,8 @@ def test_channels_last_unet_gives_the_same_features_and_the_same_cache_identity(
     assert channels_last.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     timesteps = torch.full((2,), backbone.timestep)
-    plain = backbone.unet_features(latents, timesteps, backbone.encode_prompts(["a dog", "a cat"]))
-    fast = channels_last.unet_features(latents, timesteps, channels_last.encode_prompts(["a dog", "a cat"]))
+    plain = backbone.features(latents, timesteps, backbone.encode_prompts(["a dog", "a cat"]))
+    fast = channels_last.features(latents, timesteps, channels_last.encode_prompts(["a dog", "a cat"]))
     for a, b in zip(plain, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert channels_last.config.identity() == backbone.config.identity()

@@ -4,6 +4,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, print_config, scenes_args
 from grounded_diffusion import lightning_entry
@@ -113,7 +114,7 @@ def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
     assert expected.get(overlay, "seen_only: true") in printed
 
 
-@pytest.mark.parametrize("overlay", ["sd2", "sdxl"])
+@pytest.mark.parametrize("overlay", ["sd2", "sdxl", "sd3", "flux"])
 def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
         main(
@@ -127,13 +128,16 @@ def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
             ]
         )
     printed = capsys.readouterr().out
-    assert "cache_dir: data/pascal_sim/stabilityai/stable-diffusion-" in printed  # (resolved)
+    model_id = yaml.safe_load((BACKBONES / f"{overlay}.yaml").read_text())["model"]["init_args"]["backbone"]["model_id"]
+    assert f"cache_dir: data/pascal_sim/{model_id}/split1" in printed  # (resolved)
 
 
-@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl"])
-def test_grounding_runs_end_to_end_on_sd2_and_sdxl(overlay, tmp_path, capsys):
-    """Feature capture, training and evaluation (ours and DAAM-free trivial baselines) on the tiny
-    SD-2.x (v-prediction) and SDXL (two text encoders, 3 resolution groups)."""
+@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
+def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, capsys):
+    """Feature capture, training and evaluation (ours, the attention baseline and the trivial
+    predictors) on the tiny SD-2.x (v-prediction), SDXL (two text encoders, 3 resolution groups),
+    SD3 (joint attention over [image, CLIP + T5 text]) and FLUX.1 (double- and single-stream
+    blocks over [text, image], packed latents)."""
     args = [
         *scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"),
         "--config",
@@ -150,6 +154,29 @@ def test_grounding_runs_end_to_end_on_sd2_and_sdxl(overlay, tmp_path, capsys):
     assert len(cache["feature_groups"]) == (3 if overlay == "tiny_sdxl" else 4)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert 0 <= metrics["seen_miou"] <= 100 and 0 <= metrics["baselines"]["daam"]["seen_miou"] <= 100
+    # Grounded generation with the trained head: experiments/generate.yaml after the same overlay.
+    prompts = [{"prompt": "a photograph of a dog and a cat", "categories": ["dog", "cat"]}]
+    main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "experiments/generate.yaml"),
+            "--config",
+            str(REPO / "experiments/offline.yaml"),
+            "--config",
+            str(BACKBONES / f"{overlay}.yaml"),
+            "--ckpt_path",
+            str(tmp_path / "checkpoints" / "last.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "generated"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.prompts",
+            json.dumps({"class_path": "grounded_diffusion.data.prompts.PromptList", "init_args": {"file": None, "prompts": prompts}}),
+        ]
+    )
+    coco = json.loads((tmp_path / "generated" / "annotations.json").read_text())
+    assert len(coco["images"]) == 1 and {c["name"] for c in coco["categories"]} >= {"dog", "cat"}
 
 
 def test_predict_fit_test_end_to_end(scene_cache, capsys):

@@ -57,7 +57,7 @@ def test_feature_capture_replay_and_real_image_conversion_on_cuda(backbone):
             at_t = backbone.latents_at_capture_step(latents, embeds, noise, mode)
             assert on_cuda(at_t)
         timesteps = torch.full((2,), backbone.timestep, device=CUDA)
-        features = backbone.unet_features(at_t, timesteps, embeds)
+        features = backbone.features(at_t, timesteps, embeds)
         assert all(on_cuda(f) for f in features)
         assert all(on_cuda(f) for f in backbone.replay_features(at_t, timesteps, ["a dog", "a cat"]))
         assert on_cuda(backbone.category_embeddings(["dog", "hot dog"]))
@@ -77,7 +77,7 @@ def test_daam_tracing_of_one_unet_call_on_cuda(backbone):
         latents = torch.zeros(1, 4, 8, 8, device=CUDA)
         tracer = DAAMTracer(backbone.unet)
         with tracer.trace(backbone.tokenizer, ["a dog"], [["dog"]], 8):
-            backbone.unet_features(latents, torch.full((1,), backbone.timestep, device=CUDA), embeds)
+            backbone.features(latents, torch.full((1,), backbone.timestep, device=CUDA), embeds)
         assert on_cuda(tracer.word_maps()) and on_cuda(tracer.token_index)
 
 

@@ -91,7 +91,7 @@ def test_daam_over_a_unet_call_reads_nothing_back(backbone):
     with HostSyncs() as syncs:
         embeds = backbone.encode_prompts(PROMPTS)
         with tracer.trace(backbone.tokenizer, PROMPTS, WORDS):
-            backbone.unet_features(torch.randn(2, 4, 8, 8), torch.full((2,), backbone.timestep), embeds)
+            backbone.features(torch.randn(2, 4, 8, 8), torch.full((2,), backbone.timestep), embeds)
         tracer.word_maps()
     assert syncs.count == 0, syncs.where
 

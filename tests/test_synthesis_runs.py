@@ -279,3 +279,46 @@ def test_synthesis_without_an_oracle_says_what_to_set(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["predict", *synth_args(tmp_path), "--model.init_args.oracle", "null"])
     assert "needs model.init_args.oracle" in str(info.value.code)
+
+
+@pytest.mark.parametrize("overlay", ["tiny_sd3", "tiny_flux"])
+def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_train(overlay, tmp_path):
+    """SD3 and FLUX.1: synthesis (generation + oracle + joint-attention maps) into a latents cache
+    and a features cache; the replayed latents give the stored features; fit and test run on the
+    latents cache (the baseline's maps on the 8x8 token grid)."""
+    def args(root: Path, config: str = "pascal_split1_test") -> list[str]:
+        arguments = synth_args(root, config)  # the overlay after the configs, before the flags
+        return [*arguments[:4], "--config", str(REPO / "experiments" / "backbones" / f"{overlay}.yaml"), *arguments[4:]]
+
+    latents_root, features_root = tmp_path / "latents", tmp_path / "features"
+    main(["predict", *args(latents_root)])
+    main(["predict", *args(features_root), "--trainer.callbacks", FEATURES_WRITER])
+    replay_cache, stored_cache = cache_in(latents_root), cache_in(features_root)
+    assert replay_cache.metadata()["storage"] == "latents" and stored_cache.metadata()["storage"] == "features"
+    record = replay_cache.manifest()[-1]
+    tensors, _ = replay_cache.load(record["id"])
+    assert tensors["latents"].shape == (16, 16, 16) and tensors["daam"].shape == (len(record["categories"]), 8, 8)
+    assert float(tensors["timestep"]) == pytest.approx(replay_cache.metadata()["capture_timestep"])
+
+    from grounded_diffusion.models.backbone import BackboneConfig
+    from lightning_modules.grounding import GroundingModule
+
+    module = GroundingModule(backbone=BackboneConfig(**replay_cache.metadata()["backbone"]))  # what built it
+    ids = [r["id"] for r in replay_cache.manifest()]
+    batches = []
+    for cache in (stored_cache, replay_cache):
+        data = TripletDataModule(str(cache.root), vocabulary="pascal", split=1, max_objects=2)
+        samples = data._split_samples(cache.manifest(), "test")
+        order = {s: i for i, s in enumerate(r["id"] for r in samples.records)}
+        batches.append(default_collate([samples[order[i]] for i in ids]))
+    stored, replayed = module._features(batches[0]), module._features(batches[1])
+    assert len(stored) == len(replayed) == 4
+    for s, r in zip(stored, replayed):
+        torch.testing.assert_close(r.float(), s.float(), rtol=2**-10, atol=1e-3)
+
+    main(["predict", *args(latents_root, "pascal_split1_train")])
+    common = ["--config", str(REPO / "experiments" / "pascal_split1.yaml"), *args(latents_root)[2:]]
+    main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2"])
+    main(["test", *common, "--ckpt_path", "last", "--verbose", "false"])
+    metrics = json.loads((latents_root / "report" / "metrics.json").read_text())
+    assert metrics["unfiltered"]["groups"]["daam"]["all"]["miou"] is not None

@@ -15,6 +15,7 @@ pooled embedding), and its UNet gets the pooled text and size conditioning with 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,20 +26,24 @@ from diffusers import (
     DDIMInverseScheduler,
     DDIMScheduler,
     DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
-from grounded_diffusion.models.daam import DAAMTracer
+from grounded_diffusion.models.daam import DAAMTracer, WordMatching
 from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, retrain_command
+from grounded_diffusion.models.tiny_dit import TINY_DIT_BUILDERS
 from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
 Branches = Literal["cond", "uncond+cond"]
-PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+UNET_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
 
@@ -57,7 +62,8 @@ class BackboneConfig:
             (``embedded/shapes-sd``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
             (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
-        blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x).
+        blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x; for a
+            diffusion transformer, four evenly spaced blocks: see models/dit_backbone.py).
         branches: ``cond`` (the prompt's branch) or ``uncond+cond`` (both classifier-free
             guidance branches concatenated on channels, as the authors did).
         capture_step: denoising step t counted as in the paper, t=1 being the last of
@@ -69,6 +75,18 @@ class BackboneConfig:
             a GPU; ``aot_eager`` checks it without a compiler); ``None``: eager. The first batch
             pays the compilation. Feature capture hooks are traced; turning DAAM tracing on or
             off (another attention processor class) compiles once more, then graphs are reused.
+
+    Diffusion transformers (SD3 / SD3.5, FLUX.1; models/dit_backbone.py) read these too:
+
+    Args:
+        image_size: side of the generated (and real, resized) images; ``None``: the model's native
+            size (SD3: its config's; FLUX.1: 1024). UNets generate at their native size only.
+        max_sequence_length: T5 tokens of the text stream; ``None``: the pipeline's default (SD3:
+            256, FLUX.1: 512).
+        attention_blocks: the blocks whose joint attention makes the training-free baseline's
+            word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
+        guidance_embedding: FLUX.1-dev's guidance input, given to every transformer call
+            (generation, capture, replay, real images); ``None``: 3.5, the pipeline's default.
     """
 
     model_id: str = TINY_SD_ID
@@ -79,6 +97,10 @@ class BackboneConfig:
     num_inference_steps: int = 50
     channels_last: bool = False
     compile_backend: str | None = None
+    image_size: int | None = None
+    max_sequence_length: int | None = None
+    attention_blocks: list[str] | None = None
+    guidance_embedding: float | None = None
 
     def __post_init__(self) -> None:
         # At config time, before any weights load.
@@ -139,7 +161,8 @@ def looks_like_local_path(model_id: str) -> bool:
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
     pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
-    source = str(ensure_tiny_stable_diffusion(model_id)) if model_id in TINY_BUILDERS else model_id
+    builders = TINY_BUILDERS | TINY_DIT_BUILDERS
+    source = str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id])) if model_id in builders else model_id
     if model_id in EMBEDDED_WEIGHTS:
         source = str(EMBEDDED_WEIGHTS[model_id])
         if not (Path(source) / "model_index.json").is_file():
@@ -159,21 +182,17 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     errors = []
     for local_only in (True, False):
         try:
-            # (SDXL has no safety checker: diffusers notes that it ignores these two)
-            pipe = DiffusionPipeline.from_pretrained(
-                source,
-                local_files_only=local_only,
-                dtype=dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
+            index = DiffusionPipeline.load_config(source, local_files_only=local_only)
+            # SD-1.x / 2.x list a safety checker, which we leave out; other pipelines have none.
+            no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, dtype=dtype, **no_checker)
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
             continue
         if not isinstance(pipe, PIPELINES):
             raise ConfigError(
                 f"'{model_id}' is a {type(pipe).__name__}; the backbone supports "
-                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL)."
+                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL, SD3 / SD3.5, FLUX.1)."
             )
         return pipe
     raise MissingWeightsError(
@@ -190,6 +209,17 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     ) from None
 
 
+def build_backbone(config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None) -> FrozenBackbone:
+    """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
+    (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1), as its pipeline is."""
+    from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone  # (it builds on this module)
+
+    config = config or BackboneConfig()
+    pipeline = pipeline or load_pipeline(config.model_id, DTYPES[config.dtype])
+    kind = StableDiffusionBackbone if isinstance(pipeline, UNET_PIPELINES) else DiffusionTransformerBackbone
+    return kind(config, pipeline=pipeline)
+
+
 def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_step: int) -> int:
     """The UNet timestep of paper step t (t=1 is the last denoising step)."""
     scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -201,7 +231,77 @@ def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_s
     return int(scheduler.timesteps[-capture_step])
 
 
-class StableDiffusionBackbone(nn.Module):
+def compile_in_place(module: nn.Module, backend: str) -> None:
+    """``torch.compile`` a module in place (hooks and pipelines keep working), or one line naming
+    the backends there are."""
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ConfigError(f"compile_backend '{backend}' is not one of torch.compile's {backends} (null: eager)")
+    module.compile(backend=backend)
+
+
+class FrozenBackbone(nn.Module):
+    """What the frozen UNet and transformer backbones share: inference mode, per-seed noise, cache
+    replay, and where a sampling schedule meets the capture step. Subclasses define ``denoiser``
+    (the UNet or transformer), ``timestep``, ``features``, ``encode_prompts``, ``latent_shape``
+    and ``_timesteps``."""
+
+    config: BackboneConfig
+    timestep: float
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        return super().train(False)  # frozen: dropout and norms always in inference mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def replay_features(self, latents: Tensor, timesteps: Tensor, prompts: Sequence[str]) -> list[Tensor]:
+        """Features of a ``latents`` cache: the stored capture-step latents through the model again."""
+        return self.features(latents, timesteps, self.encode_prompts(prompts))
+
+    def initial_noise(self, seeds: Sequence[int], shape: Sequence[int] | None = None) -> Tensor:
+        """One draw per seed on the CPU: a sample's noise depends on its seed alone, not on its
+        batch, its device or the number of GPUs. ``shape``: one sample's latent shape (default:
+        the generated images')."""
+        shape = tuple(shape or self.latent_shape())
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def timestep_of(self, num_inference_steps: int, capture_step: int) -> float:
+        """The timestep of step ``capture_step`` (counted from the end) of a ``num_inference_steps`` schedule."""
+        return self._timesteps(num_inference_steps)[-capture_step]
+
+    def _capture_index(self, num_inference_steps: int) -> int | None:
+        """The index of the capture timestep in a ``num_inference_steps`` schedule, if it has it."""
+        schedule = self._timesteps(num_inference_steps)
+        return next((i for i, t in enumerate(schedule) if math.isclose(t, self.timestep, rel_tol=1e-6)), None)
+
+    def step_counts_through_capture(self, limit: int = 200) -> list[int]:
+        """The numbers of sampling steps (up to ``limit``) whose schedule samples the capture timestep."""
+        return [n for n in range(1, limit + 1) if self._capture_index(n) is not None]
+
+    def capture_step_for(self, num_inference_steps: int) -> int:
+        """The step of a ``num_inference_steps`` schedule that samples the capture timestep
+        (the features the head was trained on); a clear error when that schedule skips it."""
+        if num_inference_steps == self.config.num_inference_steps:
+            return self.config.capture_step
+        check_in_range("num_inference_steps", num_inference_steps, 1, 1000, self.config.num_inference_steps)
+        index = self._capture_index(num_inference_steps)
+        if index is None:
+            raise ConfigError(
+                f"num_inference_steps={num_inference_steps}: no step of that schedule is at the capture timestep "
+                f"{self.timestep:g} (step {self.config.capture_step} of {self.config.num_inference_steps}), where the "
+                f"head's features come from; use one of {self.step_counts_through_capture(limit=100)}"
+            )
+        return num_inference_steps - index
+
+
+class StableDiffusionBackbone(FrozenBackbone):
     """Frozen SD: text embeddings, VAE encoding, and UNet features grouped by resolution."""
 
     def __init__(
@@ -212,14 +312,14 @@ class StableDiffusionBackbone(nn.Module):
         self.config = config = config or BackboneConfig()
         check_choice("dtype", config.dtype, Dtype)
         check_choice("branches", config.branches, Branches)
-        if pipeline is not None:
-            pipe = (
-                pipeline
-                if pipeline.unet.dtype == DTYPES[config.dtype]
-                else pipeline.to(dtype=DTYPES[config.dtype])
+        pipe = pipeline if pipeline is not None else load_pipeline(config.model_id, DTYPES[config.dtype])
+        if not isinstance(pipe, UNET_PIPELINES):
+            raise ConfigError(
+                f"'{config.model_id}' is a {type(pipe).__name__}, a diffusion transformer: build its backbone with "
+                "grounded_diffusion.models.backbone.build_backbone"
             )
-        else:
-            pipe = load_pipeline(config.model_id, DTYPES[config.dtype])
+        if pipe.unet.dtype != DTYPES[config.dtype]:
+            pipe = pipe.to(dtype=DTYPES[config.dtype])
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         self.tokenizer, self.scheduler_config = pipe.tokenizer, dict(pipe.scheduler.config)
         self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
@@ -231,12 +331,12 @@ class StableDiffusionBackbone(nn.Module):
         if config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if config.compile_backend is not None:
-            backends = torch._dynamo.list_backends(exclude_tags=())
-            if config.compile_backend not in backends:
-                raise ConfigError(
-                    f"compile_backend '{config.compile_backend}' is not one of torch.compile's {backends} (null: eager)"
-                )
-            self.unet.compile(backend=config.compile_backend)  # in place: hooks and pipelines keep working
+            compile_in_place(self.unet, config.compile_backend)
+        if config.image_size not in (None, self.image_size) or config.attention_blocks or config.max_sequence_length:
+            raise ConfigError(
+                "image_size, attention_blocks and max_sequence_length apply to diffusion transformers (SD3, FLUX.1); "
+                f"this UNet generates at its native {self.image_size} px and DAAM reads its fixed layers: leave them null"
+            )
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step
         )
@@ -253,12 +353,9 @@ class StableDiffusionBackbone(nn.Module):
             )
         self.block_names = list(config.blocks or self.block_modules)
 
-    def train(self, mode: bool = True) -> StableDiffusionBackbone:
-        return super().train(False)  # frozen: dropout and norms always in inference mode
-
     @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    def denoiser(self) -> nn.Module:
+        return self.unet
 
     @property
     def text_dim(self) -> int:
@@ -331,7 +428,7 @@ class StableDiffusionBackbone(nn.Module):
         ).sample
 
     @torch.no_grad()
-    def unet_features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds) -> list[Tensor]:
+    def features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds) -> list[Tensor]:
         """Run the UNet once and return the captured blocks grouped by resolution, coarse first.
 
         With ``branches='uncond+cond'`` each block is [unconditional ‖ conditional] on channels.
@@ -355,10 +452,6 @@ class StableDiffusionBackbone(nn.Module):
             features = [f.chunk(2)[1] for f in features]
         return group_by_resolution(features)
 
-    def replay_features(self, latents: Tensor, timesteps: Tensor, prompts: Sequence[str]) -> list[Tensor]:
-        """Features of a ``latents`` cache: the stored capture-step latents through the UNet again."""
-        return self.unet_features(latents, timesteps, self.encode_prompts(prompts))
-
     def feature_channels(self) -> list[int]:
         """Channels of each resolution group (coarse first), read off one dummy forward."""
         size = self.unet.config.sample_size
@@ -366,7 +459,7 @@ class StableDiffusionBackbone(nn.Module):
         timesteps = torch.tensor(
             [self.timestep], device=self.unet.device
         )  # diffusers does not move a 1-D one
-        groups = self.unet_features(latents, timesteps, self.encode_prompts([""]))
+        groups = self.features(latents, timesteps, self.encode_prompts([""]))
         return [g.shape[1] for g in groups]
 
     # -- text ----------------------------------------------------------------------------------
@@ -469,38 +562,21 @@ class StableDiffusionBackbone(nn.Module):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def initial_noise(self, seeds: Sequence[int], shape: Sequence[int] | None = None) -> Tensor:
-        """One draw per seed on the CPU: a sample's noise depends on its seed alone, not on its
-        batch, its device or the number of GPUs. ``shape``: one sample's latent shape (default:
-        the UNet's sample size)."""
+    def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
-        shape = tuple(shape or (self.unet.config.in_channels, size, size))
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(noise).to(self.unet.device, self.dtype)
+        return (self.unet.config.in_channels, size, size)
 
     def _timesteps(self, num_inference_steps: int) -> list[int]:
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler.timesteps.tolist()
 
-    def step_counts_through_capture(self, limit: int = 200) -> list[int]:
-        """The numbers of DDIM steps (up to ``limit``) whose schedule samples the capture timestep."""
-        return [n for n in range(1, limit + 1) if self.timestep in self._timesteps(n)]
-
-    def capture_step_for(self, num_inference_steps: int) -> int:
-        """The step of a ``num_inference_steps`` DDIM schedule that samples the capture timestep
-        (the features the head was trained on); a clear error when that schedule skips it."""
-        if num_inference_steps == self.config.num_inference_steps:
-            return self.config.capture_step
-        check_in_range("num_inference_steps", num_inference_steps, 1, 1000, self.config.num_inference_steps)
-        schedule = self._timesteps(num_inference_steps)
-        if self.timestep not in schedule:
-            raise ConfigError(
-                f"num_inference_steps={num_inference_steps}: no step of that schedule is at the capture timestep "
-                f"{self.timestep} (step {self.config.capture_step} of {self.config.num_inference_steps}), where the "
-                f"head's features come from; use one of {self.step_counts_through_capture(limit=100)}"
-            )
-        return num_inference_steps - schedule.index(self.timestep)
+    def trace_words(
+        self, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: WordMatching = "whole"
+    ) -> contextlib.AbstractContextManager[DAAMTracer]:
+        """Trace the DAAM maps of ``words`` (one list per prompt) over every UNet call inside;
+        ``tracer.word_maps()`` then gives them at latent resolution [B, O, h, w]."""
+        return DAAMTracer(self.unet).trace(self.tokenizer, prompts, words, self.unet.config.sample_size, matching)
 
     @torch.no_grad()
     def generate(
@@ -533,11 +609,8 @@ class StableDiffusionBackbone(nn.Module):
                 at_capture["features"] = dict(captured)
             return {}
 
-        tracer = DAAMTracer(self.unet)
-        tracing = contextlib.nullcontext()
-        if words:
-            tracing = tracer.trace(self.tokenizer, prompts, words, noise.shape[-1], word_matching)
-        with self._capturing() as captured, tracing:
+        tracing = self.trace_words(prompts, words, word_matching) if words else contextlib.nullcontext()
+        with self._capturing() as captured, tracing as tracer:
             images = pipe(
                 list(prompts),
                 num_inference_steps=steps,

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +38,24 @@ WordMatching = Literal["whole", "reference"]
 
 
 def _bpe_words(tokenizer, text: str) -> list[str]:
-    return [t.replace("</w>", "") for t in tokenizer.tokenize(text.lower())]
+    # CLIP's BPE ends a word's last token with </w>; sentencepiece (T5) starts a word with ▁.
+    return [t.replace("</w>", "").replace("\u2581", "").lower() for t in tokenizer.tokenize(text)]
 
 
-def word_token_indices(tokenizer, prompt: str, word: str, others: Sequence[str] = ()) -> list[int]:
-    """Positions of ``word``'s BPE tokens in the encoded prompt (BOS = 0), every occurrence, as
-    the reference's ``compute_token_merge_indices``. With ``others`` (the other categories named
-    in the prompt), occurrences inside an occurrence of a longer one are left out (whole-category
-    matching), unless that would leave none."""
+def leading_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text: 1 for CLIP's BOS, 0 for T5."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return tokenizer("a").input_ids.index(plain[0])
+
+
+def word_token_indices(
+    tokenizer, prompt: str, word: str, others: Sequence[str] = (), max_length: int | None = None
+) -> list[int]:
+    """Positions of ``word``'s tokens in the encoded prompt (CLIP: BOS = 0; T5: no BOS), every
+    occurrence, as the reference's ``compute_token_merge_indices``. With ``others`` (the other
+    categories named in the prompt), occurrences inside an occurrence of a longer one are left out
+    (whole-category matching), unless that would leave none. ``max_length``: the encoded length
+    (default the tokenizer's ``model_max_length``)."""
     tokens, search = _bpe_words(tokenizer, prompt), _bpe_words(tokenizer, word)
 
     def spans(words: list[str]) -> list[range]:
@@ -57,11 +68,11 @@ def word_token_indices(tokenizer, prompt: str, word: str, others: Sequence[str] 
         span for other in others for span in spans(_bpe_words(tokenizer, other)) if len(span) > len(search)
     ]
     whole = [s for s in found if not any(s.start >= o.start and s.stop <= o.stop for o in longer)]
-    positions = [1 + k for span in (whole or found) for k in span]
-    if max(positions) >= tokenizer.model_max_length:
-        raise ValueError(
-            f"The word {word!r} lies beyond the {tokenizer.model_max_length} tokens of {prompt!r}"
-        )
+    start = leading_special_tokens(tokenizer)
+    positions = [start + k for span in (whole or found) for k in span]
+    max_length = max_length or tokenizer.model_max_length
+    if max(positions) >= max_length:
+        raise ValueError(f"The word {word!r} lies beyond the {max_length} tokens of {prompt!r}")
     return positions
 
 
@@ -188,16 +199,34 @@ class DAAMTracer:
         return torch.einsum("bok,bkhw->bohw", self.word_weights.to(token_maps.device), token_maps)
 
 
+@dataclass(frozen=True)
+class TextStream:
+    """One tokenizer's stretch of the text tokens a model attends to: SD's one CLIP context, or
+    SD3's 77 CLIP tokens followed by its T5 tokens (``start``: the first position, ``length``: how
+    many)."""
+
+    tokenizer: Any
+    start: int
+    length: int
+
+
 def word_token_table(
     tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: WordMatching = "whole"
 ) -> tuple[Tensor, Tensor]:
     """The tokens to trace and how they make words: ``token_index`` [B, K] and ``word_weights``
-    [B, O, K] (O = the most words of a prompt; empty slots weigh nothing)."""
+    [B, O, K] (O = the most words of a prompt; empty slots weigh nothing). ``tokenizer``: one
+    tokenizer (its tokens from position 0), or the ``TextStream``s of a model with several, whose
+    tokens of a word are pooled together."""
     check_choice("DAAM word matching", matching, WordMatching)
-    positions = [
-        [word_token_indices(tokenizer, p, w, ws if matching == "whole" else ()) for w in ws]
-        for p, ws in zip(prompts, words)
-    ]
+    streams = tokenizer if isinstance(tokenizer, (list, tuple)) else [TextStream(tokenizer, 0, tokenizer.model_max_length)]
+
+    def positions_of(prompt: str, word: str, others: Sequence[str]) -> list[int]:
+        others = others if matching == "whole" else ()
+        return [
+            s.start + k for s in streams for k in word_token_indices(s.tokenizer, prompt, word, others, s.length)
+        ]
+
+    positions = [[positions_of(p, w, ws) for w in ws] for p, ws in zip(prompts, words)]
     num_tokens = max(1, max(sum(len(p) for p in ps) for ps in positions))
     num_words = max(1, max(len(ws) for ws in words))
     token_index = torch.zeros(len(prompts), num_tokens, dtype=torch.long)

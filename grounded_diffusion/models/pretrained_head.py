@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from grounded_diffusion.checkpoint_io import check_checkpoint_kind, read_checkpoint
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.files import atomic_write
-from grounded_diffusion.models.backbone import BackboneConfig, capture_timestep, looks_like_local_path
+from grounded_diffusion.models.backbone import BackboneConfig, looks_like_local_path
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
 FORMAT, FORMAT_VERSION = "grounded-diffusion-head", 1
@@ -254,11 +254,15 @@ def check_compatible(pretrained: PretrainedHead, backbone) -> None:
             f"{head.text_dim}), but the backbone {backbone.config.model_id} gives {given} and {backbone.text_dim}: "
             f"use model_id {trained.model_id!r}, or train a head on this backbone"
         )
-    timestep = capture_timestep(backbone.scheduler_config, trained.num_inference_steps, trained.capture_step)
+    timestep = backbone.timestep_of(trained.num_inference_steps, trained.capture_step)
     settings = {
         "capture timestep": (timestep, backbone.timestep),
         "branches": (trained.branches, backbone.config.branches),
         "blocks": (trained.blocks, backbone.config.blocks),
+        # (diffusion transformers' features depend on these too)
+        "image_size": (trained.image_size, backbone.config.image_size),
+        "max_sequence_length": (trained.max_sequence_length, backbone.config.max_sequence_length),
+        "guidance_embedding": (trained.guidance_embedding, backbone.config.guidance_embedding),
     }
     differ = {k: v for k, v in settings.items() if v[0] != v[1]}
     if differ:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -153,23 +154,32 @@ def tiny_vae(sample_size: int) -> AutoencoderKL:
     """A narrow SD VAE whose scaling factor is calibrated like SD's 0.18215: latents of sample
     images (procedural scenes) scaled to unit variance, so that noise at the capture step does not
     drown the image."""
+    return calibrated_vae(sample_size)
+
+
+def calibrated_vae(sample_size: int, latent_channels: int = 4, shift: bool = False) -> AutoencoderKL:
+    """tiny_vae with ``latent_channels``; ``shift``: also centre the latents (SD3 / FLUX.1's
+    ``shift_factor``)."""
     vae = sd_vae(
-        sample_size=sample_size, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8
+        sample_size=sample_size,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=latent_channels,
     )
     images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
     with torch.no_grad():
         latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    if shift:
+        vae.register_to_config(shift_factor=float(latents.mean()))
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return vae
 
 
 def sd_vae(**config) -> AutoencoderKL:
-    """SD's VAE layout (4 levels: 8x downsampling, 4 latent channels) at the given widths."""
+    """SD's VAE layout (4 levels: 8x downsampling, 4 latent channels unless given) at the given widths."""
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        **config,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **config
     )
 
 
@@ -215,8 +225,11 @@ def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline
     return assemble_pipeline(unet, vae, text_encoder)
 
 
-def ensure_tiny_stable_diffusion(model_id: str = TINY_SD_ID, cache_root: str | Path | None = None) -> Path:
-    """Return the folder of a saved tiny pipeline, building it on first use (atomically)."""
+def ensure_tiny_stable_diffusion(
+    model_id: str = TINY_SD_ID, cache_root: str | Path | None = None, builder: Callable[[], DiffusionPipeline] | None = None
+) -> Path:
+    """Return the folder of a saved tiny pipeline, building it on first use (atomically) with
+    ``builder`` (default: the one ``TINY_BUILDERS`` names)."""
     name = model_id.split("/")[-1]
     folder = Path(cache_root or default_cache_root()) / f"{name}-v{TINY_SD_VERSION}"
     if (folder / "model_index.json").exists():
@@ -224,10 +237,10 @@ def ensure_tiny_stable_diffusion(model_id: str = TINY_SD_ID, cache_root: str | P
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-sd-"))
     try:
-        pipe: DiffusionPipeline = TINY_BUILDERS[model_id]()
+        pipe: DiffusionPipeline = (builder or TINY_BUILDERS[model_id])()
         pipe.save_pretrained(tmp)
         # diffusers saves the tokenizer as tokenizer.json; older readers want vocab.json + merges.txt.
-        for tokenizer in ("tokenizer", "tokenizer_2"):
+        for tokenizer in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             if (tmp / tokenizer).is_dir():
                 write_clip_tokenizer_files(tmp / tokenizer, pad_token=getattr(pipe, tokenizer).pad_token)
         try:

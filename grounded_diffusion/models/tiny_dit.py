@@ -1,0 +1,140 @@
+"""The embedded diffusion transformers: tiny, randomly initialised SD3 and FLUX.1, built from config.
+
+``embedded/tiny-sd3`` has SD3's layout: an MM-DiT whose joint blocks attend over [image, text]
+tokens (the last block context-pre-only), two CLIP text encoders (hidden states concatenated on
+channels, pooled embeddings too), a third text stream in T5's slot appended after CLIP's 77
+tokens, a 16-channel VAE with a shift factor, and rectified-flow sampling (shift 3).
+``embedded/tiny-flux`` has FLUX.1-dev's: double-stream blocks, then single-stream blocks over
+[text, image] with rotary position ids, 2x2-packed latents, CLIP's pooled embedding beside the T5
+stream, the guidance embedding, and timestep shifting that depends on the image size.
+
+Both generate 128 px images (16x16 latents, an 8x8 token grid) and are saved in diffusers format
+and loaded through ``from_pretrained``, as the tiny UNets are. Offline, T5's sentencepiece
+vocabulary is not available: the T5 slot holds a T5 encoder over the real CLIP BPE vocabulary
+(the pipelines only call the tokenizer and encoder they are given). Real SD3 / FLUX.1 weights bring
+their own T5 tokenizer; the word-to-token matching (``models.daam.word_token_indices``) takes
+either.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from grounded_diffusion.models.tiny_sd import calibrated_vae, tiny_clip_config
+from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+
+TINY_SD3_ID = "embedded/tiny-sd3"
+TINY_FLUX_ID = "embedded/tiny-flux"
+TINY_DIT_IMAGE_SIZE = 128  # FLUX.1 has no native size in its config (its pipeline assumes 1024)
+
+
+def tiny_t5(d_model: int) -> T5EncoderModel:
+    """A 2-layer T5 encoder over the CLIP BPE vocabulary (see the module's docstring)."""
+    config = T5Config(
+        vocab_size=49408,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=d_model // 4,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=49407,
+        eos_token_id=49407,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def dit_vae() -> AutoencoderKL:
+    """tiny-sd's VAE with SD3 / FLUX.1's 16 latent channels, shifted and scaled to zero mean and
+    unit variance on sample scenes (what SD3's shift_factor and scaling_factor do)."""
+    return calibrated_vae(sample_size=TINY_DIT_IMAGE_SIZE, latent_channels=16, shift=True)
+
+
+def clip_tokenizers(*pad_tokens: str | None) -> list:
+    """The real CLIP BPE tokenizer, once per text stream (each with its padding token)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_clip_tokenizer_files(tmp)
+        return [load_clip_tokenizer(folder, pad_token=pad) for pad in pad_tokens]
+
+
+def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """Tiny SD3: 4 joint blocks (4 heads of 16), CLIP-L / CLIP-G stand-ins of width 32 each (64
+    concatenated), a T5 stream of width 64, patch size 2."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=32,
+    )
+    clip_l = CLIPTextModelWithProjection(_clip(projection_dim=32))
+    clip_g = CLIPTextModelWithProjection(_clip(projection_dim=32, pad_token_id=0))
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizers(None, "!", None)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=dit_vae(),
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=tiny_t5(64),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux(seed: int = 0) -> FluxPipeline:
+    """Tiny FLUX.1-dev: 2 double-stream and 2 single-stream blocks (4 heads of 16, rotary axes
+    4 + 6 + 6), guidance embedding, a CLIP of width 32 (pooled) and a T5 stream of width 64."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    tokenizer, tokenizer_2 = clip_tokenizers(None, None)
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=dit_vae(),
+        text_encoder=CLIPTextModel(_clip()),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5(64),
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def _clip(**overrides) -> CLIPTextConfig:
+    return tiny_clip_config(32, hidden_act="gelu", **overrides)
+
+
+TINY_DIT_BUILDERS = {TINY_SD3_ID: build_tiny_sd3, TINY_FLUX_ID: build_tiny_flux}
