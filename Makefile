@@ -11,7 +11,7 @@ P2 := experiments/protocol2
 HEAD := outputs/shapes/checkpoints/last.ckpt
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: quickstart protocol2 scenes world world-wide test test-fast lint format docs smoke install clean
+.PHONY: quickstart quickstart-dit protocol2 scenes world world-wide world-dit test test-fast lint format docs smoke install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ quickstart: $(STAMP)
 	$(RUN) fit $(SHAPES)
 	$(RUN) test $(SHAPES) --ckpt_path last --verbose false
 	$(RUN) export --ckpt_path $(HEAD) --out outputs/shapes/head
+
+# The same on the shapes world's diffusion transformer (an MM-DiT with SD3's layout, shipped):
+# ours vs the joint-attention baseline.
+SHAPES_DIT := $(SHAPES) --config experiments/shapes_dit.yaml
+quickstart-dit: $(STAMP)
+	$(RUN) predict $(SHAPES_DIT)
+	$(RUN) fit $(SHAPES_DIT)
+	$(RUN) test $(SHAPES_DIT) --ckpt_path last --verbose false
 
 # Protocol II in miniature (Tab. 2), after `make quickstart`, whose head labels the synthetic set:
 # grounded generation over all 20 categories -> a segmenter trained on it (and the rows with real
@@ -93,6 +101,14 @@ world-wide: $(STAMP)
 	cp -r $(WIDE)/text_to_image/pipeline $(WEIGHTS)/shapes-wide-sd
 	cp -r $(WIDE)/oracle/segmenter $(WEIGHTS)/shapes-wide-oracle
 	$(PY) -m grounded_diffusion.world --world shapes_wide --per-group 50
+
+# The shapes world's MM-DiT (SD3's layout, rectified flow) over the shipped VAE: its weights ship
+# in grounded_diffusion/weights/shapes-dit. Then Protocol I on it: make quickstart-dit.
+world-dit: $(STAMP)
+	$(RUN) fit --config experiments/world/text_to_image.yaml --config experiments/world/dit.yaml
+	rm -rf $(WEIGHTS)/shapes-dit
+	cp -r outputs/world_dit/text_to_image/pipeline $(WEIGHTS)/shapes-dit
+	$(PY) -m grounded_diffusion.world --model-id embedded/shapes-dit --per-group 50
 
 # Debian's Chromium: the demo page's headless-browser test (tests/test_api.py).
 $(CHROMIUM):

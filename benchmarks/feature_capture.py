@@ -33,9 +33,7 @@ def main() -> None:
 
     batched = best_time(lambda: backbone.features(latents, t, embeds), args.repeats, warmup=True)
     singles = best_time(
-        lambda: [
-            backbone.features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)
-        ],
+        lambda: [backbone.features(latents[i : i + 1], t[:1], embeds[i : i + 1]) for i in range(args.batch)],
         args.repeats,
         warmup=True,
     )

@@ -27,21 +27,26 @@ from grounded_diffusion.data.cache import TripletCache, unpack_masks
 from grounded_diffusion.data.prompts import GROUPS, PromptSet
 from grounded_diffusion.data.shapes_world import render_shapes_scene, world_categories
 from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import CategoryIoU
 from grounded_diffusion.models.backbone import load_pipeline
 from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.oracle import SegmenterOracle
-from grounded_diffusion.models.shapes_sd import WORLD_MODELS
+from grounded_diffusion.models.shapes_sd import PIPELINE_OPTIONS, WORLD_MODELS
 
 
-def generate(pipe, samples: list[dict], guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] of the samples' prompts, each drawn from its own seed."""
+def generate(
+    pipe, samples: list[dict], guidance_scale: float, num_inference_steps: int, options: dict | None = None
+) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] of the samples' prompts, each drawn from its own seed; ``options``:
+    what the model needs beyond the pipeline's defaults (``PIPELINE_OPTIONS``)."""
     images = pipe(
         [s["prompt"] for s in samples],
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         generator=[torch.Generator(pipe.device).manual_seed(s["seed"]) for s in samples],
         output_type="pt",
+        **(options or {}),
     ).images
     return (images * 255).round().to(torch.uint8)
 
@@ -58,15 +63,17 @@ def found_rates(
     seed: int = 0,
     batch_size: int = 25,
     progress: bool = True,
+    options: dict | None = None,
 ) -> dict[str, float]:
     """Generate ``per_group`` prompts of each group (PromptSet's samples, seeded by id) and
-    return, per group, the fraction of images in which the oracle finds every named object."""
+    return, per group, the fraction of images in which the oracle finds every named object
+    (``options``: for the pipeline, see ``generate``)."""
     prompts = PromptSet({"eval": {g: per_group for g in GROUPS}}, seed=seed)
     samples = [prompts.sample(*item, split) for item in prompts.ids()]
     found = {g: [] for g in GROUPS}
     for start in tqdm(range(0, len(samples), batch_size), desc="generate + oracle", disable=not progress):
         batch = samples[start : start + batch_size]
-        images = generate(pipe, batch, guidance_scale, num_inference_steps)
+        images = generate(pipe, batch, guidance_scale, num_inference_steps, options)
         _, scores = oracle(images, [s["categories"] for s in batch])
         for sample, sample_scores in zip(batch, scores):
             found[sample["group"]].append(
@@ -372,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model_id, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.daam_by_resolution:
+        if not hasattr(pipe, "unet"):
+            raise ConfigError(
+                f"--daam-by-resolution reads a UNet's cross-attention; {args.model_id} has none"
+            )
         print_daam_by_resolution(pipe, args)
         return
     rates = found_rates(
@@ -382,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         args.guidance_scale,
         args.steps,
         seed=args.seed,
+        options=PIPELINE_OPTIONS.get(args.model_id),
     )
     print(
         f"\nImages in which the oracle finds every named object ({args.per_group} prompts per group, "

@@ -3,6 +3,10 @@
 for classifier-free guidance, EMA weights exported), except that the CLIP text encoder learns too:
 there is no pretrained one offline, and the world's words must come to mean its pixels.
 
+``architecture: mmdit`` trains SD3's layout instead, as diffusers' ``train_dreambooth_sd3.py``
+does: rectified flow (x_σ = (1 - σ) x_0 + σ ε, velocity target ε - x_0, σ drawn logit-normal),
+text through the SD3 pipeline's own ``encode_prompt`` (both CLIPs learn; no T5 stream).
+
 The VAE is trained first (lightning_modules/autoencoder.py) and stays frozen here.
 """
 
@@ -11,19 +15,31 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from diffusers.training_utils import EMAModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from lightning import LightningModule
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from grounded_diffusion.errors import ConfigError
-from grounded_diffusion.models.shapes_sd import shapes_text_encoder, shapes_unet
+from grounded_diffusion.errors import ConfigError, check_choice
+from grounded_diffusion.models.shapes_sd import (
+    shapes_mmdit,
+    shapes_mmdit_text_encoders,
+    shapes_text_encoder,
+    shapes_unet,
+)
 from grounded_diffusion.models.tiny_sd import assemble_pipeline, sd15_scheduler
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
 from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
@@ -41,6 +57,9 @@ SAMPLE_PROMPTS = (
 )
 
 
+Architecture = Literal["unet", "mmdit"]
+
+
 class TextToImageModule(LightningModule):
     """
     Args:
@@ -50,7 +69,9 @@ class TextToImageModule(LightningModule):
             classifier-free guidance).
         ema_decay: the exported weights' EMA decay (with warm-up).
         sample_prompts: drawn at every validation (``samples/step-N.png``), to watch learning.
-        guidance_scale / num_inference_steps: for those samples (DDIM).
+        guidance_scale / num_inference_steps: for those samples (DDIM; the MM-DiT's Euler).
+        architecture: ``unet`` (SD-1.x's layout, noise prediction) or ``mmdit`` (SD3's,
+            rectified flow).
     """
 
     def __init__(
@@ -64,8 +85,10 @@ class TextToImageModule(LightningModule):
         sample_prompts: list[str] | None = None,
         guidance_scale: float = 3.0,
         num_inference_steps: int = 25,
+        architecture: Architecture = "unet",
     ) -> None:
         super().__init__()
+        check_choice("model.init_args.architecture", architecture, Architecture)
         self.save_hyperparameters()
         if not (Path(vae) / "config.json").is_file():
             raise ConfigError(
@@ -73,20 +96,33 @@ class TextToImageModule(LightningModule):
                 "lightning fit --config experiments/world/autoencoder.yaml"
             )
         self.vae = AutoencoderKL.from_pretrained(vae).requires_grad_(False).eval()
-        self.unet, self.text_encoder = shapes_unet(), shapes_text_encoder()
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
-        config = sd15_scheduler().config
-        self.noise_scheduler = DDPMScheduler(
-            **{
-                k: config[k]
-                for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-            }
-        )
+        self.configure_models()
         self.ema = EMAModel(self._trained_parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
 
+    def configure_models(self) -> None:
+        if self.hparams.architecture == "unet":
+            self.unet, self.text_encoder = shapes_unet(), shapes_text_encoder()
+            config = sd15_scheduler().config
+            keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+            self.noise_scheduler = DDPMScheduler(**{k: config[k] for k in keys})
+            return
+        self.transformer = shapes_mmdit()
+        self.text_encoder, self.text_encoder_2 = shapes_mmdit_text_encoders()
+        # SD3's pipeline reads the VAE's shift; this VAE's latents are scaled, not shifted.
+        self.vae.register_to_config(shift_factor=self.vae.config.get("shift_factor") or 0.0)
+        # 64 image tokens, not SD3's 4096: no timestep shift (diffusers' shift 1.0).
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.unet.parameters(), *self.text_encoder.parameters()]
+        if self.hparams.architecture == "unet":
+            return [*self.unet.parameters(), *self.text_encoder.parameters()]
+        return [
+            *self.transformer.parameters(),
+            *self.text_encoder.parameters(),
+            *self.text_encoder_2.parameters(),
+        ]
 
     def train(self, mode: bool = True) -> TextToImageModule:
         super().train(mode)
@@ -105,15 +141,17 @@ class TextToImageModule(LightningModule):
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
+            latents = self.vae.encode(to_model_range(batch["image"])).latent_dist.sample(generator)
             latents = (
-                self.vae.encode(to_model_range(batch["image"])).latent_dist.sample(generator)
-                * self.vae.config.scaling_factor
-            )
+                latents - (self.vae.config.get("shift_factor") or 0.0)
+            ) * self.vae.config.scaling_factor
         captions = list(batch["caption"])
         if self.training:
             drop = torch.rand(len(captions)) < self.hparams.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if self.hparams.architecture == "mmdit":
+            return self._flow_loss(latents, noise, captions, generator)
         steps = torch.randint(
             0,
             self.noise_scheduler.config.num_train_timesteps,
@@ -124,6 +162,28 @@ class TextToImageModule(LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         prediction = self.unet(noisy, steps, self.encode_text(captions)).sample
         return F.mse_loss(prediction.float(), noise.float())
+
+    def _flow_loss(self, latents: Tensor, noise: Tensor, captions: list[str], generator) -> Tensor:
+        """Rectified flow: the velocity ε - x_0 at x_σ = (1 - σ) x_0 + σ ε, σ logit-normal (SD3)."""
+        sigmas = compute_density_for_timestep_sampling(
+            "logit_normal",
+            len(latents),
+            logit_mean=0.0,
+            logit_std=1.0,
+            device=self.device,
+            generator=generator,
+        )
+        sigma = sigmas[:, None, None, None]
+        hidden, _, pooled, _ = self.pipeline().encode_prompt(
+            captions, None, None, device=self.device, do_classifier_free_guidance=False, max_sequence_length=0
+        )
+        prediction = self.transformer(
+            hidden_states=(1 - sigma) * latents + sigma * noise,
+            timestep=sigmas * self.noise_scheduler.config.num_train_timesteps,
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+        ).sample
+        return F.mse_loss(prediction.float(), (noise - latents).float())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
@@ -144,6 +204,7 @@ class TextToImageModule(LightningModule):
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         prompts = list(self.hparams.sample_prompts or SAMPLE_PROMPTS)
+        extra = {"max_sequence_length": 0} if self.hparams.architecture == "mmdit" else {}
         with self.ema_weights():
             images = self.pipeline()(
                 prompts,
@@ -151,14 +212,28 @@ class TextToImageModule(LightningModule):
                 guidance_scale=self.hparams.guidance_scale,
                 generator=torch.Generator(self.device).manual_seed(0),
                 output_type="np",
+                **extra,
             ).images
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
         Image.fromarray(grid).save(folder / f"step-{self.global_step}.png")
 
-    def pipeline(self) -> StableDiffusionPipeline:
-        pipe = assemble_pipeline(self.unet, self.vae, self.text_encoder)
+    def pipeline(self) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
+        if self.hparams.architecture == "unet":
+            pipe = assemble_pipeline(self.unet, self.vae, self.text_encoder)
+        else:
+            pipe = StableDiffusion3Pipeline(
+                transformer=self.transformer,
+                scheduler=self.noise_scheduler,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_2=self.tokenizer,
+                text_encoder_3=None,
+                tokenizer_3=None,
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -190,14 +265,17 @@ class TextToImageModule(LightningModule):
 
     @torch.no_grad()
     def export(self, folder: str | Path) -> None:
-        """The EMA weights as a diffusers StableDiffusionPipeline (DDIM scheduler), in float16
-        (half the size; loading casts to the dtype asked for), with vocab.json + merges.txt."""
+        """The EMA weights as a diffusers pipeline (StableDiffusionPipeline with DDIM, or
+        StableDiffusion3Pipeline), in float16 (half the size; loading casts to the dtype asked
+        for), with vocab.json + merges.txt."""
         with self.ema_weights():
             self.pipeline().save_pretrained(folder)
         for file in Path(folder).glob("*/*.safetensors"):
             state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(file).items()}
             save_file(state, file, metadata={"format": "pt"})
-        write_clip_tokenizer_files(Path(folder) / "tokenizer")
-        (Path(folder) / "tokenizer" / "tokenizer.json").unlink(
-            missing_ok=True
-        )  # 3.5 MB; vocab.json + merges.txt suffice
+        for tokenizer in ("tokenizer", "tokenizer_2"):
+            if (Path(folder) / tokenizer).is_dir():
+                write_clip_tokenizer_files(Path(folder) / tokenizer)
+                (Path(folder) / tokenizer / "tokenizer.json").unlink(
+                    missing_ok=True
+                )  # 3.5 MB; vocab.json + merges.txt suffice

@@ -31,6 +31,8 @@ OVERLAID = {
     "experiments/shapes_wide.yaml": "experiments/shapes.yaml",
     "experiments/world/wide.yaml": "experiments/world/text_to_image.yaml",
     "experiments/world/oracle_wide.yaml": "experiments/world/oracle.yaml",
+    "experiments/shapes_dit.yaml": "experiments/shapes.yaml",
+    "experiments/world/dit.yaml": "experiments/world/text_to_image.yaml",
 }
 SKIPPED_FOLDERS = ("experiments/base/", "experiments/ablations/", "experiments/backbones/")
 

@@ -4,8 +4,8 @@ rectified-flow noising and inversion, fake-CUDA paths and host syncs."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
+from test_cuda_paths import CUDA, fake_cuda, on_cuda
 
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone, build_backbone
@@ -13,7 +13,6 @@ from grounded_diffusion.models.daam import TextStream, word_token_indices, word_
 from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
 from grounded_diffusion.models.tiny_dit import TINY_FLUX_ID, TINY_SD3_ID
 from host_syncs import HostSyncs
-from test_cuda_paths import CUDA, fake_cuda, on_cuda
 
 DITS = [TINY_SD3_ID, TINY_FLUX_ID]
 PROMPTS = ["a photograph of a dog and a cat", "a photograph of a hot dog"]
@@ -21,7 +20,9 @@ WORDS = [["dog", "cat"], ["hot dog"]]
 
 
 def dit(model_id: str, **overrides) -> DiffusionTransformerBackbone:
-    config = dict(model_id=model_id, image_size=128, max_sequence_length=16, num_inference_steps=4, capture_step=2)
+    config = dict(
+        model_id=model_id, image_size=128, max_sequence_length=16, num_inference_steps=4, capture_step=2
+    )
     return build_backbone(BackboneConfig(**{**config, **overrides}))
 
 
@@ -33,7 +34,10 @@ def backbone(request):
 def test_tiny_dits_have_their_architectures_layouts(backbone):
     blocks = backbone.transformer.transformer_blocks
     if backbone.is_flux:
-        assert len(backbone.transformer.single_transformer_blocks) == 2 and backbone.transformer.config.guidance_embeds
+        assert (
+            len(backbone.transformer.single_transformer_blocks) == 2
+            and backbone.transformer.config.guidance_embeds
+        )
         assert [s.length for s in backbone.text_streams()] == [16]  # T5 tokens only
     else:
         assert blocks[-1].context_pre_only and not blocks[0].context_pre_only  # SD3's last block
@@ -51,7 +55,10 @@ def test_features_are_the_next_blocks_input_on_the_token_grid(backbone):
     inputs = []
     modules = list(backbone.block_modules.values())[1:] + [backbone.transformer.norm_out]
     handles = [
-        m.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+        m.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
         for m in modules
     ]
     try:
@@ -89,7 +96,11 @@ def reference_probabilities(attn, inputs: dict, image_first: bool) -> torch.Tens
         qc, kc = heads(attn.add_q_proj(c)), heads(attn.add_k_proj(c))
         if attn.norm_added_q is not None:
             qc, kc = attn.norm_added_q(qc), attn.norm_added_k(kc)
-        q, k = (torch.cat([q, qc], 2), torch.cat([k, kc], 2)) if image_first else (torch.cat([qc, q], 2), torch.cat([kc, k], 2))
+        q, k = (
+            (torch.cat([q, qc], 2), torch.cat([k, kc], 2))
+            if image_first
+            else (torch.cat([qc, q], 2), torch.cat([kc, k], 2))
+        )
     if inputs.get("image_rotary_emb") is not None:
         q = apply_rotary_emb(q, inputs["image_rotary_emb"], sequence_dim=2)
         k = apply_rotary_emb(k, inputs["image_rotary_emb"], sequence_dim=2)
@@ -109,7 +120,8 @@ def test_joint_attention_maps_match_a_per_prompt_full_softmax_reference(model_id
         inputs = []
         attentions = [backbone.block_modules[n].attn for n in backbone.attention_names]
         handles = [
-            a.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs), with_kwargs=True) for a in attentions
+            a.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs), with_kwargs=True)
+            for a in attentions
         ]
         try:
             backbone.features(latents[b : b + 1], t[:1], backbone.encode_prompts([prompt]))
@@ -119,11 +131,18 @@ def test_joint_attention_maps_match_a_per_prompt_full_softmax_reference(model_id
         probs = [reference_probabilities(a, i, not backbone.is_flux) for a, i in zip(attentions, inputs)]
         length = probs[0].shape[-1]
         pixels = 64
-        text_start, image = (pixels, slice(0, pixels)) if not backbone.is_flux else (0, slice(length - pixels, length))
+        text_start, image = (
+            (pixels, slice(0, pixels)) if not backbone.is_flux else (0, slice(length - pixels, length))
+        )
         ids = clip(prompt).input_ids  # the CLIP BPE in every slot here: the same positions in each stream
         for o, word in enumerate(words):
             word_ids = clip(word, add_special_tokens=False).input_ids
-            start = next(i for i in range(len(ids)) if ids[i : i + len(word_ids)] == word_ids and (word != "dog" or ids[i - 1] != clip("hot", add_special_tokens=False).input_ids[0]))
+            start = next(
+                i
+                for i in range(len(ids))
+                if ids[i : i + len(word_ids)] == word_ids
+                and (word != "dog" or ids[i - 1] != clip("hot", add_special_tokens=False).input_ids[0])
+            )
             positions = list(range(start, start + len(word_ids)))
             if not backbone.is_flux:
                 positions += [77 + p for p in positions]  # the same word among SD3's T5 tokens
@@ -138,11 +157,15 @@ def test_word_matching_takes_sentencepiece_tokens_without_a_bos():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in "a photograph of hot dog and cat".split()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        (f"▁{w}", -1.0) for w in "a photograph of hot dog and cat".split()
+    ]
     model = Tokenizer(models.Unigram(vocab, unk_id=2))
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    t5 = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=32)
+    t5 = PreTrainedTokenizerFast(
+        tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=32
+    )
     prompt = "a photograph of a hot dog and a dog"
     assert t5.tokenize(prompt)[:2] == ["▁a", "▁photograph"]
     assert word_token_indices(t5, prompt, "dog") == [5, 8]  # no BOS: positions from 0
@@ -178,12 +201,16 @@ def test_flow_matching_noise_is_the_schedulers_and_inversion_runs_the_sampler_ba
     clean = backbone.encode_images(torch.rand(1, 3, 128, 128) * 2 - 1)
     noise = torch.randn_like(clean)
     scheduler = backbone._schedule(backbone.config.num_inference_steps)  # the pipeline's schedule
-    expected = scheduler.scale_noise(clean, torch.tensor([backbone.timestep]), noise)  # diffusers' forward process
+    expected = scheduler.scale_noise(
+        clean, torch.tensor([backbone.timestep]), noise
+    )  # diffusers' forward process
     torch.testing.assert_close(backbone.latents_at_capture_step(clean, embeds, noise, "noise"), expected)
     # Inversion, one step: the Euler step from sigma = 0 (t = 0) up to the first sigma, by hand.
     one = dit(backbone.config.model_id, capture_step=1)
     velocity = one._transformer(clean, torch.zeros(1), embeds)
-    torch.testing.assert_close(one.latents_at_capture_step(clean, embeds, mode="ddim_inversion"), clean + one.sigma * velocity)
+    torch.testing.assert_close(
+        one.latents_at_capture_step(clean, embeds, mode="ddim_inversion"), clean + one.sigma * velocity
+    )
     # Several steps: the pipeline's own Euler steps from the inverted latent, back to sigma = 0,
     # return near the start, much nearer than the noised latent lies.
     fine = dit(backbone.config.model_id, num_inference_steps=50, capture_step=10)
@@ -213,7 +240,9 @@ def test_dit_configuration_errors_name_the_setting():
 
 def test_sd3_with_both_guidance_branches_doubles_the_channels():
     backbone = dit(TINY_SD3_ID, branches="uncond+cond")
-    features = backbone.features(backbone.initial_noise([1]), torch.full((1,), backbone.timestep), backbone.encode_prompts(["a dog"]))
+    features = backbone.features(
+        backbone.initial_noise([1]), torch.full((1,), backbone.timestep), backbone.encode_prompts(["a dog"])
+    )
     assert [f.shape[1] for f in features] == backbone.feature_channels() == [128] * 4
 
 
@@ -261,3 +290,14 @@ def test_dit_conversion_and_replay_read_nothing_back(backbone):
             backbone.replay_features(at_t, torch.full((2,), backbone.timestep), PROMPTS)
         tracer.word_maps()
     assert syncs.count == 0, syncs.where
+
+
+@pytest.mark.parametrize("model_id", DITS)
+def test_other_resolutions_change_the_grid_and_flux_shift(model_id):
+    """Any side the model accepts (a multiple of the VAE's factor times the patch): 192 px is a
+    12x12 token grid; FLUX.1's timestep shift depends on it, as its pipeline's does."""
+    small, large = dit(model_id), dit(model_id, image_size=192)
+    generation = large.generate(PROMPTS[:1], [1], 5.0, WORDS[:1])
+    assert generation.images.shape == (1, 3, 192, 192) and generation.heat_maps.shape == (1, 2, 12, 12)
+    assert [f.shape[-2:] for f in generation.features] == [(12, 12)] * 4
+    assert (large.timestep != small.timestep) == large.is_flux

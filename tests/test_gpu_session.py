@@ -50,10 +50,19 @@ def test_throughput_stage_runs_the_benchmark_on_the_tiny_model_without_cuda(tmp_
     assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[2:])
 
 
+def test_dit_stage_compares_both_tiny_transformers_with_the_plain_pipeline_without_cuda(tmp_path):
+    run = session("dit", wheels=tmp_path / "no_wheels", out=tmp_path / "out")
+    assert run.returncode == 0, run.stdout + run.stderr
+    log = (tmp_path / "out" / "dit.log").read_text()
+    assert "embedded/tiny-sd3 (float32)" in log and "embedded/tiny-flux (float32)" in log
+    rows = [line for line in log.splitlines() if line.startswith("| ours: + joint-attention word maps | ")]
+    assert len(rows) == 2 and all(float(row.split(" | ")[1]) > 0 for row in rows)  # samples/s
+
+
 def test_unknown_stage_is_refused_before_anything_runs(tmp_path):
     run = session("check", "thruput", wheels=tmp_path, out=tmp_path / "out")
     assert run.returncode == 2
-    assert "unknown stage 'thruput' (stages: check tests throughput smoke storage compile" in run.stdout
+    assert "unknown stage 'thruput' (stages: check tests throughput smoke storage compile dit" in run.stdout
     assert not (tmp_path / "out").exists()
 
 

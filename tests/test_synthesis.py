@@ -120,9 +120,7 @@ def test_dog_and_hot_dog_are_different_words(generation):
 def test_captured_features_are_the_unet_features_of_the_captured_latent(short_backbone, generation):
     """Replay: one UNet call on the stored latent gives the features captured during sampling."""
     timesteps = torch.full((2,), short_backbone.timestep)
-    replayed = short_backbone.features(
-        generation.latents, timesteps, short_backbone.encode_prompts(PROMPTS)
-    )
+    replayed = short_backbone.features(generation.latents, timesteps, short_backbone.encode_prompts(PROMPTS))
     assert [f.shape[1] for f in replayed] == [f.shape[1] for f in generation.features]
     for stored, again in zip(generation.features, replayed):
         torch.testing.assert_close(again, stored, rtol=1e-4, atol=1e-5)

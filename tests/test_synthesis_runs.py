@@ -286,18 +286,30 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     """SD3 and FLUX.1: synthesis (generation + oracle + joint-attention maps) into a latents cache
     and a features cache; the replayed latents give the stored features; fit and test run on the
     latents cache (the baseline's maps on the 8x8 token grid)."""
+
     def args(root: Path, config: str = "pascal_split1_test") -> list[str]:
         arguments = synth_args(root, config)  # the overlay after the configs, before the flags
-        return [*arguments[:4], "--config", str(REPO / "experiments" / "backbones" / f"{overlay}.yaml"), *arguments[4:]]
+        return [
+            *arguments[:4],
+            "--config",
+            str(REPO / "experiments" / "backbones" / f"{overlay}.yaml"),
+            *arguments[4:],
+        ]
 
     latents_root, features_root = tmp_path / "latents", tmp_path / "features"
     main(["predict", *args(latents_root)])
     main(["predict", *args(features_root), "--trainer.callbacks", FEATURES_WRITER])
     replay_cache, stored_cache = cache_in(latents_root), cache_in(features_root)
-    assert replay_cache.metadata()["storage"] == "latents" and stored_cache.metadata()["storage"] == "features"
+    assert (
+        replay_cache.metadata()["storage"] == "latents" and stored_cache.metadata()["storage"] == "features"
+    )
     record = replay_cache.manifest()[-1]
     tensors, _ = replay_cache.load(record["id"])
-    assert tensors["latents"].shape == (16, 16, 16) and tensors["daam"].shape == (len(record["categories"]), 8, 8)
+    assert tensors["latents"].shape == (16, 16, 16) and tensors["daam"].shape == (
+        len(record["categories"]),
+        8,
+        8,
+    )
     assert float(tensors["timestep"]) == pytest.approx(replay_cache.metadata()["capture_timestep"])
 
     from grounded_diffusion.models.backbone import BackboneConfig
@@ -318,7 +330,18 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
 
     main(["predict", *args(latents_root, "pascal_split1_train")])
     common = ["--config", str(REPO / "experiments" / "pascal_split1.yaml"), *args(latents_root)[2:]]
-    main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "2"])
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--data.init_args.batch_size",
+            "2",
+        ]
+    )
     main(["test", *common, "--ckpt_path", "last", "--verbose", "false"])
     metrics = json.loads((latents_root / "report" / "metrics.json").read_text())
     assert metrics["unfiltered"]["groups"]["daam"]["all"]["miou"] is not None

@@ -82,7 +82,7 @@ class BackboneConfig:
         image_size: side of the generated (and real, resized) images; ``None``: the model's native
             size (SD3: its config's; FLUX.1: 1024). UNets generate at their native size only.
         max_sequence_length: T5 tokens of the text stream; ``None``: the pipeline's default (SD3:
-            256, FLUX.1: 512).
+            256, FLUX.1: 512); 0: none, for an SD3 trained without T5 (``embedded/shapes-dit``).
         attention_blocks: the blocks whose joint attention makes the training-free baseline's
             word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
         guidance_embedding: FLUX.1-dev's guidance input, given to every transformer call
@@ -162,7 +162,11 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
     pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
     builders = TINY_BUILDERS | TINY_DIT_BUILDERS
-    source = str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id])) if model_id in builders else model_id
+    source = (
+        str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id]))
+        if model_id in builders
+        else model_id
+    )
     if model_id in EMBEDDED_WEIGHTS:
         source = str(EMBEDDED_WEIGHTS[model_id])
         if not (Path(source) / "model_index.json").is_file():
@@ -184,8 +188,14 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         try:
             index = DiffusionPipeline.load_config(source, local_files_only=local_only)
             # SD-1.x / 2.x list a safety checker, which we leave out; other pipelines have none.
-            no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, dtype=dtype, **no_checker)
+            no_checker = (
+                {"safety_checker": None, "requires_safety_checker": False}
+                if "safety_checker" in index
+                else {}
+            )
+            pipe = DiffusionPipeline.from_pretrained(
+                source, local_files_only=local_only, dtype=dtype, **{**absent_components(index), **no_checker}
+            )
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
             continue
@@ -209,10 +219,27 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     ) from None
 
 
-def build_backbone(config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None) -> FrozenBackbone:
+def absent_components(index: dict) -> dict[str, None]:
+    """The components a pipeline's class expects that its folder leaves out or saved as none, as
+    ``None``: a saved SD3 without T5 has no text_encoder_3, and diffusers refuses to load it unless
+    told."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
+    if pipeline_class is None:
+        return {}
+    expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+    return {name: None for name in expected if (index.get(name) or [None])[0] is None}
+
+
+def build_backbone(
+    config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None
+) -> FrozenBackbone:
     """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
     (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1), as its pipeline is."""
-    from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone  # (it builds on this module)
+    from grounded_diffusion.models.dit_backbone import (
+        DiffusionTransformerBackbone,
+    )  # (it builds on this module)
 
     config = config or BackboneConfig()
     pipeline = pipeline or load_pipeline(config.model_id, DTYPES[config.dtype])
@@ -236,7 +263,9 @@ def compile_in_place(module: nn.Module, backend: str) -> None:
     the backends there are."""
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
-        raise ConfigError(f"compile_backend '{backend}' is not one of torch.compile's {backends} (null: eager)")
+        raise ConfigError(
+            f"compile_backend '{backend}' is not one of torch.compile's {backends} (null: eager)"
+        )
     module.compile(backend=backend)
 
 
@@ -332,7 +361,11 @@ class StableDiffusionBackbone(FrozenBackbone):
             self.unet.to(memory_format=torch.channels_last)
         if config.compile_backend is not None:
             compile_in_place(self.unet, config.compile_backend)
-        if config.image_size not in (None, self.image_size) or config.attention_blocks or config.max_sequence_length:
+        if (
+            config.image_size not in (None, self.image_size)
+            or config.attention_blocks
+            or config.max_sequence_length is not None
+        ):
             raise ConfigError(
                 "image_size, attention_blocks and max_sequence_length apply to diffusion transformers (SD3, FLUX.1); "
                 f"this UNet generates at its native {self.image_size} px and DAAM reads its fixed layers: leave them null"
@@ -576,7 +609,9 @@ class StableDiffusionBackbone(FrozenBackbone):
     ) -> contextlib.AbstractContextManager[DAAMTracer]:
         """Trace the DAAM maps of ``words`` (one list per prompt) over every UNet call inside;
         ``tracer.word_maps()`` then gives them at latent resolution [B, O, h, w]."""
-        return DAAMTracer(self.unet).trace(self.tokenizer, prompts, words, self.unet.config.sample_size, matching)
+        return DAAMTracer(self.unet).trace(
+            self.tokenizer, prompts, words, self.unet.config.sample_size, matching
+        )
 
     @torch.no_grad()
     def generate(

@@ -218,12 +218,18 @@ def word_token_table(
     tokenizer (its tokens from position 0), or the ``TextStream``s of a model with several, whose
     tokens of a word are pooled together."""
     check_choice("DAAM word matching", matching, WordMatching)
-    streams = tokenizer if isinstance(tokenizer, (list, tuple)) else [TextStream(tokenizer, 0, tokenizer.model_max_length)]
+    streams = (
+        tokenizer
+        if isinstance(tokenizer, (list, tuple))
+        else [TextStream(tokenizer, 0, tokenizer.model_max_length)]
+    )
 
     def positions_of(prompt: str, word: str, others: Sequence[str]) -> list[int]:
         others = others if matching == "whole" else ()
         return [
-            s.start + k for s in streams for k in word_token_indices(s.tokenizer, prompt, word, others, s.length)
+            s.start + k
+            for s in streams
+            for k in word_token_indices(s.tokenizer, prompt, word, others, s.length)
         ]
 
     positions = [[positions_of(p, w, ws) for w in ws] for p, ws in zip(prompts, words)]

@@ -18,6 +18,7 @@ guidance scale an input of every transformer call (``BackboneConfig.guidance_emb
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -26,14 +27,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffu
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
+from grounded_diffusion.errors import ConfigError, check_choice
 from grounded_diffusion.models.backbone import (
-    DTYPES,
     CATEGORY_TEMPLATE,
+    DTYPES,
     BackboneConfig,
-    FrozenBackbone,
     Branches,
     Dtype,
+    FrozenBackbone,
     Generation,
     PromptEmbeds,
     compile_in_place,
@@ -57,7 +58,9 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         check_choice("branches", config.branches, Branches)
         pipeline = pipeline if pipeline is not None else load_pipeline(config.model_id, DTYPES[config.dtype])
         if not isinstance(pipeline, DIT_PIPELINES):
-            raise ConfigError(f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3 or FLUX.1 pipeline")
+            raise ConfigError(
+                f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3 or FLUX.1 pipeline"
+            )
         if pipeline.transformer.dtype != DTYPES[config.dtype]:
             pipeline = pipeline.to(dtype=DTYPES[config.dtype])
         self.is_flux = isinstance(pipeline, FluxPipeline)
@@ -66,13 +69,22 @@ class DiffusionTransformerBackbone(FrozenBackbone):
                 "branches 'uncond+cond': FLUX.1 is guidance-distilled and samples without an unconditional branch; use 'cond'"
             )
         if config.channels_last:
-            raise ConfigError("channels_last speeds up a UNet's convolutions; a diffusion transformer has none: set false")
+            raise ConfigError(
+                "channels_last speeds up a UNet's convolutions; a diffusion transformer has none: set false"
+            )
         self.pipeline_class, self.scheduler_config = type(pipeline), dict(pipeline.scheduler.config)
         self.idle_scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         self.transformer, self.vae = pipeline.transformer, pipeline.vae
         self.text_modules = {
             name: getattr(pipeline, name, None)
-            for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+            for name in (
+                "text_encoder",
+                "tokenizer",
+                "text_encoder_2",
+                "tokenizer_2",
+                "text_encoder_3",
+                "tokenizer_3",
+            )
         }
         for name, module in self.text_modules.items():
             if isinstance(module, nn.Module):
@@ -81,11 +93,15 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         self.eval()
         if config.compile_backend is not None:
             compile_in_place(self.transformer, config.compile_backend)
-        self.max_sequence_length = config.max_sequence_length or (512 if self.is_flux else 256)
+        self.max_sequence_length = config.max_sequence_length
+        if self.max_sequence_length is None:
+            self.max_sequence_length = 512 if self.is_flux else 256
         self.guidance_embedding = 3.5 if config.guidance_embedding is None else config.guidance_embedding
-        native = FLUX_NATIVE_SIZE if self.is_flux else self.transformer.config.sample_size * self.vae_scale_factor
+        native = (
+            FLUX_NATIVE_SIZE if self.is_flux else self.transformer.config.sample_size * self.vae_scale_factor
+        )
         self.image_size = config.image_size or native
-        patch = 2 if self.is_flux else self.transformer.config.patch_size  # FLUX.1 packs 2x2 latents
+        patch = self.patch_size
         if self.image_size % (self.vae_scale_factor * patch):
             raise ConfigError(
                 f"image_size {self.image_size} must be a multiple of {self.vae_scale_factor * patch} "
@@ -104,7 +120,9 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         ]
         self.block_modules = self._block_modules()
         self.block_names = self._chosen("blocks", config.blocks, self._default_blocks())
-        self.attention_names = self._chosen("attention_blocks", config.attention_blocks, list(self.block_modules))
+        self.attention_names = self._chosen(
+            "attention_blocks", config.attention_blocks, list(self.block_modules)
+        )
 
     @property
     def denoiser(self) -> nn.Module:
@@ -120,6 +138,11 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def patch_size(self) -> int:
+        """Latent pixels per image token along a side: SD3's patch size; FLUX.1 packs 2x2 latents."""
+        return 2 if self.is_flux else self.transformer.config.patch_size
+
+    @property
     def tokenizer(self):
         """The tokenizer of the category embeddings' stream: SD3's CLIP, FLUX.1's T5."""
         return self.text_modules["tokenizer_2" if self.is_flux else "tokenizer"]
@@ -129,9 +152,15 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         tokens then its T5 tokens; FLUX.1's T5 tokens."""
         if self.is_flux:
             return [TextStream(self.text_modules["tokenizer_2"], 0, self.max_sequence_length)]
-        streams = [TextStream(self.text_modules["tokenizer"], 0, self.text_modules["tokenizer"].model_max_length)]
-        if self.text_modules["text_encoder_3"] is not None:  # SD3 may run without T5 (zeros in its place)
-            streams.append(TextStream(self.text_modules["tokenizer_3"], streams[0].length, self.max_sequence_length))
+        streams = [
+            TextStream(self.text_modules["tokenizer"], 0, self.text_modules["tokenizer"].model_max_length)
+        ]
+        if (
+            self.text_modules["text_encoder_3"] is not None and self.max_sequence_length
+        ):  # (without T5: zeros)
+            streams.append(
+                TextStream(self.text_modules["tokenizer_3"], streams[0].length, self.max_sequence_length)
+            )
         return streams
 
     # -- blocks ---------------------------------------------------------------------------------
@@ -209,7 +238,9 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             ).sample
         batch, channels, height, width = latents.shape
         packed = FluxPipeline._pack_latents(latents.to(self.dtype), batch, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, self.dtype)
+        image_ids = FluxPipeline._prepare_latent_image_ids(
+            batch, height // 2, width // 2, latents.device, self.dtype
+        )
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_embedding, device=latents.device)
@@ -244,7 +275,8 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         call inside; ``tracer.word_maps()`` then gives them on the token grid [B, O, rows, columns]."""
         attentions = [self.block_modules[name].attn for name in self.attention_names]
         tracer = JointAttentionTracer(attentions, image_first=not self.is_flux)
-        text_length = sum(s.length for s in self.text_streams()) if self.is_flux else 77 + self.max_sequence_length
+        clip = 0 if self.is_flux else self.text_modules["tokenizer"].model_max_length  # SD3: CLIP first
+        text_length = clip + self.max_sequence_length
         with tracer.trace(self.text_streams(), prompts, words, text_length, self.grid, matching):
             yield tracer
 
@@ -306,18 +338,19 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     def _schedule(self, num_inference_steps: int) -> FlowMatchEulerDiscreteScheduler:
         """The sampling schedule exactly as the pipeline sets it at this image size."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        patch = 2 if self.is_flux else self.transformer.config.patch_size
         options = {}
         if scheduler.config.get("use_dynamic_shifting"):
             options["mu"] = calculate_shift(
-                (self.image_size // self.vae_scale_factor // patch) ** 2,
+                self.grid[0] * self.grid[1],
                 scheduler.config.get("base_image_seq_len", 256),
                 scheduler.config.get("max_image_seq_len", 4096),
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.15 if self.is_flux else 1.16),
             )
         if self.is_flux:  # FLUX.1's pipeline passes its own sigmas
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), **options)
+            scheduler.set_timesteps(
+                sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), **options
+            )
         else:
             scheduler.set_timesteps(num_inference_steps, **options)
         return scheduler
@@ -350,7 +383,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     def pipeline(self, scheduler: FlowMatchEulerDiscreteScheduler | None = None):
         """A diffusers pipeline over these (shared) modules, with a fresh flow-matching scheduler
         unless given one."""
-        modules = {name: module for name, module in self.text_modules.items() if name in self.pipeline_class._optional_components or module is not None}
+        accepted = inspect.signature(self.pipeline_class.__init__).parameters
+        modules = {
+            name: module for name, module in self.text_modules.items() if name in accepted
+        }  # (None too)
         pipe = self.pipeline_class(
             transformer=self.transformer,
             vae=self.vae,
@@ -378,7 +414,9 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         guidance embedding, ``BackboneConfig.guidance_embedding``), capturing the block features
         and the latent at the capture step, and the joint-attention maps of ``words`` over all steps."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:
-            raise ConfigError("branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)")
+            raise ConfigError(
+                "branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)"
+            )
         steps = num_inference_steps or self.config.num_inference_steps
         step = steps - self.capture_step_for(steps)  # loop index of the capture step
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
@@ -387,7 +425,9 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         def unpacked(latents: Tensor) -> Tensor:
             if not self.is_flux:
                 return latents
-            return FluxPipeline._unpack_latents(latents, self.image_size, self.image_size, self.vae_scale_factor)
+            return FluxPipeline._unpack_latents(
+                latents, self.image_size, self.image_size, self.vae_scale_factor
+            )
 
         def on_step_end(pipe, i, t, kwargs):
             if i == step - 1:

@@ -6,14 +6,19 @@ are trained by the project (``make world``: lightning_modules/autoencoder.py, th
 lightning_modules/text_to_image.py) and ship in diffusers format under
 ``grounded_diffusion/weights/``, loaded through ``from_pretrained`` like any real checkpoint.
 The wide world's models (48 categories) have the same architectures (``make world-wide``).
+
+``embedded/shapes-dit`` is the same world's text-to-image model with SD3's layout instead: an
+MM-DiT of 6 joint blocks (width 128) on 2x2 patches of the same 16x16x4 latents, two CLIP text
+encoders (the CLIP-L and CLIP-G slots, width 32 each), no T5 stream, trained from scratch with
+rectified flow over the shipped shapes-sd VAE (``make world-dit``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from grounded_diffusion.models.tiny_sd import tiny_clip_config, tiny_sd1_unet
 
@@ -22,11 +27,24 @@ SHAPES_ORACLE_ID = "embedded/shapes-oracle"
 # The wide world's (48 categories, data/shapes_world.py), trained the same way by `make world-wide`.
 SHAPES_WIDE_SD_ID = "embedded/shapes-wide-sd"
 SHAPES_WIDE_ORACLE_ID = "embedded/shapes-wide-oracle"
+# The 20-category world's MM-DiT (SD3 layout), trained by `make world-dit`.
+SHAPES_DIT_ID = "embedded/shapes-dit"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # Embedded ids of the trained models -> their folders in the package.
 EMBEDDED_WEIGHTS = {
     model_id: WEIGHTS_DIR / model_id.removeprefix("embedded/")
-    for model_id in (SHAPES_SD_ID, SHAPES_ORACLE_ID, SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID)
+    for model_id in (SHAPES_SD_ID, SHAPES_ORACLE_ID, SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID, SHAPES_DIT_ID)
+}
+# What sampling with a world's pipeline needs beyond its defaults: the MM-DiT was trained with no
+# T5 tokens (SD3's pipeline would append 256 zero tokens without a T5 encoder).
+PIPELINE_OPTIONS = {SHAPES_DIT_ID: {"max_sequence_length": 0}}
+# The command that retrains each (Makefile targets).
+RETRAIN_COMMANDS = {
+    SHAPES_SD_ID: "make world",
+    SHAPES_ORACLE_ID: "make world",
+    SHAPES_WIDE_SD_ID: "make world-wide",
+    SHAPES_WIDE_ORACLE_ID: "make world-wide",
+    SHAPES_DIT_ID: "make world-dit",
 }
 # Each world's models: Stable Diffusion, oracle, and the split whose unseen categories the
 # world's found rates group (`python -m grounded_diffusion.world --world NAME`).
@@ -37,7 +55,7 @@ WORLD_MODELS = {
 
 
 def retrain_command(model_id: str) -> str:
-    return "make world-wide" if "wide" in model_id else "make world"
+    return RETRAIN_COMMANDS[model_id]
 
 
 def shapes_vae() -> AutoencoderKL:
@@ -60,3 +78,26 @@ def shapes_unet() -> UNet2DConditionModel:
 
 def shapes_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(tiny_clip_config(64))
+
+
+def shapes_mmdit() -> SD3Transformer2DModel:
+    """SD3's MM-DiT at the shapes world's size: 6 joint blocks of 4 heads x 32 on the 8x8 patch
+    grid of 16x16x4 latents; text tokens are the two CLIPs' states concatenated (32 + 32)."""
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+
+
+def shapes_mmdit_text_encoders() -> tuple[CLIPTextModelWithProjection, CLIPTextModelWithProjection]:
+    """SD3's two CLIP slots (hidden states and projected pooled embeddings), width 32 each."""
+    return tuple(CLIPTextModelWithProjection(tiny_clip_config(32, projection_dim=32)) for _ in range(2))

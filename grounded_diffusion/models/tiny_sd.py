@@ -226,7 +226,9 @@ def build_sd15_shaped_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline
 
 
 def ensure_tiny_stable_diffusion(
-    model_id: str = TINY_SD_ID, cache_root: str | Path | None = None, builder: Callable[[], DiffusionPipeline] | None = None
+    model_id: str = TINY_SD_ID,
+    cache_root: str | Path | None = None,
+    builder: Callable[[], DiffusionPipeline] | None = None,
 ) -> Path:
     """Return the folder of a saved tiny pipeline, building it on first use (atomically) with
     ``builder`` (default: the one ``TINY_BUILDERS`` names)."""
