@@ -249,9 +249,10 @@ def text_space(embeddings: torch.Tensor, split: CategorySplit) -> list[dict]:
 
 
 def print_text_space(args) -> None:
-    from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+    from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
 
-    backbone = StableDiffusionBackbone(BackboneConfig(model_id=args.model_id, dtype="float32"))
+    options = PIPELINE_OPTIONS.get(args.model_id, {})  # (the DiT's text stream: no T5 tokens)
+    backbone = build_backbone(BackboneConfig(model_id=args.model_id, dtype="float32", **options))
     split = world_split(args)
     with torch.no_grad():
         embeddings = backbone.category_embeddings(list(split.categories))

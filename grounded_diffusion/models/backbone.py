@@ -160,7 +160,7 @@ def looks_like_local_path(model_id: str) -> bool:
 
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
-    pipeline class (SD or SDXL) is the one the model's ``model_index.json`` names."""
+    pipeline class (SD, SDXL, SD3, FLUX.1) is the one the model's ``model_index.json`` names."""
     builders = TINY_BUILDERS | TINY_DIT_BUILDERS
     source = (
         str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id]))
@@ -237,9 +237,8 @@ def build_backbone(
 ) -> FrozenBackbone:
     """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
     (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1), as its pipeline is."""
-    from grounded_diffusion.models.dit_backbone import (
-        DiffusionTransformerBackbone,
-    )  # (it builds on this module)
+    # (imported here: the transformer backbone builds on this module)
+    from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
 
     config = config or BackboneConfig()
     pipeline = pipeline or load_pipeline(config.model_id, DTYPES[config.dtype])
