@@ -114,7 +114,7 @@ world-dit: $(STAMP)
 $(CHROMIUM):
 	apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
-# Everything, what CI runs (.ci/run): lint and the docs build first, then every test (about 17 min
+# Everything, what CI runs (.ci/run): lint and the docs build first, then every test (about 28 min
 # on 2 CPU cores).
 test: lint docs $(CHROMIUM)
 	$(PY) -m pytest

@@ -301,3 +301,25 @@ def test_other_resolutions_change_the_grid_and_flux_shift(model_id):
     assert generation.images.shape == (1, 3, 192, 192) and generation.heat_maps.shape == (1, 2, 12, 12)
     assert [f.shape[-2:] for f in generation.features] == [(12, 12)] * 4
     assert (large.timestep != small.timestep) == large.is_flux
+
+
+def test_flux_schnell_without_a_guidance_embedding_runs_every_path():
+    """FLUX.1-schnell's transformer has no guidance embedding: the backbone gives it none."""
+    from diffusers import FluxTransformer2DModel
+
+    from grounded_diffusion.models.backbone import load_pipeline
+
+    pipe = load_pipeline(TINY_FLUX_ID, torch.float32)
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel.from_config(
+        {**pipe.transformer.config, "guidance_embeds": False}
+    )
+    config = BackboneConfig(
+        model_id=TINY_FLUX_ID, image_size=128, max_sequence_length=16, num_inference_steps=4, capture_step=1
+    )
+    backbone = build_backbone(config, pipeline=pipe)
+    generation = backbone.generate(PROMPTS, [1, 2], 0.0, WORDS)
+    replayed = backbone.replay_features(generation.latents, torch.full((2,), backbone.timestep), PROMPTS)
+    for stored, again in zip(generation.features, replayed):
+        torch.testing.assert_close(stored, again, atol=1e-5, rtol=1e-5)
+    assert generation.heat_maps.shape == (2, 2, 8, 8)

@@ -345,3 +345,5 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     main(["test", *common, "--ckpt_path", "last", "--verbose", "false"])
     metrics = json.loads((latents_root / "report" / "metrics.json").read_text())
     assert metrics["unfiltered"]["groups"]["daam"]["all"]["miou"] is not None
+    report = (latents_root / "report" / "report.md").read_text()
+    assert "| joint attention | " in report and "| daam" not in report  # the baseline by its name

@@ -276,6 +276,7 @@ class FrozenBackbone(nn.Module):
 
     config: BackboneConfig
     timestep: float
+    baseline_name = "daam"  # the training-free baseline's name in reports (kept under "daam")
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         return super().train(False)  # frozen: dropout and norms always in inference mode

@@ -50,6 +50,8 @@ FLUX_NATIVE_SIZE = 1024  # FLUX.1's pipeline default; its config records none
 class DiffusionTransformerBackbone(FrozenBackbone):
     """Frozen SD3 / FLUX.1: text embeddings, VAE encoding, and transformer block features."""
 
+    baseline_name = "joint attention"
+
     def __init__(self, config: BackboneConfig | None = None, pipeline=None) -> None:
         """``pipeline``: an already loaded SD3 or FLUX.1 pipeline to use instead of ``config.model_id``."""
         super().__init__()
@@ -152,14 +154,12 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         tokens then its T5 tokens; FLUX.1's T5 tokens."""
         if self.is_flux:
             return [TextStream(self.text_modules["tokenizer_2"], 0, self.max_sequence_length)]
-        streams = [
-            TextStream(self.text_modules["tokenizer"], 0, self.text_modules["tokenizer"].model_max_length)
-        ]
-        if (
-            self.text_modules["text_encoder_3"] is not None and self.max_sequence_length
-        ):  # (without T5: zeros)
+        clip = self.text_modules["tokenizer"]
+        streams = [TextStream(clip, 0, clip.model_max_length)]
+        # Without a T5 encoder the pipeline puts zeros in its place: no words there to trace.
+        if self.text_modules["text_encoder_3"] is not None and self.max_sequence_length:
             streams.append(
-                TextStream(self.text_modules["tokenizer_3"], streams[0].length, self.max_sequence_length)
+                TextStream(self.text_modules["tokenizer_3"], clip.model_max_length, self.max_sequence_length)
             )
         return streams
 
