@@ -1,11 +1,12 @@
-"""Synthesis on a diffusion transformer (SD3, FLUX.1): our generation step (block-feature capture,
+"""Synthesis on a diffusion transformer (SD3, FLUX.1, FLUX.2 [klein]): our generation step (block-feature capture,
 and with the joint-attention maps of the category words) against the plain diffusers pipeline,
 the same modules, batch, dtype, prompts and noise, in one process.
 
     python benchmarks/dit_synthesis.py [--model-id embedded/tiny-sd3] [--batch 8] [--steps 28]
 
 The offline tiny models generate 128 px images (an 8x8 token grid); real SD3 / FLUX.1 weights
-(a Hub id or a folder) run at their native 1024 px.
+(a Hub id or a folder) run at their native 1024 px. Guidance: SD3 7.0, FLUX.1 its embedding 3.5,
+FLUX.2 [klein] base 4.0 (two transformer calls per step).
 """
 
 from __future__ import annotations
@@ -47,17 +48,17 @@ def main() -> None:
     )
     prompts, seeds = [s["prompt"] for s in samples], [s["seed"] for s in samples]
     words = [s["categories"] for s in samples]
-    guidance = 3.5 if backbone.is_flux else 7.0
+    guidance = {"sd3": 7.0, "flux": 3.5, "flux2": 4.0}[backbone.family]
 
     pipe = backbone.pipeline()
     noise = backbone.initial_noise(seeds)
-    if backbone.is_flux:
+    if backbone.family == "flux":
         noise = pipe._pack_latents(noise, len(noise), *backbone.latent_shape())
     size = backbone.image_size
 
     def plain() -> None:
         pipe(
-            prompts,
+            prompt=prompts,
             height=size,
             width=size,
             num_inference_steps=args.steps,

@@ -15,7 +15,7 @@
 #   smoke       make smoke: every stage at SD-1.5 shapes, time and peak memory      (420)
 #   storage     benchmarks/cache_storage.py: features vs latents, bytes and speed   (240)
 #   compile     the same with the UNet under torch.compile (inductor), fp16, batch 8 (300)
-#   dit         benchmarks/dit_synthesis.py: tiny SD3 and FLUX.1 at 1024 px vs diffusers (180)
+#   dit         benchmarks/dit_synthesis.py: tiny SD3, FLUX.1, FLUX.2 at 1024 px vs diffusers (240)
 # Without CUDA, throughput and compile check the script on the tiny model instead.
 #
 # BUDGET=SECONDS bounds the whole run: a stage gets at most what is left of it (less 20 s for
@@ -75,11 +75,14 @@ stage_command() {
         throughput) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py" || echo "$PY benchmarks/gpu_throughput.py $check_script" ;;
         compile) [ "$cuda" = 1 ] && echo "$PY benchmarks/gpu_throughput.py --compile inductor --dtypes float16 --batches 8" \
                      || echo "$PY benchmarks/gpu_throughput.py $check_script --compile aot_eager" ;;
-        # No SD3 / FLUX.1 weights offline: the tiny transformers at 1024 px (a 64x64 token grid, as
+        # No SD3 / FLUX weights offline: the tiny transformers at 1024 px (a 64x64 token grid, as
         # the real models' attention sizes), bfloat16, batch 4.
         dit) local options="--dtype bfloat16 --batch 4 --image-size 1024"
              [ "$cuda" = 1 ] || options="--batch 2 --steps 4"
-             echo "$PY benchmarks/dit_synthesis.py --model-id embedded/tiny-sd3 $options && $PY benchmarks/dit_synthesis.py --model-id embedded/tiny-flux $options" ;;
+             for model in tiny-sd3 tiny-flux tiny-flux2; do
+                 printf '%s' "$PY benchmarks/dit_synthesis.py --model-id embedded/$model $options && "
+             done
+             echo true ;;
         *) return 1 ;;
     esac
 }

@@ -120,7 +120,7 @@ def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
     assert expected.get(overlay, "seen_only: true") in printed
 
 
-@pytest.mark.parametrize("overlay", ["sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("overlay", ["sd2", "sdxl", "sd3", "flux", "flux2"])
 def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
         main(
@@ -140,12 +140,13 @@ def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     assert f"cache_dir: data/pascal_sim/{model_id}/split1" in printed  # (resolved)
 
 
-@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_flux2"])
 def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, capsys):
     """Feature capture, training and evaluation (ours, the attention baseline and the trivial
     predictors) on the tiny SD-2.x (v-prediction), SDXL (two text encoders, 3 resolution groups),
-    SD3 (joint attention over [image, CLIP + T5 text]) and FLUX.1 (double- and single-stream
-    blocks over [text, image], packed latents)."""
+    SD3 (joint attention over [image, CLIP + T5 text]), FLUX.1 (double- and single-stream
+    blocks over [text, image], packed latents) and FLUX.2 [klein] (Qwen3 text in chat markup,
+    patchified latents, a separate unconditional call per step)."""
     args = [
         *scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"),
         "--config",

@@ -50,13 +50,13 @@ def test_throughput_stage_runs_the_benchmark_on_the_tiny_model_without_cuda(tmp_
     assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[2:])
 
 
-def test_dit_stage_compares_both_tiny_transformers_with_the_plain_pipeline_without_cuda(tmp_path):
+def test_dit_stage_compares_the_tiny_transformers_with_the_plain_pipeline_without_cuda(tmp_path):
     run = session("dit", wheels=tmp_path / "no_wheels", out=tmp_path / "out")
     assert run.returncode == 0, run.stdout + run.stderr
     log = (tmp_path / "out" / "dit.log").read_text()
-    assert "embedded/tiny-sd3 (float32)" in log and "embedded/tiny-flux (float32)" in log
+    assert all(f"embedded/{m} (float32)" in log for m in ("tiny-sd3", "tiny-flux", "tiny-flux2"))
     rows = [line for line in log.splitlines() if line.startswith("| ours: + joint-attention word maps | ")]
-    assert len(rows) == 2 and all(float(row.split(" | ")[1]) > 0 for row in rows)  # samples/s
+    assert len(rows) == 3 and all(float(row.split(" | ")[1]) > 0 for row in rows)  # samples/s
 
 
 def test_unknown_stage_is_refused_before_anything_runs(tmp_path):

@@ -281,9 +281,9 @@ def test_synthesis_without_an_oracle_says_what_to_set(tmp_path):
     assert "needs model.init_args.oracle" in str(info.value.code)
 
 
-@pytest.mark.parametrize("overlay", ["tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize("overlay", ["tiny_sd3", "tiny_flux", "tiny_flux2"])
 def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_train(overlay, tmp_path):
-    """SD3 and FLUX.1: synthesis (generation + oracle + joint-attention maps) into a latents cache
+    """SD3, FLUX.1 and FLUX.2 [klein]: synthesis (generation + oracle + joint-attention maps) into a latents cache
     and a features cache; the replayed latents give the stored features; fit and test run on the
     latents cache (the baseline's maps on the 8x8 token grid)."""
 
@@ -305,7 +305,8 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     )
     record = replay_cache.manifest()[-1]
     tensors, _ = replay_cache.load(record["id"])
-    assert tensors["latents"].shape == (16, 16, 16) and tensors["daam"].shape == (
+    latent_shape = (128, 8, 8) if overlay == "tiny_flux2" else (16, 16, 16)  # FLUX.2: patchified 2x2
+    assert tensors["latents"].shape == latent_shape and tensors["daam"].shape == (
         len(record["categories"]),
         8,
         8,

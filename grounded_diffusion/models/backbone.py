@@ -26,6 +26,7 @@ from diffusers import (
     DDIMInverseScheduler,
     DDIMScheduler,
     DiffusionPipeline,
+    Flux2KleinPipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -43,7 +44,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Dtype = Literal["float32", "float16", "bfloat16"]
 Branches = Literal["cond", "uncond+cond"]
 UNET_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
-PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline)
+PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
 
@@ -57,10 +58,13 @@ class BackboneConfig:
 
     Args:
         model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
-            ``stabilityai/stable-diffusion-2-1``, ``stabilityai/stable-diffusion-xl-base-1.0``), a
-            local folder in diffusers format, the shapes world's trained tiny SD-1.x
-            (``embedded/shapes-sd``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
-            (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``.
+            ``stabilityai/stable-diffusion-2-1``, ``stabilityai/stable-diffusion-xl-base-1.0``,
+            ``stabilityai/stable-diffusion-3.5-medium``, ``black-forest-labs/FLUX.1-dev``,
+            ``black-forest-labs/FLUX.2-klein-base-4B``), a local folder in diffusers format, the
+            shapes world's trained tiny SD-1.x and MM-DiT (``embedded/shapes-sd``,
+            ``embedded/shapes-dit``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
+            (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``,
+            ``embedded/tiny-sd3``, ``embedded/tiny-flux``, ``embedded/tiny-flux2``.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
         blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x; for a
             diffusion transformer, four evenly spaced blocks: see models/dit_backbone.py).
@@ -76,13 +80,14 @@ class BackboneConfig:
             pays the compilation. Feature capture hooks are traced; turning DAAM tracing on or
             off (another attention processor class) compiles once more, then graphs are reused.
 
-    Diffusion transformers (SD3 / SD3.5, FLUX.1; models/dit_backbone.py) read these too:
+    Diffusion transformers (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]; models/dit_backbone.py) read these too:
 
     Args:
         image_size: side of the generated (and real, resized) images; ``None``: the model's native
-            size (SD3: its config's; FLUX.1: 1024). UNets generate at their native size only.
-        max_sequence_length: T5 tokens of the text stream; ``None``: the pipeline's default (SD3:
-            256, FLUX.1: 512); 0: none, for an SD3 trained without T5 (``embedded/shapes-dit``).
+            size (SD3: its config's; FLUX.1 and FLUX.2: 1024). UNets generate at their native size only.
+        max_sequence_length: T5 (FLUX.2: Qwen3) tokens of the text stream; ``None``: the
+            pipeline's default (SD3: 256, FLUX.1 and FLUX.2: 512); 0: none, for an SD3 trained
+            without T5 (``embedded/shapes-dit``).
         attention_blocks: the blocks whose joint attention makes the training-free baseline's
             word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
         guidance_embedding: FLUX.1-dev's guidance input, given to every transformer call
@@ -160,7 +165,7 @@ def looks_like_local_path(model_id: str) -> bool:
 
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
-    pipeline class (SD, SDXL, SD3, FLUX.1) is the one the model's ``model_index.json`` names."""
+    pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2 [klein]) is the one the model's ``model_index.json`` names."""
     builders = TINY_BUILDERS | TINY_DIT_BUILDERS
     source = (
         str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id]))
@@ -202,7 +207,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         if not isinstance(pipe, PIPELINES):
             raise ConfigError(
                 f"'{model_id}' is a {type(pipe).__name__}; the backbone supports "
-                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL, SD3 / SD3.5, FLUX.1)."
+                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL, SD3 / SD3.5, FLUX.1, FLUX.2 [klein])."
             )
         return pipe
     raise MissingWeightsError(
@@ -236,7 +241,7 @@ def build_backbone(
     config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None
 ) -> FrozenBackbone:
     """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
-    (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1), as its pipeline is."""
+    (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]), as its pipeline is."""
     # (imported here: the transformer backbone builds on this module)
     from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
 
@@ -367,7 +372,7 @@ class StableDiffusionBackbone(FrozenBackbone):
             or config.max_sequence_length is not None
         ):
             raise ConfigError(
-                "image_size, attention_blocks and max_sequence_length apply to diffusion transformers (SD3, FLUX.1); "
+                "image_size, attention_blocks and max_sequence_length apply to diffusion transformers (SD3, FLUX.1, FLUX.2); "
                 f"this UNet generates at its native {self.image_size} px and DAAM reads its fixed layers: leave them null"
             )
         self.timestep = capture_timestep(

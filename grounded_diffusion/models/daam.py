@@ -38,8 +38,13 @@ WordMatching = Literal["whole", "reference"]
 
 
 def _bpe_words(tokenizer, text: str) -> list[str]:
-    # CLIP's BPE ends a word's last token with </w>; sentencepiece (T5) starts a word with ▁.
-    return [t.replace("</w>", "").replace("\u2581", "").lower() for t in tokenizer.tokenize(text)]
+    # CLIP's BPE ends a word's last token with </w>; sentencepiece (T5) starts a word with ▁;
+    # byte-level BPE (Qwen, FLUX.2) with Ġ, its leading space.
+    marks = ("</w>", "\u2581", "\u0120")
+    words = tokenizer.tokenize(text)
+    for mark in marks:
+        words = [t.replace(mark, "") for t in words]
+    return [t.lower() for t in words]
 
 
 def leading_special_tokens(tokenizer) -> int:
@@ -51,23 +56,36 @@ def leading_special_tokens(tokenizer) -> int:
 def word_token_indices(
     tokenizer, prompt: str, word: str, others: Sequence[str] = (), max_length: int | None = None
 ) -> list[int]:
-    """Positions of ``word``'s tokens in the encoded prompt (CLIP: BOS = 0; T5: no BOS), every
+    """Positions of ``word``'s tokens in the encoded prompt (CLIP: BOS = 0; T5, Qwen: no BOS), every
     occurrence, as the reference's ``compute_token_merge_indices``. With ``others`` (the other
     categories named in the prompt), occurrences inside an occurrence of a longer one are left out
     (whole-category matching), unless that would leave none. ``max_length``: the encoded length
     (default the tokenizer's ``model_max_length``)."""
-    tokens, search = _bpe_words(tokenizer, prompt), _bpe_words(tokenizer, word)
+    tokens = _bpe_words(tokenizer, prompt)
 
-    def spans(words: list[str]) -> list[range]:
-        return [range(i, i + len(words)) for i in range(len(tokens)) if tokens[i : i + len(words)] == words]
+    def spans(text: str) -> list[range]:
+        # Byte-level BPE (Qwen) tokenizes a word differently at the start of a text and after a
+        # space: both forms are looked for.
+        forms = {tuple(_bpe_words(tokenizer, form)) for form in (text, " " + text)}
+        return sorted(
+            {
+                range(i, i + len(f))
+                for f in forms
+                for i in range(len(tokens))
+                if tuple(tokens[i : i + len(f)]) == f
+            },
+            key=lambda span: span.start,
+        )
 
-    found = spans(search)
+    found = spans(word)
     if not found:
         raise ValueError(f"The word {word!r} is not in the prompt {prompt!r}")
-    longer = [
-        span for other in others for span in spans(_bpe_words(tokenizer, other)) if len(span) > len(search)
+    longer = [span for other in others for span in spans(other)]
+    whole = [
+        s
+        for s in found
+        if not any(s.start >= o.start and s.stop <= o.stop and len(o) > len(s) for o in longer)
     ]
-    whole = [s for s in found if not any(s.start >= o.start and s.stop <= o.stop for o in longer)]
     start = leading_special_tokens(tokenizer)
     positions = [start + k for span in (whole or found) for k in span]
     max_length = max_length or tokenizer.model_max_length
@@ -201,9 +219,9 @@ class DAAMTracer:
 
 @dataclass(frozen=True)
 class TextStream:
-    """One tokenizer's stretch of the text tokens a model attends to: SD's one CLIP context, or
-    SD3's 77 CLIP tokens followed by its T5 tokens (``start``: the first position, ``length``: how
-    many)."""
+    """One tokenizer's stretch of the text tokens a model attends to: SD's one CLIP context,
+    SD3's 77 CLIP tokens followed by its T5 tokens, or FLUX.2's prompt inside its chat markup
+    (``start``: the position of the prompt's first token, ``length``: how many can follow)."""
 
     tokenizer: Any
     start: int

@@ -1,18 +1,23 @@
-"""A frozen diffusion transformer (SD3 / SD3.5, FLUX.1) whose blocks' image tokens are captured at one step.
+"""A frozen diffusion transformer (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]) whose blocks' image tokens are captured at one step.
 
 The DiT counterpart of a UNet block output is a transformer block's image-token stream: SD3's
-joint blocks and FLUX.1's double-stream blocks return (text, image) streams, FLUX.1's single-stream
-blocks split their joint sequence back into the same pair. A tapped block's image tokens
-[B, N, D] are laid back on the latent grid, [B, D, rows, columns] (SD3: the latent over its patch
-size; FLUX.1: over its 2x2 packing). All taps share that resolution, so each tapped block is one
-feature group of the grounding head (``HeadConfig.group_channels`` takes one width per block).
+joint blocks and the FLUX double-stream blocks return (text, image) streams, FLUX.1's single-stream
+blocks split their joint sequence back into the same pair, FLUX.2's return it whole, [text, image],
+and its image part is taken. A tapped block's image tokens [B, N, D] are laid back on the latent
+grid, [B, D, rows, columns] (SD3: the latent over its patch size; FLUX: over its 2x2 packing or
+patchifying). All taps share that resolution, so each tapped block is one feature group of the
+grounding head (``HeadConfig.group_channels`` takes one width per block).
 
-Block names are the transformer's own: ``transformer_blocks.{i}`` (SD3, FLUX.1 double-stream) and
-``single_transformer_blocks.{i}`` (FLUX.1). Sampling is the pipelines' rectified flow
-(FlowMatchEulerDiscreteScheduler, with SD3's fixed shift or FLUX.1's image-size-dependent one);
+Block names are the transformer's own: ``transformer_blocks.{i}`` (SD3, FLUX double-stream) and
+``single_transformer_blocks.{i}`` (FLUX). Sampling is the pipelines' rectified flow
+(FlowMatchEulerDiscreteScheduler, with SD3's fixed shift or FLUX's image-size-dependent one);
 the capture step counts from the end as for the UNet (t=1: the last step). SD3 samples with a
 classifier-free guidance batch [uncond, cond]; FLUX.1-dev is guidance-distilled: one branch, its
-guidance scale an input of every transformer call (``BackboneConfig.guidance_embedding``).
+guidance scale an input of every transformer call (``BackboneConfig.guidance_embedding``);
+FLUX.2 [klein]'s base models call the transformer twice per step, conditional then
+unconditional, and only the conditional call is captured and traced (its distilled models: once).
+The latents of FLUX.2 are what its transformer sees: the VAE's latents patchified 2x2 and
+normalised by the VAE's batch-norm statistics, [B, 4C, h/2, w/2].
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from torch import Tensor, nn
 
 from grounded_diffusion.errors import ConfigError, check_choice
@@ -43,17 +55,43 @@ from grounded_diffusion.models.backbone import (
 from grounded_diffusion.models.daam import TextStream, WordMatching, word_token_indices
 from grounded_diffusion.models.joint_attention import JointAttentionTracer
 
-DIT_PIPELINES = (StableDiffusion3Pipeline, FluxPipeline)
-FLUX_NATIVE_SIZE = 1024  # FLUX.1's pipeline default; its config records none
+Family = Literal["sd3", "flux", "flux2"]
+FAMILIES: dict[type, Family] = {
+    StableDiffusion3Pipeline: "sd3",
+    FluxPipeline: "flux",
+    Flux2KleinPipeline: "flux2",
+}
+DIT_PIPELINES = tuple(FAMILIES)
+PROMPT_MARK = "\x00prompt\x00"  # stands for the prompt where FLUX.2's chat markup is rendered
+
+
+class CallGate:
+    """Open for the first of every ``period`` transformer calls: FLUX.2 [klein]'s base models call
+    the transformer for the conditional branch, then the unconditional one, at every step."""
+
+    def __init__(self, period: int = 1) -> None:
+        self.period, self.calls, self.open = period, 0, True
+
+    @contextlib.contextmanager
+    def counting(self, transformer: nn.Module) -> Iterator[CallGate]:
+        def before_call(module, args):
+            self.open, self.calls = self.calls % self.period == 0, self.calls + 1
+
+        handle = transformer.register_forward_pre_hook(before_call)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 class DiffusionTransformerBackbone(FrozenBackbone):
-    """Frozen SD3 / FLUX.1: text embeddings, VAE encoding, and transformer block features."""
+    """Frozen SD3 / FLUX.1 / FLUX.2 [klein]: text embeddings, VAE encoding, and transformer block
+    features. ``family``: ``sd3``, ``flux`` (FLUX.1) or ``flux2``."""
 
     baseline_name = "joint attention"
 
     def __init__(self, config: BackboneConfig | None = None, pipeline=None) -> None:
-        """``pipeline``: an already loaded SD3 or FLUX.1 pipeline to use instead of ``config.model_id``."""
+        """``pipeline``: an already loaded SD3 or FLUX pipeline to use instead of ``config.model_id``."""
         super().__init__()
         self.config = config = config or BackboneConfig()
         check_choice("dtype", config.dtype, Dtype)
@@ -61,20 +99,26 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         pipeline = pipeline if pipeline is not None else load_pipeline(config.model_id, DTYPES[config.dtype])
         if not isinstance(pipeline, DIT_PIPELINES):
             raise ConfigError(
-                f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3 or FLUX.1 pipeline"
+                f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3, FLUX.1 or FLUX.2 [klein] pipeline"
             )
         if pipeline.transformer.dtype != DTYPES[config.dtype]:
             pipeline = pipeline.to(dtype=DTYPES[config.dtype])
-        self.is_flux = isinstance(pipeline, FluxPipeline)
+        self.family = next(family for kind, family in FAMILIES.items() if isinstance(pipeline, kind))
         if self.is_flux and config.branches != "cond":
             raise ConfigError(
-                "branches 'uncond+cond': FLUX.1 is guidance-distilled and samples without an unconditional branch; use 'cond'"
+                "branches 'uncond+cond': FLUX.1 is guidance-distilled and samples without an unconditional "
+                "branch (FLUX.2 [klein] runs it as a call of its own, not captured); use 'cond'"
             )
         if config.channels_last:
             raise ConfigError(
                 "channels_last speeds up a UNet's convolutions; a diffusion transformer has none: set false"
             )
         self.pipeline_class, self.scheduler_config = type(pipeline), dict(pipeline.scheduler.config)
+        # The pipeline's own settings beside its modules (FLUX.2 [klein]: is_distilled).
+        accepted = inspect.signature(self.pipeline_class.__init__).parameters
+        self.pipeline_settings = {
+            k: v for k, v in pipeline.config.items() if k in accepted and not isinstance(v, (list, tuple))
+        }
         self.idle_scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         self.transformer, self.vae = pipeline.transformer, pipeline.vae
         self.text_modules = {
@@ -99,10 +143,8 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         if self.max_sequence_length is None:
             self.max_sequence_length = 512 if self.is_flux else 256
         self.guidance_embedding = 3.5 if config.guidance_embedding is None else config.guidance_embedding
-        native = (
-            FLUX_NATIVE_SIZE if self.is_flux else self.transformer.config.sample_size * self.vae_scale_factor
-        )
-        self.image_size = config.image_size or native
+        # SD3's native size is its config's; the FLUX pipelines assume 128 latent pixels (1024 px).
+        self.image_size = config.image_size or pipeline.default_sample_size * self.vae_scale_factor
         patch = self.patch_size
         if self.image_size % (self.vae_scale_factor * patch):
             raise ConfigError(
@@ -111,6 +153,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             )
         self.latent_size = self.image_size // self.vae_scale_factor
         self.grid = (self.latent_size // patch,) * 2
+        self.prompt_start = self._prompt_start()
         schedule = self._schedule(config.num_inference_steps)
         timesteps, sigmas = schedule.timesteps.tolist(), schedule.sigmas.tolist()
         self.timestep, self.sigma = timesteps[-config.capture_step], sigmas[-config.capture_step - 1]
@@ -127,6 +170,11 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         )
 
     @property
+    def is_flux(self) -> bool:
+        """FLUX.1 or FLUX.2: [text, image] token order, no batched guidance branch."""
+        return self.family != "sd3"
+
+    @property
     def denoiser(self) -> nn.Module:
         return self.transformer
 
@@ -141,19 +189,35 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     @property
     def patch_size(self) -> int:
-        """Latent pixels per image token along a side: SD3's patch size; FLUX.1 packs 2x2 latents."""
+        """Latent pixels per image token along a side: SD3's patch size; FLUX packs (FLUX.2:
+        patchifies) 2x2 latents."""
         return 2 if self.is_flux else self.transformer.config.patch_size
 
     @property
     def tokenizer(self):
-        """The tokenizer of the category embeddings' stream: SD3's CLIP, FLUX.1's T5."""
-        return self.text_modules["tokenizer_2" if self.is_flux else "tokenizer"]
+        """The tokenizer of the category embeddings' stream: SD3's CLIP, FLUX.1's T5, FLUX.2's Qwen3."""
+        return self.text_modules["tokenizer_2" if self.family == "flux" else "tokenizer"]
+
+    def _prompt_start(self) -> int:
+        """Tokens before the prompt's own: FLUX.2 [klein] wraps it in Qwen3's chat markup (one user
+        turn, the assistant's turn opened, thinking off), exactly as its pipeline renders it."""
+        if self.family != "flux2":
+            return 0
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT_MARK}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        prefix = rendered[: rendered.index(PROMPT_MARK)]
+        return len(self.tokenizer(prefix, add_special_tokens=False).input_ids)
 
     def text_streams(self) -> list[TextStream]:
         """Where each tokenizer's tokens lie in the transformer's text sequence: SD3's 77 CLIP
-        tokens then its T5 tokens; FLUX.1's T5 tokens."""
+        tokens then its T5 tokens; FLUX.1's T5 tokens; FLUX.2's Qwen3 tokens after the chat markup."""
         if self.is_flux:
-            return [TextStream(self.text_modules["tokenizer_2"], 0, self.max_sequence_length)]
+            start = self.prompt_start
+            return [TextStream(self.tokenizer, start, self.max_sequence_length - start)]
         clip = self.text_modules["tokenizer"]
         streams = [TextStream(clip, 0, clip.model_max_length)]
         # Without a T5 encoder the pipeline puts zeros in its place: no words there to trace.
@@ -188,11 +252,16 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         return list(names or default)
 
     @contextlib.contextmanager
-    def _capturing(self) -> Iterator[dict[str, Tensor]]:
+    def _capturing(self, gate: CallGate | None = None) -> Iterator[dict[str, Tensor]]:
+        """The tapped blocks' image tokens of the last transformer call ``gate`` lets through."""
         captured: dict[str, Tensor] = {}
+        pixels = self.grid[0] * self.grid[1]
 
         def hook(module, args, output, name):
-            captured[name] = output[1]  # (text, image) streams
+            if gate is not None and not gate.open:
+                return
+            # (text, image) streams; FLUX.2's single-stream blocks: the whole [text, image] sequence
+            captured[name] = output[1] if isinstance(output, tuple) else output[:, -pixels:]
 
         handles = [
             self.block_modules[name].register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
@@ -228,7 +297,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     def _transformer(self, latents: Tensor, timesteps: Tensor, embeds: PromptEmbeds) -> Tensor:
         """One transformer call as the pipelines make it, on unpacked latents [B, C, h, w]: the
         velocity prediction, unpacked."""
-        hidden, pooled = embeds.hidden.to(self.dtype), embeds.pooled.to(self.dtype)
+        hidden = embeds.hidden.to(self.dtype)
+        pooled = None if embeds.pooled is None else embeds.pooled.to(self.dtype)
+        if self.family == "flux2":
+            return self._flux2_transformer(latents, timesteps, hidden)
         if not self.is_flux:
             return self.transformer(
                 hidden_states=latents.to(self.dtype),
@@ -257,6 +329,25 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             velocity, height * self.vae_scale_factor, width * self.vae_scale_factor, self.vae_scale_factor
         )
 
+    def _flux2_transformer(self, latents: Tensor, timesteps: Tensor, hidden: Tensor) -> Tensor:
+        """FLUX.2's call: the patchified latents as tokens (row-major), 4-axis position ids
+        (time, row, column, sequence) made on the device, as its pipeline's ``_prepare_*_ids``."""
+        device, (rows, columns) = latents.device, latents.shape[-2:]
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        arange = lambda n: torch.arange(n, device=device)  # noqa: E731
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), self.guidance_embedding, device=device)
+        velocity = self.transformer(
+            hidden_states=latents.to(self.dtype).flatten(2).transpose(1, 2),
+            timestep=timesteps.to(self.dtype) / 1000,
+            guidance=guidance,
+            encoder_hidden_states=hidden,
+            txt_ids=torch.cartesian_prod(zero, zero, zero, arange(hidden.shape[1])),
+            img_ids=torch.cartesian_prod(zero, arange(rows), arange(columns), zero),
+        ).sample
+        return velocity.transpose(1, 2).unflatten(-1, (rows, columns))
+
     @torch.no_grad()
     def features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds) -> list[Tensor]:
         """Run the transformer once and return the tapped blocks' image tokens on the latent grid."""
@@ -269,12 +360,17 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     @contextlib.contextmanager
     def trace_words(
-        self, prompts: Sequence[str], words: Sequence[Sequence[str]], matching: WordMatching = "whole"
+        self,
+        prompts: Sequence[str],
+        words: Sequence[Sequence[str]],
+        matching: WordMatching = "whole",
+        gate: CallGate | None = None,
     ) -> Iterator[JointAttentionTracer]:
         """Trace the joint-attention maps of ``words`` (one list per prompt) over every transformer
-        call inside; ``tracer.word_maps()`` then gives them on the token grid [B, O, rows, columns]."""
+        call inside (that ``gate`` lets through); ``tracer.word_maps()`` then gives them on the
+        token grid [B, O, rows, columns]."""
         attentions = [self.block_modules[name].attn for name in self.attention_names]
-        tracer = JointAttentionTracer(attentions, image_first=not self.is_flux)
+        tracer = JointAttentionTracer(attentions, image_first=not self.is_flux, gate=gate)
         clip = 0 if self.is_flux else self.text_modules["tokenizer"].model_max_length  # SD3: CLIP first
         text_length = clip + self.max_sequence_length
         with tracer.trace(self.text_streams(), prompts, words, text_length, self.grid, matching):
@@ -286,10 +382,16 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     def _encode(self, prompts: Sequence[str], unconditional: bool = False) -> PromptEmbeds:
         """The pipeline's own text encoding: SD3's CLIP-L ‖ CLIP-G tokens (zero-padded to the T5
         width) followed by its T5 tokens, with both CLIPs' pooled embeddings; FLUX.1's T5 tokens
-        with CLIP's pooled embedding. ``unconditional``: SD3's encoding of the empty negative prompt."""
+        with CLIP's pooled embedding; FLUX.2's Qwen3 hidden states of three layers (no pooled
+        text). ``unconditional``: SD3's encoding of the empty negative prompt."""
         # (text encoding never steps the scheduler: one made at start-up serves, and a new one per
         # call would read its sigmas back to the host)
         pipe, device = self.pipeline(self.idle_scheduler), self.transformer.device
+        if self.family == "flux2":
+            hidden, _ = pipe.encode_prompt(
+                list(prompts), device=device, max_sequence_length=self.max_sequence_length
+            )
+            return PromptEmbeds(hidden)
         if self.is_flux:
             hidden, pooled, _ = pipe.encode_prompt(
                 list(prompts), None, device=device, max_sequence_length=self.max_sequence_length
@@ -316,7 +418,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     @torch.no_grad()
     def category_embeddings(self, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> Tensor:
         """One embedding per category [N, D]: its contextualised tokens in the template,
-        averaged, in the first text stream (SD3: CLIP; FLUX.1: T5)."""
+        averaged, in the first text stream (SD3: CLIP; FLUX.1: T5; FLUX.2: Qwen3)."""
         stream = self.text_streams()[0]
         prompts = [template.format(c) for c in categories]
         hidden = self.encode_prompts(prompts).hidden
@@ -330,24 +432,32 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1], [B, 3, H, W] -> shifted and scaled latents (the posterior mean)."""
+        """Images in [-1, 1], [B, 3, H, W] -> shifted and scaled latents (the posterior mean);
+        FLUX.2: patchified and normalised by the VAE's batch-norm statistics, as its pipeline does."""
         latents = self.vae.encode(images.to(self.dtype)).latent_dist.mean
+        if self.family == "flux2":
+            patches = Flux2KleinPipeline._patchify_latents(latents)
+            mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(patches.dtype)
+            std = (self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).sqrt()
+            return (patches - mean) / std.to(patches.dtype)
         shift = self.vae.config.get("shift_factor") or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
     def _schedule(self, num_inference_steps: int) -> FlowMatchEulerDiscreteScheduler:
         """The sampling schedule exactly as the pipeline sets it at this image size."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        options = {}
-        if scheduler.config.get("use_dynamic_shifting"):
+        options, tokens = {}, self.grid[0] * self.grid[1]
+        if scheduler.config.get("use_dynamic_shifting") and self.family == "flux2":
+            options["mu"] = compute_empirical_mu(tokens, num_inference_steps)  # (FLUX.2: steps count too)
+        elif scheduler.config.get("use_dynamic_shifting"):
             options["mu"] = calculate_shift(
-                self.grid[0] * self.grid[1],
+                tokens,
                 scheduler.config.get("base_image_seq_len", 256),
                 scheduler.config.get("max_image_seq_len", 4096),
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.15 if self.is_flux else 1.16),
             )
-        if self.is_flux:  # FLUX.1's pipeline passes its own sigmas
+        if self.is_flux:  # the FLUX pipelines pass their own sigmas
             scheduler.set_timesteps(
                 sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), **options
             )
@@ -392,12 +502,15 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             vae=self.vae,
             scheduler=scheduler or FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
             **modules,
+            **self.pipeline_settings,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def latent_shape(self) -> tuple[int, int, int]:
-        """One sample's latent shape at the configured image size."""
+        """One sample's latent shape at the configured image size (FLUX.2: patchified 2x2)."""
+        if self.family == "flux2":
+            return (4 * self.vae.config.latent_channels, *self.grid)
         return (self.vae.config.latent_channels, self.latent_size, self.latent_size)
 
     @torch.no_grad()
@@ -410,9 +523,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         word_matching: str = "whole",
         num_inference_steps: int | None = None,
     ) -> Generation:
-        """Sample images (SD3: classifier-free guidance at ``guidance_scale``; FLUX.1: its
-        guidance embedding, ``BackboneConfig.guidance_embedding``), capturing the block features
-        and the latent at the capture step, and the joint-attention maps of ``words`` over all steps."""
+        """Sample images (SD3 and FLUX.2 [klein] base: classifier-free guidance at
+        ``guidance_scale``; FLUX.1: its guidance embedding, ``BackboneConfig.guidance_embedding``),
+        capturing the block features and the latent at the capture step, and the joint-attention
+        maps of ``words`` over all steps (conditional branch)."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:
             raise ConfigError(
                 "branches 'uncond+cond' needs guidance_scale > 1 (no unconditional branch otherwise)"
@@ -423,11 +537,13 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         at_capture: dict = {"latents": noise} if step == 0 else {}
 
         def unpacked(latents: Tensor) -> Tensor:
-            if not self.is_flux:
-                return latents
-            return FluxPipeline._unpack_latents(
-                latents, self.image_size, self.image_size, self.vae_scale_factor
-            )
+            if self.family == "flux2":  # tokens in row-major order, as its pipeline's ids place them
+                return latents.transpose(1, 2).unflatten(-1, self.grid)
+            if self.family == "flux":
+                return FluxPipeline._unpack_latents(
+                    latents, self.image_size, self.image_size, self.vae_scale_factor
+                )
+            return latents
 
         def on_step_end(pipe, i, t, kwargs):
             if i == step - 1:
@@ -436,14 +552,16 @@ class DiffusionTransformerBackbone(FrozenBackbone):
                 at_capture["features"] = dict(captured)
             return {}
 
-        latents = noise
-        if self.is_flux:
+        latents, gate = noise, CallGate()
+        if self.family == "flux":
             latents = FluxPipeline._pack_latents(noise, len(noise), *self.latent_shape())
-        options = {"guidance_scale": self.guidance_embedding if self.is_flux else guidance_scale}
-        tracing = self.trace_words(prompts, words, word_matching) if words else contextlib.nullcontext()
-        with self._capturing() as captured, tracing as tracer:
+        if self.family == "flux2":  # (its pipeline takes them unpacked)
+            gate.period = 2 if guidance_scale > 1 and not pipe.config.is_distilled else 1
+        guidance = self.guidance_embedding if self.family == "flux" else guidance_scale
+        tracing = self.trace_words(prompts, words, word_matching, gate) if words else contextlib.nullcontext()
+        with gate.counting(self.transformer), self._capturing(gate) as captured, tracing as tracer:
             images = pipe(
-                list(prompts),
+                prompt=list(prompts),
                 height=self.image_size,
                 width=self.image_size,
                 num_inference_steps=steps,
@@ -451,7 +569,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
                 output_type="pt",
                 callback_on_step_end=on_step_end,
                 max_sequence_length=self.max_sequence_length,
-                **options,
+                guidance_scale=guidance,
             ).images
         at_step = at_capture["features"]
         guidance_batch = at_step[self.block_names[0]].shape[0] == 2 * len(prompts)

@@ -1,6 +1,6 @@
 """The training-free baseline on diffusion transformers: per-word maps from joint attention.
 
-An MM-DiT (SD3, FLUX.1) has no cross-attention: image and text tokens attend jointly in one
+An MM-DiT (SD3, FLUX.1, FLUX.2) has no cross-attention: image and text tokens attend jointly in one
 softmax over all of them. DAAM's counterpart reads, in each traced block, the probability that an
 image query gives each traced text key, under the real softmax over every key. Only image-query x
 traced-text-key probabilities are kept, and the image queries go through in chunks, so that
@@ -8,8 +8,8 @@ memory is O(N·K) plus one chunk's logits, never the N x N image part. Per word,
 over the traced denoising steps, averaged over heads and blocks, pooled over the word's tokens
 (in every text stream: SD3's CLIP and T5 tokens alike), with DAAM's whole-category matching.
 
-Token order: SD3 puts [image, text] in its joint sequence, FLUX.1 [text, image] (its single-stream
-blocks too). The query and key the model itself computed (after its q/k norms and FLUX.1's rotary
+Token order: SD3 puts [image, text] in its joint sequence, FLUX.1 and FLUX.2 [text, image] (their
+single-stream blocks too). The query and key the model itself computed (after its q/k norms and FLUX.1's rotary
 embedding) are read where the block's processor hands them to torch's
 ``scaled_dot_product_attention``, so no processor is re-implemented here.
 """
@@ -52,11 +52,12 @@ class JointAttentionTracer:
 
     Args:
         attentions: the attention modules to trace (one per block).
-        image_first: the joint sequence is [image, text] (SD3) rather than [text, image] (FLUX.1).
+        image_first: the joint sequence is [image, text] (SD3) rather than [text, image] (FLUX).
+        gate: when given, only the transformer calls it lets through are traced (its ``open``).
     """
 
-    def __init__(self, attentions: Sequence[nn.Module], image_first: bool) -> None:
-        self.attentions, self.image_first = list(attentions), image_first
+    def __init__(self, attentions: Sequence[nn.Module], image_first: bool, gate=None) -> None:
+        self.attentions, self.image_first, self.gate = list(attentions), image_first, gate
 
     @contextlib.contextmanager
     def trace(
@@ -90,6 +91,8 @@ class JointAttentionTracer:
     def add(self, layer: int, query: Tensor, key: Tensor, scale: float | None = None) -> None:
         """query, key [B', heads, S, d] of one joint attention; keeps the conditional branch's
         image-query x traced-text-key probabilities, summed over heads: [B, N, K]."""
+        if self.gate is not None and not self.gate.open:
+            return
         if self.token_index.device != query.device:  # once per trace
             self.token_index = self.token_index.to(query.device)
         query, key = query[-self.batch :], key[-self.batch :]

@@ -1,4 +1,4 @@
-"""The embedded diffusion transformers: tiny, randomly initialised SD3 and FLUX.1, built from config.
+"""The embedded diffusion transformers: tiny, randomly initialised SD3, FLUX.1 and FLUX.2, built from config.
 
 ``embedded/tiny-sd3`` has SD3's layout: an MM-DiT whose joint blocks attend over [image, text]
 tokens (the last block context-pre-only), two CLIP text encoders (hidden states concatenated on
@@ -7,13 +7,20 @@ tokens, a 16-channel VAE with a shift factor, and rectified-flow sampling (shift
 ``embedded/tiny-flux`` has FLUX.1-dev's: double-stream blocks, then single-stream blocks over
 [text, image] with rotary position ids, 2x2-packed latents, CLIP's pooled embedding beside the T5
 stream, the guidance embedding, and timestep shifting that depends on the image size.
+``embedded/tiny-flux2`` has FLUX.2 [klein]'s: double- then single-stream blocks (the single ones
+return the joint sequence unsplit), 4-axis rotary ids, a 32-channel VAE whose latents are
+patchified 2x2 and normalised by its batch-norm statistics, and one text stream: a Qwen3
+language model's hidden states from three of its layers, read from the prompt wrapped in Qwen3's
+chat markup; sampled with classifier-free guidance as FLUX.2 [klein]'s base models are.
 
 Both generate 128 px images (16x16 latents, an 8x8 token grid) and are saved in diffusers format
 and loaded through ``from_pretrained``, as the tiny UNets are. Offline, T5's sentencepiece
 vocabulary is not available: the T5 slot holds a T5 encoder over the real CLIP BPE vocabulary
 (the pipelines only call the tokenizer and encoder they are given). Real SD3 / FLUX.1 weights bring
 their own T5 tokenizer; the word-to-token matching (``models.daam.word_token_indices``) takes
-either.
+either. Qwen3's vocabulary is not available either: FLUX.2's slot holds Qwen's tokenizer class
+over a byte-level BPE learned from the project's category names and captions
+(``models.tokenizer.byte_level_chat_tokenizer``).
 """
 
 from __future__ import annotations
@@ -23,19 +30,38 @@ import tempfile
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+)
 
+from grounded_diffusion.data.scenes import render_scene
+from grounded_diffusion.data.shapes_world import ONE_OBJECT_CAPTION, SHAPES_WIDE, TWO_OBJECT_CAPTION
+from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
 from grounded_diffusion.models.tiny_sd import calibrated_vae, tiny_clip_config
-from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+from grounded_diffusion.models.tokenizer import (
+    byte_level_chat_tokenizer,
+    load_clip_tokenizer,
+    write_clip_tokenizer_files,
+)
 
 TINY_SD3_ID = "embedded/tiny-sd3"
 TINY_FLUX_ID = "embedded/tiny-flux"
+TINY_FLUX2_ID = "embedded/tiny-flux2"
 TINY_DIT_IMAGE_SIZE = 128  # FLUX.1 has no native size in its config (its pipeline assumes 1024)
 
 
@@ -133,8 +159,79 @@ def build_tiny_flux(seed: int = 0) -> FluxPipeline:
     )
 
 
+def build_tiny_flux2(seed: int = 0) -> Flux2KleinPipeline:
+    """Tiny FLUX.2 [klein] base: 2 double-stream and 2 single-stream blocks (4 heads of 16, rotary
+    axes 4 x 4), no guidance embedding, a 27-layer Qwen3 of width 16 (the pipeline reads layers 9,
+    18 and 27: a 48-wide text stream), a 32-channel VAE."""
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,  # 32 latent channels, patchified 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    tokenizer = byte_level_chat_tokenizer(caption_corpus())
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
+    )
+
+
+def flux2_vae() -> AutoencoderKLFlux2:
+    """FLUX.2's VAE layout at tiny widths (32 latent channels), its batch-norm statistics (which
+    normalise the 2x2-patchified latents) measured on sample scenes."""
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=32
+    )
+    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
+    with torch.no_grad():
+        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    patches = Flux2KleinPipeline._patchify_latents(latents)
+    vae.bn.running_mean.copy_(patches.mean((0, 2, 3)))
+    vae.bn.running_var.copy_(patches.var((0, 2, 3)))
+    return vae
+
+
+def caption_corpus() -> list[str]:
+    """What the tiny FLUX.2 tokenizer learns its merges from: every category of the datasets and
+    worlds, in the captions' template."""
+    names = [*PASCAL_VOC, *COCO, *SHAPES_WIDE]
+    return [ONE_OBJECT_CAPTION.format(c1=n) for n in names] + [
+        TWO_OBJECT_CAPTION.format(c1=a, c2=b) for a, b in zip(names, names[1:])
+    ]
+
+
 def _clip(**overrides) -> CLIPTextConfig:
     return tiny_clip_config(32, hidden_act="gelu", **overrides)
 
 
-TINY_DIT_BUILDERS = {TINY_SD3_ID: build_tiny_sd3, TINY_FLUX_ID: build_tiny_flux}
+TINY_DIT_BUILDERS = {
+    TINY_SD3_ID: build_tiny_sd3,
+    TINY_FLUX_ID: build_tiny_flux,
+    TINY_FLUX2_ID: build_tiny_flux2,
+}

@@ -27,7 +27,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from grounded_diffusion.data.scenes import render_scene
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
@@ -242,9 +242,10 @@ def ensure_tiny_stable_diffusion(
         pipe: DiffusionPipeline = (builder or TINY_BUILDERS[model_id])()
         pipe.save_pretrained(tmp)
         # diffusers saves the tokenizer as tokenizer.json; older readers want vocab.json + merges.txt.
-        for tokenizer in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-            if (tmp / tokenizer).is_dir():
-                write_clip_tokenizer_files(tmp / tokenizer, pad_token=getattr(pipe, tokenizer).pad_token)
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(pipe, name, None)
+            if isinstance(tokenizer, CLIPTokenizer) and (tmp / name).is_dir():
+                write_clip_tokenizer_files(tmp / name, pad_token=tokenizer.pad_token)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first
