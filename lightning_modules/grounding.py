@@ -97,6 +97,7 @@ class GroundingModule(LightningModule):
             self.backbone.feature_channels(),
             self.backbone.text_dim,
             self.head_config,
+            num_timesteps=self.backbone_config.num_timesteps,
         )
 
     @property

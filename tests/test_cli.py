@@ -4,6 +4,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, print_config, scenes_args
@@ -140,6 +141,23 @@ def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     assert f"cache_dir: data/pascal_sim/{model_id}/split1" in printed  # (resolved)
 
 
+def predict_fit_test_on(overlay: str, root: Path, *flags: str) -> dict:
+    """A small scenes run (predict, fit, test) on a tiny backbone's overlay: the cache's metadata."""
+    args = [
+        *scenes_args(root, "{train: 16, val: 4, test: 8}"),
+        "--config",
+        str(BACKBONES / f"{overlay}.yaml"),
+        *flags,
+        "--trainer.default_root_dir",  # (after the overlay, which sets its own)
+        str(root),
+        "--trainer.logger",
+        "false",
+    ]
+    for stage in (["predict"], ["fit"], ["test", "--ckpt_path", "last"]):
+        main([stage[0], *args, *stage[1:]])
+    return json.loads(next(root.glob("cache-*/cache.json")).read_text())
+
+
 @pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_flux2"])
 def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, capsys):
     """Feature capture, training and evaluation (ours, the attention baseline and the trivial
@@ -147,18 +165,7 @@ def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, caps
     SD3 (joint attention over [image, CLIP + T5 text]), FLUX.1 (double- and single-stream
     blocks over [text, image], packed latents) and FLUX.2 [klein] (Qwen3 text in chat markup,
     patchified latents, a separate unconditional call per step)."""
-    args = [
-        *scenes_args(tmp_path, "{train: 16, val: 4, test: 8}"),
-        "--config",
-        str(BACKBONES / f"{overlay}.yaml"),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger",
-        "false",
-    ]
-    for stage in (["predict"], ["fit"], ["test", "--ckpt_path", "last"]):
-        main([stage[0], *args, *stage[1:]])
-    cache = json.loads(next(tmp_path.glob("cache-*/cache.json")).read_text())
+    cache = predict_fit_test_on(overlay, tmp_path)
     assert cache["backbone"]["model_id"] == f"embedded/{overlay.replace('_', '-')}"
     assert len(cache["feature_groups"]) == (3 if overlay == "tiny_sdxl" else 4)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -325,3 +332,23 @@ def test_training_data_is_synthesised_at_the_authors_guidance(config):
     assert yaml.safe_load(config.read_text())["model"]["init_args"]["guidance_scale"] == 5.0
     demo = yaml.safe_load((REPO / "experiments" / "generate.yaml").read_text())
     assert demo["model"]["init_args"]["guidance_scale"] == 7.5
+
+
+def test_fusion_steps_train_a_head_on_two_timesteps_end_to_end(tmp_path):
+    """FLUX.2 with a second step (``backbone.fusion_steps``): the cache records both steps' groups,
+    fit learns each block's step weights, and the exported head generates and segments again
+    from its folder with the same steps."""
+    from grounded_diffusion.generator import GroundedGenerator
+    from grounded_diffusion.models.pretrained_head import PretrainedHead
+
+    cache = predict_fit_test_on("tiny_flux2", tmp_path, "--model.init_args.backbone.fusion_steps", "[10]")
+    assert cache["backbone"]["fusion_steps"] == [10] and len(cache["feature_groups"]) == 2 * 4
+    pretrained = PretrainedHead.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    weights = pretrained.head.timestep_weights
+    assert weights.shape == (4, 2) and weights.abs().max() > 0  # learned: they start at 0
+    pretrained.save_pretrained(tmp_path / "head")
+    generator = GroundedGenerator.from_pretrained(tmp_path / "head")
+    assert generator.backbone.config.fusion_steps == [10]
+    torch.testing.assert_close(generator.head.timestep_weights, weights)
+    out = generator(["a photograph of a red circle"], [["red circle"]], seed=[0], progress=False)
+    assert out.probabilities[0].shape == (1, 128, 128)

@@ -282,6 +282,37 @@ def test_dit_configuration_errors_name_the_setting():
         StableDiffusionBackbone(BackboneConfig(model_id=TINY_SD3_ID))
 
 
+@pytest.mark.parametrize("model_id", DITS)
+def test_fusion_steps_are_the_euler_jump_from_the_capture_step_and_are_not_traced(model_id):
+    """Features of a fusion step, by hand: the pipeline's schedule gives both sigmas; the velocity
+    at the capture step, one Euler step to the fusion step's sigma, the blocks there. The trace
+    reads the capture step's call alone."""
+    fused, single = dit(model_id, capture_step=1, fusion_steps=[3]), dit(model_id, capture_step=1)
+    latents, t = fused.initial_noise([1, 2]), torch.full((2,), fused.timestep)
+    embeds = fused.encode_prompts(PROMPTS)
+    with fused.trace_words(PROMPTS, WORDS) as tracer:
+        groups = fused.features(latents, t, embeds)
+    assert len(groups) == 8 and fused.feature_channels() == [64] * 8
+    schedule = fused._schedule(4)
+    sigma, fusion_sigma = schedule.sigmas[-2], schedule.sigmas[-4]  # steps 1 and 3 from the end
+    moved = latents + (fusion_sigma - sigma) * single._transformer(latents, t, embeds)
+    at_fusion_step = single.features(moved, schedule.timesteps[-3].expand(2), embeds)
+    for got, want in zip(groups, single.features(latents, t, embeds) + at_fusion_step):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with single.trace_words(PROMPTS, WORDS) as plain:
+        single.features(latents, t, embeds)
+    torch.testing.assert_close(tracer.word_maps(), plain.word_maps())
+
+
+def test_fusion_steps_are_checked_before_any_weights_load():
+    with pytest.raises(ConfigError, match="fusion_steps \\[5\\] repeats a step"):
+        BackboneConfig(capture_step=5, fusion_steps=[5])
+    with pytest.raises(ConfigError, match="fusion_steps"):
+        BackboneConfig(num_inference_steps=10, fusion_steps=[11])
+    with pytest.raises(ConfigError, match="fusion_steps apply to diffusion transformers"):
+        StableDiffusionBackbone(BackboneConfig(fusion_steps=[10]))
+
+
 def test_sd3_with_both_guidance_branches_doubles_the_channels():
     backbone = dit(TINY_SD3_ID, branches="uncond+cond")
     features = backbone.features(

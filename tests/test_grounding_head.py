@@ -95,6 +95,31 @@ def test_group_count_mismatch_is_named():
         GroundingHead(CHANNELS, 32, HeadConfig(group_channels=[8, 8, 8]))
 
 
+def test_timesteps_are_fused_per_group_with_learned_softmax_weights():
+    """Two steps of the same groups, step-major: at first each group is the mean of its steps;
+    the weights get gradients, and a head with weights moved mixes the steps as their softmax."""
+    torch.manual_seed(0)
+    config = HeadConfig(group_channels=[16, 8, 8, 8], embed_dim=32, num_heads=4, ffn_dim=64)
+    head = GroundingHead(CHANNELS * 2, 32, config, num_timesteps=2)
+    (first, text), (second, _) = make_inputs(seed=0), make_inputs(seed=1)
+    for fused, a, b in zip(head.fuse_timesteps(first + second), first, second):
+        torch.testing.assert_close(fused, (a + b) / 2)
+    head(first + second, text, torch.ones(2, 2, dtype=torch.bool)).square().mean().backward()
+    assert head.timestep_weights.grad.abs().min() > 0  # every group's weights are learned
+    with torch.no_grad():
+        head.timestep_weights[2] = torch.tensor([0.0, torch.log(torch.tensor(3.0))])  # weights 1/4, 3/4
+    torch.testing.assert_close(head.fuse_timesteps(first + second)[2], first[2] / 4 + 3 * second[2] / 4)
+    assert (
+        sum(p.numel() for p in head.parameters())
+        == sum(p.numel() for p in GroundingHead(CHANNELS, 32, config).parameters()) + 4 * 2
+    )
+
+
+def test_groups_that_are_not_whole_steps_are_refused():
+    with pytest.raises(ValueError, match="are not 2 steps of the same groups"):
+        GroundingHead(CHANNELS + CHANNELS[::-1], 32, HeadConfig(group_channels=[8, 8, 8, 8]), num_timesteps=2)
+
+
 def two_object_batch(signatures, generator, batch, scale=100.0):
     """Two objects of different categories per sample, each a 5x5 square on a 16² map. Every
     feature group marks an object's pixels with its category's signature, at UNet-like magnitudes

@@ -92,6 +92,11 @@ class BackboneConfig:
             word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
         guidance_embedding: FLUX.1-dev's guidance input, given to every transformer call
             (generation, capture, replay, real images); ``None``: 3.5, the pipeline's default.
+        fusion_steps: more steps, counted as ``capture_step``, whose block features join the
+            capture step's; the head fuses each block's steps with learned weights. Their latents
+            come from the capture step's by the Euler jump along the predicted velocity,
+            x_σk = x_σ + (σk − σ) v, so generation, replay and real images compute them alike
+            from the one stored latent. ``None``: the capture step alone.
     """
 
     model_id: str = TINY_SD_ID
@@ -106,6 +111,7 @@ class BackboneConfig:
     max_sequence_length: int | None = None
     attention_blocks: list[str] | None = None
     guidance_embedding: float | None = None
+    fusion_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
         # At config time, before any weights load.
@@ -113,6 +119,19 @@ class BackboneConfig:
         check_in_range(
             "model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5
         )
+        for step in self.fusion_steps or []:
+            check_in_range("model.init_args.backbone.fusion_steps", step, 1, self.num_inference_steps, 10)
+        steps = [self.capture_step, *(self.fusion_steps or [])]
+        if len(set(steps)) < len(steps):
+            raise ConfigError(
+                f"model.init_args.backbone.fusion_steps {self.fusion_steps} repeats a step (the capture step is "
+                f"{self.capture_step}): give each step once"
+            )
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps whose features the head reads: the capture step and the fusion steps."""
+        return 1 + len(self.fusion_steps or [])
 
     def identity(self) -> dict:
         """The settings the features depend on (what a cache records); speed switches left out."""
@@ -370,10 +389,12 @@ class StableDiffusionBackbone(FrozenBackbone):
             config.image_size not in (None, self.image_size)
             or config.attention_blocks
             or config.max_sequence_length is not None
+            or config.fusion_steps
         ):
             raise ConfigError(
-                "image_size, attention_blocks and max_sequence_length apply to diffusion transformers (SD3, FLUX.1, FLUX.2); "
-                f"this UNet generates at its native {self.image_size} px and DAAM reads its fixed layers: leave them null"
+                "image_size, attention_blocks, max_sequence_length and fusion_steps apply to diffusion transformers "
+                f"(SD3, FLUX.1, FLUX.2); this UNet generates at its native {self.image_size} px, DAAM reads its "
+                "fixed layers, and its features come from one step: leave them null"
             )
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step

@@ -168,6 +168,12 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         self.attention_names = self._chosen(
             "attention_blocks", config.attention_blocks, list(self.block_modules)
         )
+        # Fusion steps as (timestep, σ): a flow-matching timestep is σ times the train timesteps.
+        self.num_train_timesteps = self.idle_scheduler.config.num_train_timesteps
+        self.fusion_points = [
+            (timesteps[-k], timesteps[-k] / self.num_train_timesteps) for k in config.fusion_steps or []
+        ]
+        self._trace_gate: CallGate | None = None  # the open trace's, while one is open
 
     @property
     def is_flux(self) -> bool:
@@ -288,9 +294,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     def feature_channels(self) -> list[int]:
         """Channels of each feature group: the transformer's width per tapped block (twice that
-        with ``uncond+cond``)."""
+        with ``uncond+cond``), once per step (the capture step, then each fusion step)."""
         width = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
-        return [width * (2 if self.config.branches == "uncond+cond" else 1)] * len(self.block_names)
+        per_step = [width * (2 if self.config.branches == "uncond+cond" else 1)] * len(self.block_names)
+        return per_step * self.config.num_timesteps
 
     # -- the transformer -------------------------------------------------------------------------
 
@@ -350,13 +357,44 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     @torch.no_grad()
     def features(self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds) -> list[Tensor]:
-        """Run the transformer once and return the tapped blocks' image tokens on the latent grid."""
-        if self.config.branches == "uncond+cond":
+        """Run the transformer and return the tapped blocks' image tokens on the latent grid. With
+        ``fusion_steps``, the same blocks follow at each fusion step (the groups step-major), whose
+        latent is reached from the capture step's by the Euler jump along the conditional
+        velocity predicted there; those calls are not traced (a trace reads the capture step)."""
+        groups, velocity = self._features_and_velocity(latents, timesteps, prompt_embeds)
+        sigma = (timesteps.float() / self.num_train_timesteps).view(-1, 1, 1, 1)
+        for timestep, fusion_sigma in self.fusion_points:
+            moved = (latents.float() + (fusion_sigma - sigma) * velocity.float()).to(latents.dtype)
+            with self._untraced():
+                more, _ = self._features_and_velocity(
+                    moved, torch.full_like(timesteps, timestep), prompt_embeds
+                )
+            groups += more
+        return groups
+
+    def _features_and_velocity(
+        self, latents: Tensor, timesteps: Tensor, prompt_embeds: PromptEmbeds
+    ) -> tuple[list[Tensor], Tensor]:
+        """One transformer call: the tapped blocks' groups and the conditional velocity."""
+        batch, guidance_batch = len(latents), self.config.branches == "uncond+cond"
+        if guidance_batch:
             prompt_embeds = self.unconditional_embeds(len(prompt_embeds)).cat(prompt_embeds)
             latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
         with self._capturing() as captured:
-            self._transformer(latents, timesteps, prompt_embeds)
-        return self._grouped_features(captured, guidance_batch=self.config.branches == "uncond+cond")
+            velocity = self._transformer(latents, timesteps, prompt_embeds)
+        return self._grouped_features(captured, guidance_batch), velocity[-batch:]
+
+    @contextlib.contextmanager
+    def _untraced(self) -> Iterator[None]:
+        """Transformer calls inside are left out of the open trace, if any."""
+        gate = self._trace_gate
+        if gate is not None:
+            gate.open = False
+        try:
+            yield
+        finally:
+            if gate is not None:
+                gate.open = True
 
     @contextlib.contextmanager
     def trace_words(
@@ -370,11 +408,16 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         call inside (that ``gate`` lets through); ``tracer.word_maps()`` then gives them on the
         token grid [B, O, rows, columns]."""
         attentions = [self.block_modules[name].attn for name in self.attention_names]
+        gate = gate or CallGate()
         tracer = JointAttentionTracer(attentions, image_first=not self.is_flux, gate=gate)
         clip = 0 if self.is_flux else self.text_modules["tokenizer"].model_max_length  # SD3: CLIP first
         text_length = clip + self.max_sequence_length
-        with tracer.trace(self.text_streams(), prompts, words, text_length, self.grid, matching):
-            yield tracer
+        self._trace_gate = gate
+        try:
+            with tracer.trace(self.text_streams(), prompts, words, text_length, self.grid, matching):
+                yield tracer
+        finally:
+            self._trace_gate = None
 
     # -- text ----------------------------------------------------------------------------------
 
@@ -571,11 +614,15 @@ class DiffusionTransformerBackbone(FrozenBackbone):
                 max_sequence_length=self.max_sequence_length,
                 guidance_scale=guidance,
             ).images
-        at_step = at_capture["features"]
+        latents, at_step = at_capture["latents"].to(self.dtype), at_capture["features"]
         guidance_batch = at_step[self.block_names[0]].shape[0] == 2 * len(prompts)
+        features = self._grouped_features(at_step, guidance_batch)
+        if self.fusion_points:  # the fusion steps' features: from the capture step's latent, as in replay
+            t = torch.full((len(latents),), self.timestep, device=latents.device)
+            features = self.features(latents, t, self.encode_prompts(prompts))
         return Generation(
             images=(images * 255).round().clamp(0, 255).to(torch.uint8),
-            latents=at_capture["latents"].to(self.dtype),
-            features=self._grouped_features(at_step, guidance_batch),
+            latents=latents,
+            features=features,
             heat_maps=tracer.word_maps() if words else None,
         )

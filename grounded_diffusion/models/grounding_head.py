@@ -1,7 +1,9 @@
 """The grounding head (paper §4.2): visual encoder, fusion decoder, per-object mask logits.
 
-Pure ``nn.Module``s. Inputs are UNet features grouped by resolution (coarse first) and one text
-embedding per object; the output is one mask logit map per object.
+Pure ``nn.Module``s. Inputs are UNet features grouped by resolution (coarse first), or a
+diffusion transformer's, one group per tapped block, and one text embedding per object; the
+output is one mask logit map per object. Features of several denoising steps (a backbone's
+``fusion_steps``) come step-major, and each group's steps are fused with learned weights first.
 """
 
 from __future__ import annotations
@@ -92,15 +94,36 @@ class VisualEncoder(nn.Module):
 
 class GroundingHead(nn.Module):
     """Text queries attend to visual tokens; an MLP turns each into a mask embedding whose dot
-    product with the fused per-pixel features gives that object's mask logits."""
+    product with the fused per-pixel features gives that object's mask logits.
+
+    ``num_timesteps``: the denoising steps the features come from (``BackboneConfig.num_timesteps``);
+    ``feature_channels`` then lists every step's groups, step after step, and the head learns
+    softmax weights over the steps of each group (starting equal).
+    """
 
     def __init__(
-        self, feature_channels: Sequence[int], text_dim: int, config: HeadConfig | None = None
+        self,
+        feature_channels: Sequence[int],
+        text_dim: int,
+        config: HeadConfig | None = None,
+        num_timesteps: int = 1,
     ) -> None:
         super().__init__()
         self.config = config = config or HeadConfig()
         self.feature_channels, self.text_dim = list(feature_channels), text_dim  # (what a saved head records)
-        self.visual_encoder = VisualEncoder(feature_channels, config.group_channels)
+        per_step = len(feature_channels) // num_timesteps
+        steps = [list(feature_channels[k * per_step : (k + 1) * per_step]) for k in range(num_timesteps)]
+        if per_step * num_timesteps != len(feature_channels) or any(step != steps[0] for step in steps):
+            raise ConfigError(
+                f"feature groups {list(feature_channels)} are not {num_timesteps} steps of the same groups: "
+                "build the head with the backbone's feature_channels() and num_timesteps"
+            )
+        # [groups, steps]: each group's mix of its steps (features of a step, unlike its blocks,
+        # share their channels, so a weighted sum keeps the visual encoder as it is).
+        self.timestep_weights = (
+            nn.Parameter(torch.zeros(per_step, num_timesteps)) if num_timesteps > 1 else None
+        )
+        self.visual_encoder = VisualEncoder(steps[0], config.group_channels)
         pixel_dim = self.visual_encoder.out_channels
         self.patch_embed = nn.Conv2d(pixel_dim, config.embed_dim, config.patch_size, stride=config.patch_size)
         # UNet features are large (visual tokens ~30x the text queries' norm in the shapes world).
@@ -135,12 +158,13 @@ class GroundingHead(nn.Module):
         """Mask logits [B, O, H, W].
 
         Args:
-            groups: UNet features per resolution group, coarse first, each [B, C_g, h_g, w_g].
+            groups: features per group (UNet: per resolution, coarse first), each [B, C_g, h_g, w_g];
+                with several timesteps, every step's groups, step after step.
             text_embeds: one category embedding per object slot, [B, O, D_text].
             object_mask: [B, O] bool, False for padding slots (their logits are meaningless).
             output_size: upsample logits to this size (the mask resolution); default: features'.
         """
-        pixels = self.visual_encoder(groups)  # [B, C, h, w]
+        pixels = self.visual_encoder(self.fuse_timesteps(groups))  # [B, C, h, w]
         tokens = self.token_norm(self.patch_embed(pixels).flatten(2).transpose(1, 2))  # [B, N, D]
         queries = self.text_proj(text_embeds)
         queries = self.decoder(queries, tokens, tgt_key_padding_mask=~object_mask)
@@ -148,3 +172,11 @@ class GroundingHead(nn.Module):
         if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
             logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
         return logits
+
+    def fuse_timesteps(self, groups: Sequence[Tensor]) -> list[Tensor]:
+        """Step-major groups -> one per group: its steps weighted by the softmax of its weights."""
+        if self.timestep_weights is None:
+            return list(groups)
+        weights = self.timestep_weights.softmax(-1)
+        count, steps = weights.shape
+        return [sum(weights[g, k] * groups[k * count + g] for k in range(steps)) for g in range(count)]

@@ -149,8 +149,13 @@ class PretrainedHead:
                 f"({FORMAT_VERSION}): upgrade grounded-diffusion"
             )
         try:
-            head = GroundingHead(config["feature_channels"], config["text_dim"], HeadConfig(**config["head"]))
             backbone = BackboneConfig(**config["backbone"])
+            head = GroundingHead(
+                config["feature_channels"],
+                config["text_dim"],
+                HeadConfig(**config["head"]),
+                num_timesteps=backbone.num_timesteps,
+            )
             settings = {k: config[k] for k in ("guidance_scale", "mask_threshold", "real_image_mode")}
         except (KeyError, TypeError) as error:
             raise HeadFolderError(
@@ -189,14 +194,18 @@ class PretrainedHead:
             (k for k in state if k.startswith("visual_encoder.reduce.") and k.endswith(".weight")),
             key=lambda k: int(k.split(".")[2]),
         )
-        feature_channels = [state[k].shape[1] for k in reduce]
+        backbone = BackboneConfig(**BackboneConfig(**dict(hparams["backbone"])).identity())
+        feature_channels = [state[k].shape[1] for k in reduce] * backbone.num_timesteps  # (step-major)
         head = GroundingHead(
-            feature_channels, state["text_proj.weight"].shape[1], HeadConfig(**dict(hparams["head"]))
+            feature_channels,
+            state["text_proj.weight"].shape[1],
+            HeadConfig(**dict(hparams["head"])),
+            num_timesteps=backbone.num_timesteps,
         )
         _load_weights(head, state, str(path))
         return cls(
             head.eval(),
-            BackboneConfig(**BackboneConfig(**dict(hparams["backbone"])).identity()),
+            backbone,
             guidance_scale=float(hparams["guidance_scale"]),
             mask_threshold=float(hparams.get("mask_threshold", 0.5)),
             real_image_mode=str(hparams.get("real_image_mode", "noise")),
@@ -263,6 +272,7 @@ def check_compatible(pretrained: PretrainedHead, backbone) -> None:
         "image_size": (trained.image_size, backbone.config.image_size),
         "max_sequence_length": (trained.max_sequence_length, backbone.config.max_sequence_length),
         "guidance_embedding": (trained.guidance_embedding, backbone.config.guidance_embedding),
+        "fusion_steps": (trained.fusion_steps, backbone.config.fusion_steps),
     }
     differ = {k: v for k, v in settings.items() if v[0] != v[1]}
     if differ:
