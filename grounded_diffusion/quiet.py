@@ -20,6 +20,24 @@ IGNORED_WARNINGS = (
 )
 
 
+# Library loggers' records dropped by the start of their message.
+IGNORED_LOG_RECORDS = {
+    # diffusers' FLUX.2 [dev] pipeline hands padding and truncation to its Pixtral processor as
+    # plain keyword arguments; transformers still applies them (the ids come out padded to
+    # max_sequence_length, as tests/test_dit_backbone.py checks) but warns at every encoding.
+    "transformers.processing_utils": "Kwargs passed to `processor.__call__` have to be in `processor_kwargs`",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
 class _DropTips(logging.Filter):
     """Lightning's advertisements for its cloud products (litlogger, litmodels)."""
 
@@ -43,3 +61,7 @@ def quiet_known_noise(evaluating: bool = False, resuming: bool = False) -> None:
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in logger.filters):
         logger.addFilter(_DropTips())
+    for name, start in IGNORED_LOG_RECORDS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))

@@ -406,15 +406,19 @@ def test_demo_page_renders_in_headless_chromium(demo_url, tmp_path):
         "embedded/tiny-sd3",
         "embedded/tiny-flux",
         "embedded/tiny-flux2",
+        "embedded/tiny-flux2-dev",
     ],
 )
 def test_generation_and_segmentation_run_on_every_backbone(model_id, tmp_path):
     """SD-2.x (v-prediction), SDXL (two text encoders, pooled text), SD3, FLUX.1 and FLUX.2
-    (diffusion transformers): a head built for the backbone, saved and loaded, generates and segments at the
+    [klein] and [dev] (diffusion transformers): a head built for the backbone, saved and loaded, generates and segments at the
     backbone's own size."""
     from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
-    dit = {"image_size": 128, "max_sequence_length": 16} if "sd3" in model_id or "flux" in model_id else {}
+    length = 160 if model_id.endswith("dev") else 16  # (FLUX.2 [dev]: its system message first)
+    dit = (
+        {"image_size": 128, "max_sequence_length": length} if "sd3" in model_id or "flux" in model_id else {}
+    )
     config = BackboneConfig(model_id=model_id, num_inference_steps=4, capture_step=2, **dit)
     backbone = build_backbone(config)
     head = GroundingHead(

@@ -121,7 +121,7 @@ def test_protocol2_overlays_parse_after_their_experiment(base, overlay, capsys):
     assert expected.get(overlay, "seen_only: true") in printed
 
 
-@pytest.mark.parametrize("overlay", ["sd2", "sdxl", "sd3", "flux", "flux2"])
+@pytest.mark.parametrize("overlay", ["sd2", "sdxl", "sd3", "flux", "flux2", "flux2_dev"])
 def test_real_backbone_overlays_parse_after_an_experiment(overlay, capsys):
     with pytest.raises(SystemExit):
         main(
@@ -158,13 +158,16 @@ def predict_fit_test_on(overlay: str, root: Path, *flags: str) -> dict:
     return json.loads(next(root.glob("cache-*/cache.json")).read_text())
 
 
-@pytest.mark.parametrize("overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_flux2"])
+@pytest.mark.parametrize(
+    "overlay", ["tiny_sd2", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_flux2", "tiny_flux2_dev"]
+)
 def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, capsys):
     """Feature capture, training and evaluation (ours, the attention baseline and the trivial
     predictors) on the tiny SD-2.x (v-prediction), SDXL (two text encoders, 3 resolution groups),
     SD3 (joint attention over [image, CLIP + T5 text]), FLUX.1 (double- and single-stream
     blocks over [text, image], packed latents) and FLUX.2 [klein] (Qwen3 text in chat markup,
-    patchified latents, a separate unconditional call per step)."""
+    patchified latents, a separate unconditional call per step) and [dev] (a system message
+    before the prompt, a guidance embedding)."""
     cache = predict_fit_test_on(overlay, tmp_path)
     assert cache["backbone"]["model_id"] == f"embedded/{overlay.replace('_', '-')}"
     assert len(cache["feature_groups"]) == (3 if overlay == "tiny_sdxl" else 4)

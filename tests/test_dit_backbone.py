@@ -1,27 +1,34 @@
-"""Diffusion transformers (SD3, FLUX.1, FLUX.2 [klein]) as backbones, on their tiny offline versions: block taps,
+"""Diffusion transformers (SD3, FLUX.1, FLUX.2 [klein] and [dev]) as backbones, on their tiny offline versions: block taps,
 the joint-attention baseline against a plainly written full-softmax reference, replay, batching,
 rectified-flow noising and inversion, fake-CUDA paths and host syncs."""
 
 import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from test_cuda_paths import CUDA, fake_cuda, on_cuda
 
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone, build_backbone
 from grounded_diffusion.models.daam import TextStream, word_token_indices, word_token_table
 from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
-from grounded_diffusion.models.tiny_dit import TINY_FLUX2_ID, TINY_FLUX_ID, TINY_SD3_ID
+from grounded_diffusion.models.tiny_dit import TINY_FLUX2_DEV_ID, TINY_FLUX2_ID, TINY_FLUX_ID, TINY_SD3_ID
 from host_syncs import HostSyncs
 
-DITS = [TINY_SD3_ID, TINY_FLUX_ID, TINY_FLUX2_ID]
+DITS = [TINY_SD3_ID, TINY_FLUX_ID, TINY_FLUX2_ID, TINY_FLUX2_DEV_ID]
+# Text tokens: 16 for the prompts here, after FLUX.2 [dev]'s system message (116 tokens of the tiny vocabulary).
+SEQUENCE = {TINY_FLUX2_DEV_ID: 116 + 16}
 PROMPTS = ["a photograph of a dog and a cat", "a photograph of a hot dog"]
 WORDS = [["dog", "cat"], ["hot dog"]]
 
 
 def dit(model_id: str, **overrides) -> DiffusionTransformerBackbone:
     config = dict(
-        model_id=model_id, image_size=128, max_sequence_length=16, num_inference_steps=4, capture_step=2
+        model_id=model_id,
+        image_size=128,
+        max_sequence_length=SEQUENCE.get(model_id, 16),
+        num_inference_steps=4,
+        capture_step=2,
     )
     return build_backbone(BackboneConfig(**{**config, **overrides}))
 
@@ -33,20 +40,24 @@ def backbone(request):
 
 def test_tiny_dits_have_their_architectures_layouts(backbone):
     blocks = backbone.transformer.transformer_blocks
-    if backbone.family == "flux":
+    if backbone.family == "sd3":
+        assert blocks[-1].context_pre_only and not blocks[0].context_pre_only  # SD3's last block
+        assert [(s.start, s.length) for s in backbone.text_streams()] == [(0, 77), (77, 16)]  # CLIP, then T5
+    elif backbone.family == "flux":
         assert (
             len(backbone.transformer.single_transformer_blocks) == 2
             and backbone.transformer.config.guidance_embeds
         )
         assert [s.length for s in backbone.text_streams()] == [16]  # T5 tokens only
-    elif backbone.family == "flux2":
+    elif backbone.config.model_id == TINY_FLUX2_ID:
         assert backbone.latent_shape() == (128, 8, 8)  # 32 channels, patchified 2x2
         # Qwen3's chat markup: "<|im_start|>", "user" (3 tokens in this small vocabulary), "\n"
         assert [(s.start, s.length) for s in backbone.text_streams()] == [(5, 11)]
         assert backbone.text_dim == 3 * backbone.text_encoder.config.hidden_size  # three layers' states
-    else:
-        assert blocks[-1].context_pre_only and not blocks[0].context_pre_only  # SD3's last block
-        assert [(s.start, s.length) for s in backbone.text_streams()] == [(0, 77), (77, 16)]  # CLIP, then T5
+        assert not backbone.transformer.config.guidance_embeds
+    else:  # FLUX.2 [dev]: the system message first, and a guidance embedding
+        assert [(s.start, s.length) for s in backbone.text_streams()] == [(116, 16)]
+        assert backbone.transformer.config.guidance_embeds and backbone.guidance_embedding == 4.0
     assert backbone.block_names == list(backbone.block_modules)  # 4 blocks: the default takes all
     assert backbone.grid == (8, 8) and backbone.feature_channels() == [64] * 4
     assert isinstance(build_backbone(BackboneConfig()), StableDiffusionBackbone)
@@ -126,6 +137,7 @@ def test_joint_attention_maps_match_a_per_prompt_full_softmax_reference(model_id
     maps = tracer.word_maps()
     assert maps.shape == (2, 2, 8, 8)
     clip = backbone.text_modules["tokenizer"]
+    clip = getattr(clip, "tokenizer", clip)  # (FLUX.2 [dev]: the tokenizer in its processor)
     for b, (prompt, words) in enumerate(zip(PROMPTS, WORDS)):
         inputs = []
         attentions = [backbone.block_modules[n].attn for n in backbone.attention_names]
@@ -146,7 +158,8 @@ def test_joint_attention_maps_match_a_per_prompt_full_softmax_reference(model_id
         )
         ids = clip(prompt).input_ids  # the CLIP BPE in every slot here: the same positions in each stream
         space = ""
-        if backbone.family == "flux2":  # the prompt inside Qwen3's chat markup, as the pipeline encodes it
+        # FLUX.2: the prompt in its chat markup, as its pipeline encodes it ([dev]: by its processor)
+        if backbone.config.model_id == TINY_FLUX2_ID:
             markup = clip.apply_chat_template(
                 [{"role": "user", "content": prompt}],
                 tokenize=False,
@@ -154,6 +167,20 @@ def test_joint_attention_maps_match_a_per_prompt_full_softmax_reference(model_id
                 enable_thinking=False,
             )
             ids, space = clip(markup).input_ids, " "  # byte-level BPE: a word after a space
+        if backbone.config.model_id == TINY_FLUX2_DEV_ID:  # its system message, then the prompt
+            conversation = format_input([prompt], backbone.pipeline().system_message)
+            ids = (
+                backbone.text_modules["tokenizer"]
+                .apply_chat_template(
+                    conversation,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    add_generation_prompt=False,
+                )["input_ids"][0]
+                .tolist()
+            )
+            space = " "
         for o, word in enumerate(words):
             word_ids = clip(space + word, add_special_tokens=False).input_ids
             start = next(
@@ -226,7 +253,9 @@ def test_generation_captures_at_the_pipelines_capture_timestep_and_replays(backb
         handle.remove()
     step = backbone.config.num_inference_steps - backbone.config.capture_step
     scale = 1000 if backbone.is_flux else 1  # the FLUX pipelines pass t / 1000
-    calls = 2 if backbone.family == "flux2" else 1  # FLUX.2 [klein] base: cond, then uncond, per step
+    calls = (
+        2 if backbone.config.model_id == TINY_FLUX2_ID else 1
+    )  # FLUX.2 [klein] base: cond, uncond per step
     assert len(seen) == calls * backbone.config.num_inference_steps
     assert seen[calls * step] * scale == pytest.approx(backbone.timestep, rel=1e-5)
     assert generation.images.shape == (2, 3, 128, 128)
@@ -321,8 +350,13 @@ def test_sd3_with_both_guidance_branches_doubles_the_channels():
     assert [f.shape[1] for f in features] == backbone.feature_channels() == [128] * 4
 
 
-def test_every_dit_path_on_a_fake_cuda_device(backbone):
+def test_every_dit_path_on_a_fake_cuda_device(backbone, monkeypatch):
     backbone = dit(backbone.config.model_id)  # a fresh copy: the fake mode replaces its weights
+    if backbone.config.model_id == TINY_FLUX2_DEV_ID:
+        # Pixtral's processor counts the image tokens in the ids it has just made: CPU tensors in a
+        # real run, which the fake mode makes fake and cannot read back.
+        processor = type(backbone.text_modules["tokenizer"])
+        monkeypatch.setattr(processor, "_check_special_mm_tokens", lambda *args, **kwargs: None)
     with fake_cuda(backbone):
         embeds = backbone.encode_prompts(PROMPTS)
         assert on_cuda(embeds.hidden) and (embeds.pooled is None or on_cuda(embeds.pooled))
@@ -345,7 +379,7 @@ def test_dit_sampling_with_capture_and_maps_adds_no_sync_per_step(model_id):
         pipe, noise = backbone.pipeline(), backbone.initial_noise([1, 2])
         if backbone.family == "flux":
             noise = pipe._pack_latents(noise, 2, *backbone.latent_shape())
-        size = dict(height=128, width=128, max_sequence_length=16, output_type="pt")
+        size = dict(height=128, width=128, max_sequence_length=backbone.max_sequence_length, output_type="pt")
         with HostSyncs() as plain:
             pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=5.0, latents=noise, **size)
         with HostSyncs() as ours:

@@ -281,11 +281,11 @@ def test_synthesis_without_an_oracle_says_what_to_set(tmp_path):
     assert "needs model.init_args.oracle" in str(info.value.code)
 
 
-@pytest.mark.parametrize("overlay", ["tiny_sd3", "tiny_flux", "tiny_flux2"])
+@pytest.mark.parametrize("overlay", ["tiny_sd3", "tiny_flux", "tiny_flux2", "tiny_flux2_dev"])
 def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_train(overlay, tmp_path):
-    """SD3, FLUX.1 and FLUX.2 [klein]: synthesis (generation + oracle + joint-attention maps) into a latents cache
-    and a features cache; the replayed latents give the stored features; fit and test run on the
-    latents cache (the baseline's maps on the 8x8 token grid)."""
+    """SD3, FLUX.1 and FLUX.2 ([klein], [dev]): synthesis (generation + oracle + joint-attention
+    maps) into a latents cache and a features cache; the replayed latents give the stored
+    features; fit and test run on the latents cache (the baseline's maps on the 8x8 token grid)."""
 
     def args(root: Path, config: str = "pascal_split1_test") -> list[str]:
         arguments = synth_args(root, config)  # the overlay after the configs, before the flags
@@ -305,7 +305,7 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     )
     record = replay_cache.manifest()[-1]
     tensors, _ = replay_cache.load(record["id"])
-    latent_shape = (128, 8, 8) if overlay == "tiny_flux2" else (16, 16, 16)  # FLUX.2: patchified 2x2
+    latent_shape = (128, 8, 8) if "flux2" in overlay else (16, 16, 16)  # FLUX.2: patchified 2x2
     assert tensors["latents"].shape == latent_shape and tensors["daam"].shape == (
         len(record["categories"]),
         8,

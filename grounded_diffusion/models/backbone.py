@@ -27,6 +27,7 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -44,7 +45,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Dtype = Literal["float32", "float16", "bfloat16"]
 Branches = Literal["cond", "uncond+cond"]
 UNET_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
-PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline)
+PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, Flux2Pipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
 
@@ -64,7 +65,8 @@ class BackboneConfig:
             shapes world's trained tiny SD-1.x and MM-DiT (``embedded/shapes-sd``,
             ``embedded/shapes-dit``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
             (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``,
-            ``embedded/tiny-sd3``, ``embedded/tiny-flux``, ``embedded/tiny-flux2``.
+            ``embedded/tiny-sd3``, ``embedded/tiny-flux``, ``embedded/tiny-flux2``,
+            ``embedded/tiny-flux2-dev``.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
         blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x; for a
             diffusion transformer, four evenly spaced blocks: see models/dit_backbone.py).
@@ -80,7 +82,7 @@ class BackboneConfig:
             pays the compilation. Feature capture hooks are traced; turning DAAM tracing on or
             off (another attention processor class) compiles once more, then graphs are reused.
 
-    Diffusion transformers (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]; models/dit_backbone.py) read these too:
+    Diffusion transformers (SD3 / SD3.5, FLUX.1, FLUX.2; models/dit_backbone.py) read these too:
 
     Args:
         image_size: side of the generated (and real, resized) images; ``None``: the model's native
@@ -90,8 +92,9 @@ class BackboneConfig:
             without T5 (``embedded/shapes-dit``).
         attention_blocks: the blocks whose joint attention makes the training-free baseline's
             word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
-        guidance_embedding: FLUX.1-dev's guidance input, given to every transformer call
-            (generation, capture, replay, real images); ``None``: 3.5, the pipeline's default.
+        guidance_embedding: FLUX.1-dev's and FLUX.2 [dev]'s guidance input, given to every
+            transformer call (generation, capture, replay, real images); ``None``: the
+            pipeline's default (FLUX.1: 3.5; FLUX.2: 4.0).
         fusion_steps: more steps, counted as ``capture_step``, whose block features join the
             capture step's; the head fuses each block's steps with learned weights. Their latents
             come from the capture step's by the Euler jump along the predicted velocity,
@@ -184,7 +187,7 @@ def looks_like_local_path(model_id: str) -> bool:
 
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
-    pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2 [klein]) is the one the model's ``model_index.json`` names."""
+    pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2) is the one the model's ``model_index.json`` names."""
     builders = TINY_BUILDERS | TINY_DIT_BUILDERS
     source = (
         str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id]))
@@ -226,7 +229,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         if not isinstance(pipe, PIPELINES):
             raise ConfigError(
                 f"'{model_id}' is a {type(pipe).__name__}; the backbone supports "
-                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL, SD3 / SD3.5, FLUX.1, FLUX.2 [klein])."
+                f"{', '.join(p.__name__ for p in PIPELINES)} (SD-1.x, SD-2.x, SDXL, SD3 / SD3.5, FLUX.1, FLUX.2)."
             )
         return pipe
     raise MissingWeightsError(
@@ -260,7 +263,7 @@ def build_backbone(
     config: BackboneConfig | None = None, pipeline: DiffusionPipeline | None = None
 ) -> FrozenBackbone:
     """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
-    (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]), as its pipeline is."""
+    (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1, FLUX.2), as its pipeline is."""
     # (imported here: the transformer backbone builds on this module)
     from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
 

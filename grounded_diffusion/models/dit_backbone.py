@@ -1,4 +1,4 @@
-"""A frozen diffusion transformer (SD3 / SD3.5, FLUX.1, FLUX.2 [klein]) whose blocks' image tokens are captured at one step.
+"""A frozen diffusion transformer (SD3 / SD3.5, FLUX.1, FLUX.2) whose blocks' image tokens are captured at one step.
 
 The DiT counterpart of a UNet block output is a transformer block's image-token stream: SD3's
 joint blocks and the FLUX double-stream blocks return (text, image) streams, FLUX.1's single-stream
@@ -13,8 +13,8 @@ Block names are the transformer's own: ``transformer_blocks.{i}`` (SD3, FLUX dou
 (FlowMatchEulerDiscreteScheduler, with SD3's fixed shift or FLUX's image-size-dependent one);
 the capture step counts from the end as for the UNet (t=1: the last step). SD3 samples with a
 classifier-free guidance batch [uncond, cond]; FLUX.1-dev is guidance-distilled: one branch, its
-guidance scale an input of every transformer call (``BackboneConfig.guidance_embedding``);
-FLUX.2 [klein]'s base models call the transformer twice per step, conditional then
+guidance scale an input of every transformer call (``BackboneConfig.guidance_embedding``), as is
+FLUX.2 [dev]'s; FLUX.2 [klein]'s base models call the transformer twice per step, conditional then
 unconditional, and only the conditional call is captured and traced (its distilled models: once).
 The latents of FLUX.2 are what its transformer sees: the VAE's latents patchified 2x2 and
 normalised by the VAE's batch-norm statistics, [B, 4C, h/2, w/2].
@@ -32,10 +32,12 @@ import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from torch import Tensor, nn
 
@@ -59,7 +61,8 @@ Family = Literal["sd3", "flux", "flux2"]
 FAMILIES: dict[type, Family] = {
     StableDiffusion3Pipeline: "sd3",
     FluxPipeline: "flux",
-    Flux2KleinPipeline: "flux2",
+    Flux2KleinPipeline: "flux2",  # FLUX.2 [klein]: Qwen3 text
+    Flux2Pipeline: "flux2",  # FLUX.2 [dev]: Mistral 3 text behind a multimodal processor
 }
 DIT_PIPELINES = tuple(FAMILIES)
 PROMPT_MARK = "\x00prompt\x00"  # stands for the prompt where FLUX.2's chat markup is rendered
@@ -85,7 +88,7 @@ class CallGate:
 
 
 class DiffusionTransformerBackbone(FrozenBackbone):
-    """Frozen SD3 / FLUX.1 / FLUX.2 [klein]: text embeddings, VAE encoding, and transformer block
+    """Frozen SD3 / FLUX.1 / FLUX.2 ([klein] and [dev]): text embeddings, VAE encoding, and transformer block
     features. ``family``: ``sd3``, ``flux`` (FLUX.1) or ``flux2``."""
 
     baseline_name = "joint attention"
@@ -99,7 +102,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         pipeline = pipeline if pipeline is not None else load_pipeline(config.model_id, DTYPES[config.dtype])
         if not isinstance(pipeline, DIT_PIPELINES):
             raise ConfigError(
-                f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3, FLUX.1 or FLUX.2 [klein] pipeline"
+                f"'{config.model_id}' is a {type(pipeline).__name__}, not an SD3, FLUX.1 or FLUX.2 pipeline"
             )
         if pipeline.transformer.dtype != DTYPES[config.dtype]:
             pipeline = pipeline.to(dtype=DTYPES[config.dtype])
@@ -114,6 +117,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
                 "channels_last speeds up a UNet's convolutions; a diffusion transformer has none: set false"
             )
         self.pipeline_class, self.scheduler_config = type(pipeline), dict(pipeline.scheduler.config)
+        self.system_message = getattr(pipeline, "system_message", None)  # FLUX.2 [dev]'s, in its chat markup
         # The pipeline's own settings beside its modules (FLUX.2 [klein]: is_distilled).
         accepted = inspect.signature(self.pipeline_class.__init__).parameters
         self.pipeline_settings = {
@@ -142,7 +146,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         self.max_sequence_length = config.max_sequence_length
         if self.max_sequence_length is None:
             self.max_sequence_length = 512 if self.is_flux else 256
-        self.guidance_embedding = 3.5 if config.guidance_embedding is None else config.guidance_embedding
+        default_guidance = 4.0 if self.family == "flux2" else 3.5  # the pipelines' defaults
+        self.guidance_embedding = (
+            default_guidance if config.guidance_embedding is None else config.guidance_embedding
+        )
         # SD3's native size is its config's; the FLUX pipelines assume 128 latent pixels (1024 px).
         self.image_size = config.image_size or pipeline.default_sample_size * self.vae_scale_factor
         patch = self.patch_size
@@ -201,20 +208,29 @@ class DiffusionTransformerBackbone(FrozenBackbone):
 
     @property
     def tokenizer(self):
-        """The tokenizer of the category embeddings' stream: SD3's CLIP, FLUX.1's T5, FLUX.2's Qwen3."""
-        return self.text_modules["tokenizer_2" if self.family == "flux" else "tokenizer"]
+        """The tokenizer of the category embeddings' stream: SD3's CLIP, FLUX.1's T5, FLUX.2's
+        Qwen3 or Mistral 3 (the tokenizer inside [dev]'s processor)."""
+        tokenizer = self.text_modules["tokenizer_2" if self.family == "flux" else "tokenizer"]
+        return getattr(tokenizer, "tokenizer", tokenizer)
 
     def _prompt_start(self) -> int:
-        """Tokens before the prompt's own: FLUX.2 [klein] wraps it in Qwen3's chat markup (one user
-        turn, the assistant's turn opened, thinking off), exactly as its pipeline renders it."""
+        """Tokens before the prompt's own in FLUX.2's chat markup, rendered as its pipelines do:
+        [klein] one Qwen3 user turn, the assistant's turn opened, thinking off; [dev] its system
+        message, then the user turn."""
         if self.family != "flux2":
             return 0
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": PROMPT_MARK}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=False,
-        )
+        if self.pipeline_class is Flux2Pipeline:
+            conversation = format_input([PROMPT_MARK], self.system_message)[0]
+            rendered = self.text_modules["tokenizer"].apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=False
+            )
+        else:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": PROMPT_MARK}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
         prefix = rendered[: rendered.index(PROMPT_MARK)]
         return len(self.tokenizer(prefix, add_special_tokens=False).input_ids)
 
@@ -547,6 +563,8 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             **modules,
             **self.pipeline_settings,
         )
+        if self.system_message is not None:
+            pipe.system_message = self.system_message
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -598,9 +616,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         latents, gate = noise, CallGate()
         if self.family == "flux":
             latents = FluxPipeline._pack_latents(noise, len(noise), *self.latent_shape())
-        if self.family == "flux2":  # (its pipeline takes them unpacked)
+        if isinstance(pipe, Flux2KleinPipeline):  # (the FLUX.2 pipelines take them unpacked)
             gate.period = 2 if guidance_scale > 1 and not pipe.config.is_distilled else 1
-        guidance = self.guidance_embedding if self.family == "flux" else guidance_scale
+        embedded = self.family == "flux" or self.transformer.config.get("guidance_embeds", False)
+        guidance = self.guidance_embedding if embedded else guidance_scale
         tracing = self.trace_words(prompts, words, word_matching, gate) if words else contextlib.nullcontext()
         with gate.counting(self.transformer), self._capturing(gate) as captured, tracing as tracer:
             images = pipe(

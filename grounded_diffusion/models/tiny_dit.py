@@ -12,6 +12,9 @@ return the joint sequence unsplit), 4-axis rotary ids, a 32-channel VAE whose la
 patchified 2x2 and normalised by its batch-norm statistics, and one text stream: a Qwen3
 language model's hidden states from three of its layers, read from the prompt wrapped in Qwen3's
 chat markup; sampled with classifier-free guidance as FLUX.2 [klein]'s base models are.
+``embedded/tiny-flux2-dev`` is FLUX.2 [dev]'s: the same transformer with a guidance embedding, and
+its text from a Mistral 3 (with a tiny Pixtral vision tower, unused for text) behind a Pixtral
+processor, whose chat markup puts a system message before the prompt.
 
 Both generate 128 px images (16x16 latents, an 8x8 token grid) and are saved in diffusers format
 and loaded through ``from_pretrained``, as the tiny UNets are. Offline, T5's sentencepiece
@@ -20,7 +23,8 @@ vocabulary is not available: the T5 slot holds a T5 encoder over the real CLIP B
 their own T5 tokenizer; the word-to-token matching (``models.daam.word_token_indices``) takes
 either. Qwen3's vocabulary is not available either: FLUX.2's slot holds Qwen's tokenizer class
 over a byte-level BPE learned from the project's category names and captions
-(``models.tokenizer.byte_level_chat_tokenizer``).
+(``models.tokenizer.byte_level_chat_tokenizer``); FLUX.2 [dev]'s processor holds the same
+tokenizer with Mistral's instruction tokens and a chat template in Mistral's markup.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from diffusers import (
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -43,6 +48,12 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    PixtralVisionConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
     T5Config,
@@ -62,6 +73,22 @@ from grounded_diffusion.models.tokenizer import (
 TINY_SD3_ID = "embedded/tiny-sd3"
 TINY_FLUX_ID = "embedded/tiny-flux"
 TINY_FLUX2_ID = "embedded/tiny-flux2"
+TINY_FLUX2_DEV_ID = "embedded/tiny-flux2-dev"
+# Mistral's markup (Tekken's chat template, text only): the system message, then instruction turns.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ message['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+MISTRAL_SPECIAL_TOKENS = [
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[INST]",
+    "[/INST]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+]
 TINY_DIT_IMAGE_SIZE = 128  # FLUX.1 has no native size in its config (its pipeline assumes 1024)
 
 
@@ -164,42 +191,81 @@ def build_tiny_flux2(seed: int = 0) -> Flux2KleinPipeline:
     axes 4 x 4), no guidance embedding, a 27-layer Qwen3 of width 16 (the pipeline reads layers 9,
     18 and 27: a 48-wide text stream), a 32-channel VAE."""
     torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,  # 32 latent channels, patchified 2x2
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=48,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    )
+    transformer = tiny_flux2_transformer(guidance_embeds=False)
     tokenizer = byte_level_chat_tokenizer(caption_corpus())
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(**tiny_llm_config(tokenizer, num_hidden_layers=27)))
     return Flux2KleinPipeline(
-        scheduler=scheduler,
+        scheduler=flux2_scheduler(),
         vae=flux2_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=False,
     )
+
+
+def build_tiny_flux2_dev(seed: int = 0) -> Flux2Pipeline:
+    """Tiny FLUX.2 [dev]: tiny FLUX.2's transformer with a guidance embedding, and a 30-layer
+    Mistral 3 of width 16 (the pipeline reads layers 10, 20 and 30) behind a Pixtral processor."""
+    torch.manual_seed(seed)
+    transformer = tiny_flux2_transformer(guidance_embeds=True)
+    tokenizer = byte_level_chat_tokenizer(caption_corpus())
+    tokenizer.add_special_tokens({"additional_special_tokens": MISTRAL_SPECIAL_TOKENS})
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(), tokenizer=tokenizer, chat_template=MISTRAL_CHAT_TEMPLATE
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8
+    )
+    config = Mistral3Config(
+        text_config=MistralConfig(**tiny_llm_config(tokenizer, num_hidden_layers=30)),
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1,
+    )
+    return Flux2Pipeline(
+        scheduler=flux2_scheduler(),
+        vae=flux2_vae(),
+        text_encoder=Mistral3ForConditionalGeneration(config),
+        tokenizer=processor,
+        transformer=transformer,
+    )
+
+
+def tiny_flux2_transformer(guidance_embeds: bool) -> Flux2Transformer2DModel:
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,  # 32 latent channels, patchified 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=48,  # three layers' hidden states of a 16-wide language model
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def tiny_llm_config(tokenizer, num_hidden_layers: int) -> dict:
+    """A language model of width 16 over ``tokenizer``'s vocabulary, deep enough for the layers
+    the FLUX.2 pipelines read."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
 
 
 def flux2_vae() -> AutoencoderKLFlux2:
@@ -234,4 +300,5 @@ TINY_DIT_BUILDERS = {
     TINY_SD3_ID: build_tiny_sd3,
     TINY_FLUX_ID: build_tiny_flux,
     TINY_FLUX2_ID: build_tiny_flux2,
+    TINY_FLUX2_DEV_ID: build_tiny_flux2_dev,
 }
