@@ -58,6 +58,8 @@ def test_tiny_dits_have_their_architectures_layouts(backbone):
     else:  # FLUX.2 [dev]: the system message first, and a guidance embedding
         assert [(s.start, s.length) for s in backbone.text_streams()] == [(116, 16)]
         assert backbone.transformer.config.guidance_embeds and backbone.guidance_embedding == 4.0
+    if backbone.family == "flux2":  # the chat markup's tokens padded to max_sequence_length
+        assert backbone.encode_prompts(["a dog"]).hidden.shape[1] == backbone.max_sequence_length
     assert backbone.block_names == list(backbone.block_modules)  # 4 blocks: the default takes all
     assert backbone.grid == (8, 8) and backbone.feature_channels() == [64] * 4
     assert isinstance(build_backbone(BackboneConfig()), StableDiffusionBackbone)

@@ -585,7 +585,8 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         num_inference_steps: int | None = None,
     ) -> Generation:
         """Sample images (SD3 and FLUX.2 [klein] base: classifier-free guidance at
-        ``guidance_scale``; FLUX.1: its guidance embedding, ``BackboneConfig.guidance_embedding``),
+        ``guidance_scale``; FLUX.1 and FLUX.2 [dev]: their guidance embedding,
+        ``BackboneConfig.guidance_embedding``),
         capturing the block features and the latent at the capture step, and the joint-attention
         maps of ``words`` over all steps (conditional branch)."""
         if self.config.branches == "uncond+cond" and guidance_scale <= 1:

@@ -9,7 +9,7 @@ over the traced denoising steps, averaged over heads and blocks, pooled over the
 (in every text stream: SD3's CLIP and T5 tokens alike), with DAAM's whole-category matching.
 
 Token order: SD3 puts [image, text] in its joint sequence, FLUX.1 and FLUX.2 [text, image] (their
-single-stream blocks too). The query and key the model itself computed (after its q/k norms and FLUX.1's rotary
+single-stream blocks too). The query and key the model itself computed (after its q/k norms and the FLUX rotary
 embedding) are read where the block's processor hands them to torch's
 ``scaled_dot_product_attention``, so no processor is re-implemented here.
 """
