@@ -60,10 +60,9 @@ from transformers import (
     T5EncoderModel,
 )
 
-from grounded_diffusion.data.scenes import render_scene
 from grounded_diffusion.data.shapes_world import ONE_OBJECT_CAPTION, SHAPES_WIDE, TWO_OBJECT_CAPTION
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
-from grounded_diffusion.models.tiny_sd import calibrated_vae, tiny_clip_config
+from grounded_diffusion.models.tiny_sd import calibrated_vae, sample_scene_latents, tiny_clip_config
 from grounded_diffusion.models.tokenizer import (
     byte_level_chat_tokenizer,
     load_clip_tokenizer,
@@ -274,10 +273,7 @@ def flux2_vae() -> AutoencoderKLFlux2:
     vae = AutoencoderKLFlux2(
         block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=32
     )
-    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
-    with torch.no_grad():
-        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
-    patches = Flux2KleinPipeline._patchify_latents(latents)
+    patches = Flux2KleinPipeline._patchify_latents(sample_scene_latents(vae))
     vae.bn.running_mean.copy_(patches.mean((0, 2, 3)))
     vae.bn.running_var.copy_(patches.var((0, 2, 3)))
     return vae

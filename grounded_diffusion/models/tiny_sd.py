@@ -167,13 +167,19 @@ def calibrated_vae(sample_size: int, latent_channels: int = 4, shift: bool = Fal
         norm_num_groups=8,
         latent_channels=latent_channels,
     )
-    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
-    with torch.no_grad():
-        latents = vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    latents = sample_scene_latents(vae)
     if shift:
         vae.register_to_config(shift_factor=float(latents.mean()))
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return vae
+
+
+def sample_scene_latents(vae) -> torch.Tensor:
+    """The VAE's latents (posterior means) of 16 procedural scenes at 128 px: what the tiny VAEs'
+    latent statistics are calibrated on."""
+    images = torch.stack([torch.from_numpy(render_scene(i, 128)[0]) for i in range(16)])
+    with torch.no_grad():
+        return vae.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
 
 
 def sd_vae(**config) -> AutoencoderKL:
