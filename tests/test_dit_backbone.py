@@ -333,6 +333,11 @@ def test_fusion_steps_are_the_euler_jump_from_the_capture_step_and_are_not_trace
     with single.trace_words(PROMPTS, WORDS) as plain:
         single.features(latents, t, embeds)
     torch.testing.assert_close(tracer.word_maps(), plain.word_maps())
+    if model_id == TINY_SD3_ID:  # the jump on a (fake) CUDA device: no tensor left on the CPU
+        with fake_cuda(fused):
+            embeds = fused.encode_prompts(PROMPTS)
+            on_device = fused.features(fused.initial_noise([1, 2]), t.to(CUDA), embeds)
+        assert len(on_device) == 8 and all(on_cuda(g) for g in on_device)
 
 
 def test_fusion_steps_are_checked_before_any_weights_load():
