@@ -33,7 +33,7 @@ quickstart: $(STAMP)
 	$(RUN) predict $(SHAPES)
 	$(RUN) fit $(SHAPES)
 	$(RUN) test $(SHAPES) --ckpt_path last --verbose false
-	$(RUN) export --ckpt_path $(HEAD) --out outputs/shapes/head
+	$(RUN) export --ckpt_path $(HEAD) --out outputs/shapes/head --overwrite
 
 # The same on the shapes world's diffusion transformer (an MM-DiT with SD3's layout, shipped):
 # ours vs the joint-attention baseline.

@@ -97,6 +97,8 @@ class TripletCacheWriter(BasePredictionWriter):
                 "split": prediction["split"][i],
                 "group": group_of(categories, self.unseen),
             }
+            if "source" in prediction:  # (the fingerprint of what the sample was made from)
+                record["source"] = prediction["source"][i]
             self.cache.write(record, tensors, metadata)
         return len(prediction["id"])
 

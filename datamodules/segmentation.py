@@ -100,6 +100,11 @@ class SegmentationDataModule(LightningDataModule):
         check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
         check_in_range("data.init_args.num_workers", num_workers, 0, None, 4)
         self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
+        if len(self.category_split.categories) > IGNORE_LABEL - 1:
+            raise ConfigError(
+                f"data.init_args.vocabulary has {len(self.category_split.categories)} classes; a segmenter's labels are "
+                f"8-bit here (up to {IGNORE_LABEL - 1} classes, {IGNORE_LABEL} ignore): give fewer classes"
+            )
         self.vocabulary, self.background = vocabulary, background
         self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers

@@ -8,6 +8,7 @@ validation and test see every sample of their split exactly once, also under DDP
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -17,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
-from grounded_diffusion.data.sources import collate_samples, pad_objects
+from grounded_diffusion.data.sources import collate_samples, pad_objects, select_items
 from grounded_diffusion.data.voc import VOCFolder
-from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
-from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.errors import ConfigError, UserError, check_in_range
 from grounded_diffusion.files import FolderLock
 
 
@@ -78,6 +79,9 @@ class TripletDataModule(LightningDataModule):
         max_objects: object slots per sample (the paper uses one or two objects).
         max_per_group: ``predict`` builds at most this many samples of each split and group
             (a smoke run of a large config; ``experiments/offline.yaml`` sets it).
+        allow_incomplete: ``fit`` / ``test`` on a cache whose ``predict`` has not finished the
+            splits they read (a build that stopped early), with a warning; by default they refuse
+            and say how to finish it.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class TripletDataModule(LightningDataModule):
         test_split: str | None = None,
         max_objects: int = 2,
         max_per_group: int | None = None,
+        allow_incomplete: bool = False,
     ) -> None:
         super().__init__()
         check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
@@ -110,7 +115,7 @@ class TripletDataModule(LightningDataModule):
         self.lock = FolderLock(cache_dir, "The triplet cache", "data.init_args.cache_dir")
         self.source = source
         self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
-        self.max_per_group = max_per_group
+        self.max_per_group, self.allow_incomplete = max_per_group, allow_incomplete
         self.stage_splits = {"fit": train_split, "validate": val_split, "test": test_split}
         if source is not None:
             source.check(self.category_split)
@@ -130,7 +135,19 @@ class TripletDataModule(LightningDataModule):
                 raise ConfigError("predict builds the cache from data.source, which is not set")
             self.source.prepare()  # (checks every file: a bad one stops the run before anything is written)
             self.lock.acquire()  # before repair(), which clears the temporary files of a build
-            self.cache.repair()
+            self.cache.repair(list(self.categories))
+            stale = self._stale_samples(self.cache.manifest(), trust_stat=False)
+            if stale:
+                (first, why), count = stale[0], len(stale)
+                self.cache.drop(
+                    [sample_id for sample_id, _ in stale],
+                    f"{count} samples were built from source data that has changed since (first: {first}: {why}); "
+                    "rebuilding them",
+                )
+            planned = select_items(self.source.items(), set(), self.max_per_group)
+            self.cache.record_plan(
+                {split: [i for i, s, *_ in planned if s == split] for split in {s for _, s, *_ in planned}}
+            )
 
     def teardown(self, stage: str) -> None:
         self.lock.release()
@@ -147,26 +164,101 @@ class TripletDataModule(LightningDataModule):
             return
         if not self.cache.metadata_path.exists():
             raise CacheError(self._missing_cache_message())
-        self.cache.metadata()  # a clear error if it is unreadable
+        metadata = self.cache.metadata()  # (a clear error if it is unreadable)
         records = self.cache.manifest()
         self.cache.check_files(records)
-        for record in records:
-            check_categories(record["categories"], self.categories, f"category of sample {record['id']}")
+        self._check_categories(records, metadata)
+        self._check_source(records)
+        fit_split, val_split = self.stage_splits["fit"], self.stage_splits["validate"]
+        test_split = self.stage_splits["test"]
+        if test_split is None:  # a VOC folder often has train and val image sets only
+            has_test = "test" in (self.cache.plan() or {}) or any(r["split"] == "test" for r in records)
+            test_split = "test" if has_test else val_split
+        self._check_complete(
+            records, {"fit": [fit_split, val_split], "test": [test_split]}.get(stage, [val_split])
+        )
         if stage == "fit":
             seen = set(self.category_split.seen)
-            train = [
-                r for r in records if r["split"] == self.stage_splits["fit"] and set(r["categories"]) <= seen
-            ]
-            self.train_set = self._samples(train, self.stage_splits["fit"] + " (seen categories only)")
+            train = [r for r in records if r["split"] == fit_split and set(r["categories"]) <= seen]
+            self.train_set = self._samples(train, fit_split + " (seen categories only)")
         if stage in ("fit", "validate"):
-            self.val_set = self._split_samples(records, self.stage_splits["validate"])
+            self.val_set = self._split_samples(records, val_split)
         if stage == "test":
-            test_split = self.stage_splits["test"]
-            if test_split is None:  # a VOC folder often has train and val image sets only
-                test_split = (
-                    "test" if any(r["split"] == "test" for r in records) else self.stage_splits["validate"]
-                )
             self.test_set = self._split_samples(records, test_split)
+
+    def _check_categories(self, records: list[dict], metadata: dict) -> None:
+        """Every sample's categories are in this run's vocabulary: one line that says whether the
+        cache was built over another vocabulary or a manifest line is damaged."""
+        known = set(self.categories)
+        bad = next((r for r in records if not set(r["categories"]) <= known), None)
+        if bad is None:
+            return
+        names = sorted(set(bad["categories"]) - known)
+        built = metadata.get("vocabulary")
+        if built is not None and set(names) <= set(built):
+            raise ConfigError(
+                f"The cache at '{self.cache.root}' was built over another vocabulary ({len(built)} categories, "
+                f"{', '.join(built[:4])}, ...) than this run's ({len(known)}): sample {bad['id']} names {names}. "
+                "Give the cache's vocabulary (data.init_args.vocabulary), or another cache_dir"
+            )
+        raise CacheError(
+            f"{self.cache.manifest_path}: sample {bad['id']} names {names}, which the cache was not built over: the "
+            "line is damaged. Rerun the cache's predict command: it drops the line and builds that sample again"
+        )
+
+    def _stale_samples(self, records: list[dict], trust_stat: bool = True) -> list[tuple[str, str]]:
+        """(id, why) of the cached samples of this source whose source changed since they were
+        built (samples of other sources into the same cache are not this source's to judge).
+        ``trust_stat``: files of unchanged size and time count as unchanged (``fit`` / ``test``);
+        ``predict`` compares their contents."""
+        ours = {item[0] for item in self.source.items()}
+        found = []
+        for record in records:
+            if record["id"] in ours:
+                why = self.source.changed(record, self.category_split, trust_stat)
+                if why:
+                    found.append((record["id"], why))
+        return found
+
+    def _check_source(self, records: list[dict]) -> None:
+        """``fit`` / ``test`` with a source: refuse a cache whose source changed under it."""
+        if self.source is None:
+            return
+        try:
+            stale = self._stale_samples(records)
+        except UserError as error:  # (the source is gone: the cache stands alone)
+            warnings.warn(f"the cache at '{self.cache.root}' is not checked against data.source: {error}")
+            return
+        if stale:
+            (first, why), count = stale[0], len(stale)
+            raise CacheError(
+                f"{count} samples of the cache at '{self.cache.root}' were built from source data that has changed "
+                f"since (first: {first}: {why}). Rerun predict with the same configs: it rebuilds them"
+            )
+
+    def _check_complete(self, records: list[dict], splits: list[str]) -> None:
+        """The splits this stage reads hold every sample their latest ``predict`` set out to
+        build; else one line naming what is missing and how to finish it."""
+        plan = self.cache.plan()
+        if plan is None:
+            return  # (a cache built before plans were recorded)
+        done = {r["id"] for r in records}
+        short = {
+            s: (len(plan[s]) - len(set(plan[s]) - done), len(plan[s]))
+            for s in dict.fromkeys(splits)
+            if s in plan
+        }
+        short = {s: (have, want) for s, (have, want) in short.items() if have < want}
+        if not short:
+            return
+        counts = ", ".join(f"split {s} has {have} of {want}" for s, (have, want) in short.items())
+        message = (
+            f"The cache at '{self.cache.root}' is incomplete: {counts} planned samples (its predict run stopped "
+            "early). Finish it: rerun that predict command (it goes on from what is there)"
+        )
+        if not self.allow_incomplete:
+            raise CacheError(f"{message}, or use what is there: --data.init_args.allow_incomplete true")
+        warnings.warn(f"{message}; going on with what is there (data.init_args.allow_incomplete)")
 
     def _missing_cache_message(self) -> str:
         where = f"No triplet cache at '{self.cache.root}' (no cache.json). "

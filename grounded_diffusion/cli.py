@@ -18,15 +18,17 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
 from grounded_diffusion.checkpoint_io import AtomicCheckpointIO, check_checkpoint_kind, read_checkpoint
 from grounded_diffusion.cli_support import (
     check_accelerator,
-    check_fit_length,
     check_loggers,
     check_output_folders,
+    check_resume_length,
+    check_run_length,
     disk_full_message,
     is_out_of_memory,
     out_of_memory_message,
@@ -35,7 +37,7 @@ from grounded_diffusion.cli_support import (
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
 from grounded_diffusion.quiet import quiet_known_noise
-from grounded_diffusion.training import last_checkpoint_exists
+from grounded_diffusion.training import last_checkpoint
 
 # A config names importable code (as any LightningCLI config): its class paths are imported and
 # instantiated. None of the standard library's is a model, datamodule, callback or logger, and
@@ -47,6 +49,17 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOLS = {"export": "grounded_diffusion.export", "demo": "grounded_diffusion.demo"}
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 PRINT_CONFIG = "--print_config"
+
+
+class RunConfig(SaveConfigCallback):
+    """The resolved config in the run folder: ``config.yaml`` is the fit's record, which a later
+    ``test`` or ``predict`` in the same folder must not replace: they write ``config-<verb>.yaml``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        verb = trainer.state.fn.value if trainer.state.fn is not None else stage
+        if verb != "fit":
+            self.config_filename = f"config-{verb}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class GroundedDiffusionCLI(LightningCLI):
@@ -104,8 +117,7 @@ class GroundedDiffusionCLI(LightningCLI):
             check_accelerator(config)
             check_loggers(config)
             check_output_folders(config, self.subcommand)
-            if self.subcommand == "fit":
-                check_fit_length(config)
+            check_run_length(config, self.subcommand)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -130,21 +142,34 @@ class GroundedDiffusionCLI(LightningCLI):
         check = getattr(self.model, "check_datamodule", None)
         if check is not None and self.datamodule is not None:
             check(self.datamodule)
-        self._check_last_checkpoint_exists()
+        self._check_ckpt_path()
 
-    def _check_last_checkpoint_exists(self) -> None:
+    def _check_ckpt_path(self) -> None:
         # Lightning only warns and then evaluates an untrained model; fit may start fresh.
-        if self.subcommand in (None, "fit") or self.config[self.subcommand].get("ckpt_path") != "last":
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path is None:
             return
-        if not last_checkpoint_exists(self.trainer):
-            callbacks = self.trainer.checkpoint_callbacks
-            folders = (
-                ", ".join(sorted({str(c.dirpath) for c in callbacks})) or "(no ModelCheckpoint configured)"
+        if ckpt_path == "last":
+            ckpt_path = last_checkpoint(self.trainer)
+            if ckpt_path is None and self.subcommand == "fit":
+                return
+            if ckpt_path is None:
+                callbacks = self.trainer.checkpoint_callbacks
+                folders = (
+                    ", ".join(sorted({str(c.dirpath) for c in callbacks}))
+                    or "(no ModelCheckpoint configured)"
+                )
+                raise ConfigError(
+                    f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
+                    "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
+                )
+        if self.subcommand == "fit" and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+            # A resume past the run's length trains nothing: said before the model is restored.
+            notice = check_resume_length(
+                read_checkpoint(ckpt_path, map_location="cpu"), ckpt_path, self.trainer.max_steps
             )
-            raise ConfigError(
-                f"--ckpt_path last: no last checkpoint in {folders}. Run `fit` with the same configs "
-                "first, or give a checkpoint file: --ckpt_path PATH.ckpt"
-            )
+            if notice:
+                rank_zero_info(notice)
 
 
 def run_tool(name: str, argv: list[str]) -> None:
@@ -180,6 +205,7 @@ def main(args: list[str] | None = None) -> None:
         GroundedDiffusionCLI(
             seed_everything_default=0,
             parser_kwargs=parser_kwargs,
+            save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
         )

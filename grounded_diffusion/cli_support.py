@@ -52,15 +52,35 @@ def check_devices(devices, accelerator: str) -> None:
         )
 
 
-def check_fit_length(config) -> None:
-    """A fit that would train nothing ends without a checkpoint and without a word."""
+def check_run_length(config, subcommand: str) -> None:
+    """``trainer.max_steps`` / ``max_epochs`` are -1 (no limit), None or positive (Lightning's
+    own check is a traceback); a fit of length 0 would train nothing and write no checkpoint."""
     trainer = config.get("trainer", {})
     for key in ("max_steps", "max_epochs"):
-        if trainer.get(key) == 0:
-            raise ConfigError(
-                f"trainer.{key} is 0: the fit would train nothing and write no checkpoint; give a positive number "
-                f"(nearest valid value 1) or -1 / null to leave the length to the other limit"
-            )
+        value = trainer.get(key)
+        if value is None or value == -1 or value > 0 or (value == 0 and subcommand != "fit"):
+            continue
+        nothing = ": the fit would train nothing and write no checkpoint;" if value == 0 else ":"
+        raise ConfigError(
+            f"trainer.{key} is {value}{nothing} give a positive number (nearest valid value 1), or -1 / null to "
+            "leave the length to the other limit"
+        )
+
+
+def check_resume_length(checkpoint: dict, path: str, max_steps: int | None) -> str | None:
+    """A resumed fit whose checkpoint is already past ``trainer.max_steps`` would train nothing
+    and exit without a word: one line instead. A checkpoint exactly at the limit is a finished
+    fit: the returned notice says so (rerunning it is harmless, e.g. a launcher's rerun)."""
+    done = checkpoint.get("global_step")
+    if max_steps in (None, -1) or not isinstance(done, int) or done < max_steps:
+        return None
+    if done > max_steps:
+        raise ConfigError(
+            f"checkpoint {path} is at step {done}, past --trainer.max_steps {max_steps}: resuming would train "
+            f"nothing. Give --trainer.max_steps above {done} to train on, or evaluate it with "
+            f"`test --ckpt_path {path}`"
+        )
+    return f"checkpoint {path} is at step {done}, which is trainer.max_steps: the fit is finished, nothing to train"
 
 
 def check_output_folders(config, subcommand: str) -> None:

@@ -12,6 +12,7 @@ Tab "Segment an image": an uploaded image and names in, its masks out. Both are 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.generator import GroundedGenerator, GroundedImages
 from grounded_diffusion.models.shapes_sd import SHAPES_SD_ID
 
+logger = logging.getLogger(__name__)
 TITLE = "Grounded diffusion"
 # The prompt, names and seed the page opens with. Shapes world: two categories unseen by split 1's
 # head, which the miniature SD draws more often than most (it draws what a prompt names about 60 %
@@ -48,6 +50,32 @@ def annotation(result: GroundedImages) -> tuple[tuple, dict[str, str]]:
     return (np.asarray(result.images[0]), masks), colours
 
 
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def say_unreadable_uploads(gr, image):
+    """``image`` (a ``gr.Image``) says an upload that is not an image (a text file, a damaged
+    file) in one line on the page, instead of failing inside Gradio's own decoding. (Wrapped on
+    the instance: a subclass of a Gradio component makes Gradio write a .pyi file beside this one.)"""
+    decode = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except gr.Error:
+            raise
+        except Exception as error:  # PIL's UnidentifiedImageError, a truncated file, ...
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(
+                f"{name} cannot be read as an image ({one_line(error)}): upload a PNG, JPEG or WebP"
+            ) from None
+
+    image.preprocess = preprocess
+    return image
+
+
 def build_demo(generator: GroundedGenerator, show_example: bool = True):
     """The Blocks app (not launched); ``show_example``: the page opens with the example prompt's
     result (generated once, here)."""
@@ -61,19 +89,29 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
     )
 
     def run(call):
+        # Every error is said on the page in one line, as gr.Error shows it (Gradio's own message
+        # for anything else is "upstream app raised an exception"); the server logs the rest.
         try:
             value, colours = annotation(call())
             return gr.AnnotatedImage(value=value, color_map=colours)
         except UserError as error:  # a bad name or image: shown on the page, nothing else breaks
             raise gr.Error(str(error)) from None
+        except Exception as error:
+            logger.exception("the demo's call failed")
+            raise gr.Error(
+                f"unexpected error ({type(error).__name__}: {one_line(error)}); see the server's log"
+            ) from None
 
-    def generate(prompt: str, names: str, seed: float, num_steps: int):
+    def generate(prompt: str, names: str, seed: float | None, num_steps: int | None):
         if not (prompt or "").strip():
             raise gr.Error("Write a prompt.")
-        seed = int(seed)
+        if seed is None or num_steps is None:
+            raise gr.Error(
+                "The seed is empty: enter a whole number, e.g. 0." if seed is None else "Choose a step count."
+            )
         return run(
             lambda: generator(
-                prompt, category_names(names), seed=seed, num_inference_steps=int(num_steps), progress=False
+                prompt, category_names(names), seed=seed, num_inference_steps=num_steps, progress=False
             )
         )
 
@@ -118,7 +156,7 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
         with gr.Tab("Segment an image"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(label="Image", type="pil")
+                    image = say_unreadable_uploads(gr, gr.Image(label="Image", type="pil"))
                     seg_names = gr.Textbox(label="Categories (comma-separated)", value=names_example)
                     seg_prompt = gr.Textbox(
                         label="Prompt (optional)", placeholder="default: a photograph of a {c1} and a {c2}"

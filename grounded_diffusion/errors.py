@@ -79,3 +79,33 @@ def check_in_range(key: str, value, low=None, high=None, default=None) -> None:
     interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     usual = f", default {default}" if default is not None else ""
     raise ConfigError(f"{key} is {value}, outside {interval}: the nearest valid value is {nearest}{usual}")
+
+
+def whole_number(key: str, value, low=None, high=None, default=None) -> int:
+    """``value`` as an int when it is a whole number: an int, a numpy integer, or an integral
+    float such as ``50.0`` (what Python and numpy code passes); one line otherwise, or when it
+    lies outside ``[low, high]`` (see ``check_in_range``)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+        raise ConfigError(
+            f"{key} is {value!r}, not a whole number"
+            + (f" (default {default})" if default is not None else "")
+        )
+    check_in_range(key, int(value), low, high, default)
+    return int(value)
+
+
+def real_number(key: str, value, low=None, high=None, default=None) -> float:
+    """``value`` as a float when it is a real number (int, float, numpy scalar), in
+    ``[low, high]``; one line otherwise."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(
+            f"{key} is {value!r}, not a finite number"
+            + (f" (default {default})" if default is not None else "")
+        )
+    check_in_range(key, float(value), low, high, default)
+    return float(value)

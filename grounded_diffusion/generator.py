@@ -28,11 +28,17 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from grounded_diffusion.data.grounded_folder import GroundedImageFolder, overlay, semantic_labels
+from grounded_diffusion.data.grounded_folder import (
+    MAX_CLASSES,
+    GroundedImageFolder,
+    label_format,
+    overlay,
+    semantic_labels,
+)
 from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMPLATE, prompt_seed
 from grounded_diffusion.data.validation import MIN_SIDE, decoded_image
 from grounded_diffusion.data.voc import PALETTE_RGB
-from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
+from grounded_diffusion.errors import ConfigError, UserError, check_choice, real_number, whole_number
 from grounded_diffusion.inference import RealImageMode, ground_generated, segment_real
 from grounded_diffusion.models.backbone import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
 from grounded_diffusion.models.pretrained_head import PretrainedHead, check_compatible
@@ -69,13 +75,17 @@ class GroundedImages:
         return list(dict.fromkeys(c for cs in self.categories for c in cs))
 
     def label_maps(self) -> list[np.ndarray]:
-        """Per image, uint8 [H, W]: 0 background, k + 1 = ``classes[k]``, each pixel taking its
-        most probable category above the threshold."""
+        """Per image, [H, W]: 0 background, k + 1 = ``classes[k]``, each pixel taking its most
+        probable category above the threshold; uint8, or uint16 over 254 classes (as ``save``
+        writes them: ``grounded_folder.label_format``)."""
         classes = self.classes
+        dtype = np.uint8 if label_format(len(classes))["bits"] == 8 else np.uint16
         return [
             semantic_labels(p[None], torch.tensor([[classes.index(c) + 1 for c in cs]]), self.mask_threshold)[
                 0
-            ].numpy()
+            ]
+            .numpy()
+            .astype(dtype)
             for p, cs in zip(self.probabilities, self.categories)
         ]
 
@@ -195,10 +205,11 @@ class GroundedGenerator:
         cls, head: PretrainedHead, device=None, dtype=None, model_id: str | None = None
     ) -> GroundedGenerator:
         """A loaded ``PretrainedHead`` with the backbone it records (arguments as ``from_pretrained``)."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch_device(device)
         if isinstance(dtype, torch.dtype):
             dtype = next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
         dtype = dtype or (head.backbone.dtype if device.type == "cuda" else "float32")
+        check_choice("dtype", dtype, tuple(DTYPES))
         if device.type == "cpu" and dtype == "float16":
             raise ConfigError(
                 "dtype float16 on the CPU: its UNet kernels are missing or very slow; use float32 or bfloat16"
@@ -212,9 +223,10 @@ class GroundedGenerator:
         config = replace(head.backbone, dtype=dtype, model_id=model_id or head.backbone.model_id)
         return cls(build_backbone(config).to(device), head)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """The head's portable folder (config.json, model.safetensors, README.md)."""
-        return self.pretrained.save_pretrained(folder)
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """The head's portable folder (config.json, model.safetensors, README.md): a new or empty
+        folder, or with ``overwrite`` a head folder, replaced whole."""
+        return self.pretrained.save_pretrained(folder, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload the head's folder to the Hugging Face Hub (``private``, ``token``)."""
@@ -246,12 +258,15 @@ class GroundedGenerator:
                 the capture timestep (the error lists those that do).
             batch_size: prompts per model call.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _texts(prompts, "prompts")
         categories = self._per_image(categories, len(prompts), "prompts")
         seeds = self._seeds(seed, len(prompts))
         guidance = self.pretrained.guidance_scale if guidance_scale is None else guidance_scale
-        check_in_range("guidance_scale", guidance, 0.0, None, self.pretrained.guidance_scale)
-        check_in_range("batch_size", batch_size, 1, None, 4)
+        guidance = real_number("guidance_scale", guidance, 0.0, None, self.pretrained.guidance_scale)
+        batch_size = whole_number("batch_size", batch_size, 1, None, 4)
+        if num_inference_steps is not None:  # (0 is refused, not taken for the default)
+            default = self.backbone.config.num_inference_steps
+            num_inference_steps = whole_number("num_inference_steps", num_inference_steps, 1, None, default)
         self.backbone.capture_step_for(num_inference_steps or self.backbone.config.num_inference_steps)
         images, probabilities = [], []
         for start in tqdm(
@@ -301,19 +316,25 @@ class GroundedGenerator:
         single = isinstance(images, (str, Path, Image.Image)) or (
             hasattr(images, "ndim") and images.ndim == 3
         )
+        if not single and not (_is_list(images) or (hasattr(images, "ndim") and images.ndim == 4)):
+            raise ImageInputError(
+                f"images is a {type(images).__name__}; give an image (path, PIL image, uint8 array) or a list of them"
+            )
         pictures = [_rgb(image, i) for i, image in enumerate([images] if single else list(images))]
+        if not pictures:
+            raise ImageInputError("images is empty: give at least one image")
         categories = self._per_image(categories, len(pictures), "images")
         if prompt is None:
             prompts = [caption(cs) for cs in categories]
         else:
-            prompts = [prompt] * len(pictures) if isinstance(prompt, str) else list(prompt)
+            prompts = [prompt] * len(pictures) if isinstance(prompt, str) else _texts(prompt, "prompt")
             if len(prompts) != len(pictures):
                 raise ConfigError(
                     f"{len(prompts)} prompts for {len(pictures)} images: give one prompt, or one per image"
                 )
         mode = mode or self.pretrained.real_image_mode
         check_choice("mode", mode, RealImageMode)
-        check_in_range("batch_size", batch_size, 1, None, 4)
+        batch_size = whole_number("batch_size", batch_size, 1, None, 4)
         seeds = self._seeds(seed, len(pictures))
         side, device = self.backbone.image_size, self.backbone.device
         probabilities = []
@@ -347,32 +368,93 @@ class GroundedGenerator:
             raise ConfigError(
                 f"categories is the string {categories!r}: give a list of names, e.g. [{categories!r}]"
             )
-        categories = list(categories)
-        if not categories or any(not isinstance(c, str) and not list(c) for c in categories):
+        if _is_list(categories) and not len(categories):
             raise ConfigError("no category names given: name at least one category to segment, e.g. ['dog']")
+        if not _is_list(categories):
+            raise ConfigError(
+                f"categories is {categories!r} ({type(categories).__name__}): give a list of names, e.g. ['dog']"
+            )
+        categories = list(categories)
         if all(isinstance(c, str) for c in categories):
             per_image = [list(categories)] * count
-        elif len(categories) == count and all(not isinstance(c, str) for c in categories):
+        elif all(_is_list(c) for c in categories):
+            if len(categories) != count:
+                raise ConfigError(
+                    f"categories must be one list of names for all {what}, or one list per {what[:-1]} "
+                    f"({count}); got {len(categories)} entries"
+                )
             per_image = [list(cs) for cs in categories]
         else:
+            bad = next(c for c in categories if not isinstance(c, str))
             raise ConfigError(
-                f"categories must be one list of names for all {what}, or one list per {what[:-1]} "
-                f"({count}); got {len(categories)} entries"
+                f"categories holds {bad!r} ({type(bad).__name__}): give names as text, e.g. ['dog', 'cat'], or one "
+                f"list of names per {what[:-1]}"
             )
         for number, names in enumerate(per_image):
+            if not names:
+                raise ConfigError(
+                    f"no category names given for {what[:-1]} {number}: name at least one category, e.g. ['dog']"
+                )
+            bad = [n for n in names if not isinstance(n, str)]
+            if bad:
+                raise ConfigError(
+                    f"categories of {what[:-1]} {number} holds {bad[0]!r} ({type(bad[0]).__name__}): give names as text"
+                )
             if len(set(names)) < len(names):
                 raise ConfigError(f"categories of {what[:-1]} {number} name one category twice: {names}")
-        check_category_tokens(self.backbone.tokenizer, list(dict.fromkeys(c for cs in per_image for c in cs)))
+        classes = list(dict.fromkeys(c for cs in per_image for c in cs))
+        if len(classes) > MAX_CLASSES:
+            raise ConfigError(
+                f"{len(classes)} distinct category names: label maps hold at most {MAX_CLASSES} (16-bit); "
+                "split the call into parts with fewer names"
+            )
+        check_category_tokens(self.backbone.tokenizer, classes)
         return per_image
 
     @staticmethod
     def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-        if isinstance(seed, int):
-            return [prompt_seed(seed, i) for i in range(count)]
-        seeds = [int(s) for s in seed]
+        if not _is_list(seed):  # one seed: an int, a numpy integer, or an integral float
+            return [prompt_seed(whole_number("seed", seed, 0), i) for i in range(count)]
+        seeds = [whole_number(f"seed[{i}]", s, 0) for i, s in enumerate(seed)]
         if len(seeds) != count:
             raise ConfigError(f"{len(seeds)} seeds for {count} images: give one int, or one seed per image")
         return seeds
+
+
+def _is_list(value) -> bool:
+    """A list-like of values (list, tuple, numpy array), not a string."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def _texts(texts, key: str) -> list[str]:
+    """One text or a list of them, as a list; one line for anything else (None, numbers)."""
+    texts = [texts] if isinstance(texts, str) else list(texts) if _is_list(texts) else None
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"{key} must be a text or a non-empty list of texts, e.g. 'a photograph of a dog'")
+    return texts
+
+
+def torch_device(device) -> torch.device:
+    """``device`` (a name such as ``cuda:1`` or a torch.device; default CUDA when there is one)
+    as a torch.device this machine has, or one line."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(
+            f"device {device!r} is not a torch device ({error}); give 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' but this machine has no CUDA GPU: give device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device '{device}' but this machine has {torch.cuda.device_count()} CUDA GPUs (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"device '{device}': the models run on 'cpu' or 'cuda' (or 'mps', 'xpu')")
+    return device
 
 
 def _rgb(image, index: int) -> Image.Image:

@@ -4,6 +4,7 @@ checkpoint to go back to), and a learning rate given when resuming is applied, n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,15 @@ def nonfinite_samples(inputs: Sequence[Tensor], ids: Sequence[str]) -> list[str]
 
 def last_checkpoint_exists(trainer: Trainer) -> bool:
     """Whether ``--ckpt_path last`` finds a checkpoint in this fit's checkpoint folders."""
-    return any(callback._find_last_checkpoints(trainer) for callback in trainer.checkpoint_callbacks)
+    return last_checkpoint(trainer) is not None
+
+
+def last_checkpoint(trainer: Trainer) -> str | None:
+    """The file ``--ckpt_path last`` resumes from (the newest of the checkpoint callbacks' last
+    checkpoints, as Lightning picks it), or None."""
+    found = {p for callback in trainer.checkpoint_callbacks for p in callback._find_last_checkpoints(trainer)}
+    found = [p for p in found if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def check_finite_loss(

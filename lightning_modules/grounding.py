@@ -9,6 +9,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
 from grounded_diffusion.inference import RealImageMode, convert_images, ground_generated, synthesise_triplets
@@ -197,15 +198,8 @@ class GroundingModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        ours = {f"head.{k}" for k in self.head.state_dict()}
-        theirs = {k for k in state if k.startswith("head.")}
-        if ours != theirs:
-            differ = sorted(ours ^ theirs)
-            raise ConfigError(
-                f"The checkpoint's grounding head has other layers than this model's ({len(differ)} "
-                f"differ, e.g. {', '.join(differ[:3])}): it was trained by another version of the head "
-                "(before the visual-token LayerNorm) or another model.init_args.head. Train it again with `fit`."
-            )
+        head = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        checkpoint_fits(checkpoint, self, checkpoint_name(self), state=head)
         state.update(self._frozen_state())
         apply_resumed_lr(self, checkpoint)
 

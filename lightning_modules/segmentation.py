@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor
 
+from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.data.segmentation_sets import BackgroundMode
 from grounded_diffusion.data.vocabulary import resolve_vocabulary
 from grounded_diffusion.errors import ConfigError, check_choice
@@ -148,6 +149,7 @@ class SemanticSegmentationModule(LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint_fits(checkpoint, self, checkpoint_name(self))
         # A fit resumed under another schedule would restart it silently (checkpoints from before
         # the schedule existed had none: constant). load_from_checkpoint has no trainer: nothing resumes.
         saved = checkpoint.get("hyper_parameters", {}).get("lr_schedule", "constant")

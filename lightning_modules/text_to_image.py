@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.errors import ConfigError, check_choice
 from grounded_diffusion.models.shapes_sd import (
     shapes_mmdit,
@@ -251,6 +252,7 @@ class TextToImageModule(LightningModule):
         checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint_fits(checkpoint, self, checkpoint_name(self))
         self.ema.load_state_dict(checkpoint["ema"])
         apply_resumed_lr(self, checkpoint)
 

@@ -107,11 +107,12 @@ def test_api_results_equal_the_cli_predict_outputs_file_for_file(head_checkpoint
     )
     api = out.save(tmp_path / "api")
     files = sorted(
-        p.relative_to(cli) for p in cli.rglob("*") if p.is_file() and p.name not in ("config.yaml", ".lock")
+        p.relative_to(cli)
+        for p in cli.rglob("*")
+        if p.is_file() and p.name not in ("config-predict.yaml", ".lock")
     )
-    assert (
-        len(files) == 3 * 3 + 4
-    )  # 3 images x (image, label map, overlay) + classes, manifest, COCO, image set
+    # 3 images x (image, label map, overlay) + classes, label format, manifest, COCO, image set
+    assert len(files) == 3 * 3 + 5
     assert [f for f in files if not filecmp.cmp(cli / f, api / f, shallow=False)] == []
     assert [tuple(p.shape) for p in out.probabilities] == [(2, 128, 128), (1, 128, 128), (2, 128, 128)]
     assert all(p.std() > 0 for p in out.probabilities)  # maps, not constants
@@ -287,6 +288,7 @@ def test_export_of_a_bad_checkpoint_is_one_line(tmp_path, capsys):
     segmenter = {
         "hyper_parameters": {"_class_path": "lightning_modules.segmentation.SemanticSegmentationModule"},
         "state_dict": {},
+        "pytorch-lightning_version": "2.6.0",
     }
     torch.save(segmenter, tmp_path / "segmenter.ckpt")
     with pytest.raises(SystemExit) as exit_:
@@ -348,11 +350,28 @@ def test_demo_predictions_agree_with_the_python_api(demo_url, generator, tmp_pat
     assert np.array_equal(mask_pixels(result["annotations"][0]), expected.label_maps()[0] == 1)
 
 
-def test_demo_says_what_is_wrong_with_an_input(demo_url):
+def test_demo_says_what_is_wrong_with_an_input(demo_url, tmp_path):
+    """Each reason on the page in one line (gr.Error), not Gradio's "upstream app raised an exception"."""
+    from gradio_client import Client, handle_file
+
+    client = Client(demo_url, verbose=False)
+    with pytest.raises(Exception, match="no category names given"):
+        client.predict("a dog", " , ", 0, 50, api_name="/generate")
+    with pytest.raises(Exception, match="The seed is empty: enter a whole number"):  # a cleared seed box
+        client.predict("a dog", "dog", None, 50, api_name="/generate")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    with pytest.raises(
+        Exception, match=r"notes.txt cannot be read as an image \(.*\): upload a PNG, JPEG or WebP"
+    ):
+        client.predict(handle_file(str(tmp_path / "notes.txt")), "dog", "", "noise", api_name="/segment")
+
+
+def test_demo_takes_300_names(demo_url):
     from gradio_client import Client
 
-    with pytest.raises(Exception, match="no category names given"):
-        Client(demo_url, verbose=False).predict("a dog", " , ", 0, 50, api_name="/generate")
+    names = ", ".join(f"thing {i}" for i in range(300))
+    result = Client(demo_url, verbose=False).predict("things", names, 0, 50, api_name="/generate")["value"]
+    assert [a["label"] for a in result["annotations"]] == [f"thing {i}" for i in range(300)]
 
 
 def test_demo_page_renders_in_headless_chromium(demo_url, tmp_path):

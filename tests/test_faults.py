@@ -402,7 +402,9 @@ def test_a_checkpoint_of_another_model_is_named(built, head, tmp_path, capsys):
         "_class_path": "lightning_modules.segmentation.SemanticSegmentationModule",
         "vocabulary": "pascal",
     }
-    torch.save({"state_dict": {}, "hyper_parameters": hparams}, segmenter)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0"}, segmenter
+    )
     message = cli_error(
         [
             "fit",

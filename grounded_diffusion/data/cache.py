@@ -5,7 +5,11 @@ Layout::
     <cache>/cache.json          what made it: format version, storage mode, vocabulary, backbone,
                                 capture step, feature groups, oracle and guidance (synthesis)
     <cache>/manifest.jsonl      one JSON object per finished sample: id, prompt, categories,
-                                split, group (one_seen, two_seen_unseen, ...)
+                                split, group (one_seen, two_seen_unseen, ...), source (a
+                                fingerprint of what it was made from: its files' sizes, times
+                                and hash, or its prompt, categories and seed)
+    <cache>/planned.json        the ids each split's latest ``predict`` set out to build, which
+                                ``fit`` / ``test`` compare with the manifest (an unfinished build)
     <cache>/samples/<id>.safetensors
         features.<g>   fp16 [C_g, h_g, w_g], resolution groups coarse first   (storage: features)
         latents        [C, h, w], the UNet's input at the capture step, in the  (storage: latents)
@@ -48,6 +52,24 @@ class CacheError(UserError, RuntimeError):
     pass
 
 
+def record_problem(record: dict) -> str | None:
+    """What is wrong with the values of a manifest line (which parses), or None."""
+    categories = record.get("categories")
+    if (
+        not isinstance(categories, list)
+        or not categories
+        or not all(isinstance(c, str) and c for c in categories)
+    ):
+        return f"categories is {categories!r}, not a list of category names"
+    if not isinstance(record.get("prompt"), str):
+        return f"prompt is {record.get('prompt')!r}, not text"
+    if not isinstance(record.get("split"), str) or not record["split"]:
+        return f"split is {record.get('split')!r}, not a split's name"
+    if not isinstance(record.get("group", ""), str):
+        return f"group is {record['group']!r}, not text"
+    return None
+
+
 def encode_image(
     image: torch.Tensor, image_format: str = "jpeg", quality: int = 90
 ) -> tuple[str, torch.Tensor]:
@@ -87,7 +109,8 @@ class TripletCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.jsonl"
-        self.manifest_file = JsonlManifest(self.manifest_path)
+        self.manifest_file = JsonlManifest(self.manifest_path, check=record_problem)
+        self.plan_path = self.root / "planned.json"
         self.metadata_path = self.root / "cache.json"
         self.samples_dir = self.root / "samples"
 
@@ -165,32 +188,76 @@ class TripletCache:
         atomic_write(self.sample_path(record["id"]), lambda tmp: tmp.write_bytes(data), KEPT)
         self.manifest_file.append(record)
 
-    def repair(self) -> None:
+    def repair(self, vocabulary: list[str] | None = None) -> None:
         """Clear what an interrupted build left: temporary sample files, damaged manifest lines
-        (a torn last one, so that appends start on a fresh line), and listed samples whose file
-        is gone or unreadable (cut short, overwritten), which the build then makes again. Call
-        it from one process before a build."""
+        (a torn last one, so that appends start on a fresh line; values of the wrong kind;
+        categories outside the cache's vocabulary, else ``vocabulary``), and listed samples
+        whose file is gone or unreadable (cut short, overwritten), which the build then makes
+        again. Call it from one process before a build."""
         for leftover in self.samples_dir.glob(".*.tmp*"):
             leftover.unlink(missing_ok=True)
         self.manifest_file.repair()
+        if self.metadata_path.exists():
+            vocabulary = self.metadata().get("vocabulary", vocabulary)
+        if vocabulary is not None:
+            known = set(vocabulary)
+            foreign = [r for r in self.manifest() if not set(r["categories"]) <= known]
+            if foreign:
+                first = foreign[0]
+                self.drop(
+                    [r["id"] for r in foreign],
+                    f"{len(foreign)} listed samples name categories outside the cache's vocabulary (first: "
+                    f"{first['id']} names {sorted(set(first['categories']) - known)}): damaged lines; rebuilding them",
+                )
         records = self.manifest()
         missing = self.missing_files(records)
-        gone = set(missing)
-        unreadable = [r["id"] for r in records if r["id"] not in gone and not self.readable(r["id"])]
-        if missing:
-            warnings.warn(
-                f"{self.manifest_path}: {len(missing)} listed samples have no file; rebuilding them"
-            )
+        self.drop(missing, f"{len(missing)} listed samples have no file; rebuilding them")
+        unreadable = [r["id"] for r in records if r["id"] not in set(missing) and not self.readable(r["id"])]
         if unreadable:
-            warnings.warn(
-                f"{self.manifest_path}: {len(unreadable)} listed sample files are unreadable (first: "
-                f"{self.sample_path(unreadable[0])}); rebuilding them"
+            first = self.sample_path(unreadable[0])
+            self.drop(
+                unreadable,
+                f"{len(unreadable)} listed sample files are unreadable (first: {first}); rebuilding them",
             )
-        if missing or unreadable:
-            gone.update(unreadable)
-            self.manifest_file.rewrite([r for r in records if r["id"] not in gone])
-            for sample_id in unreadable:
-                self.sample_path(sample_id).unlink(missing_ok=True)
+
+    def drop(self, sample_ids: list[str], why: str) -> None:
+        """Take samples out of the manifest and delete their files (the build makes them again),
+        saying ``why`` as a warning."""
+        gone = set(sample_ids)
+        if not gone:
+            return
+        warnings.warn(f"{self.manifest_path}: {why}")
+        self.manifest_file.rewrite([r for r in self.manifest() if r["id"] not in gone])
+        for sample_id in gone:
+            self.sample_path(sample_id).unlink(missing_ok=True)
+
+    # -- what a build set out to make ------------------------------------------------------------
+
+    def record_plan(self, planned: Mapping[str, list[str]]) -> None:
+        """Record the ids a ``predict`` run is to build, per split (the splits of other builds
+        into the same cache, e.g. a test set's, are kept)."""
+        before = self.plan()
+        plan = {**(before or {}), **{split: list(ids) for split, ids in planned.items()}}
+        if plan != before:  # (a rerun that plans the same leaves the file as it is)
+            text = json.dumps(plan, separators=(",", ":"))
+            atomic_write(self.plan_path, lambda tmp: tmp.write_text(text), KEPT)
+
+    def plan(self) -> dict[str, list[str]] | None:
+        """The planned ids per split, or None (a cache built before plans were recorded, or a
+        damaged file: nothing to compare)."""
+        if not self.plan_path.exists():
+            return None
+        try:
+            plan = json.loads(self.plan_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            plan = None
+        if not isinstance(plan, dict) or not all(isinstance(v, list) for v in plan.values()):
+            warnings.warn(
+                f"{self.plan_path} is damaged: whether the cache is complete cannot be checked; rerun its predict "
+                "command to write it again"
+            )
+            return None
+        return plan
 
     def readable(self, sample_id: str) -> bool:
         """Whether a sample file's header is whole and covers the file (a cheap read)."""

@@ -5,7 +5,9 @@ Layout (a PASCAL VOC-style folder, so ``VOCFolder`` and the segmentation datamod
 
     <root>/JPEGImages/<id>.jpg               the generated image
     <root>/SegmentationClass/<id>.png        palette PNG: 0 background, k = classes.txt line k,
-                                             255 = ignore (uncertain pixels, when asked)
+                                             255 = ignore (uncertain pixels, when asked); over
+                                             254 classes, 16-bit grayscale PNG, 65535 = ignore
+    <root>/labels.json                       the label maps' format: bits (8 or 16), ignore label
     <root>/overlays/<id>.png                 image with its masks drawn over it (optional)
     <root>/classes.txt                       class names in label order
     <root>/manifest.jsonl                    one line per finished sample: id, split, prompt,
@@ -31,16 +33,33 @@ from pycocotools import mask as coco_mask
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest, check_sample_id
-from grounded_diffusion.data.validation import IGNORE_LABEL
+from grounded_diffusion.data.validation import IGNORE_LABEL, IGNORE_LABEL_16
 from grounded_diffusion.data.voc import PALETTE_RGB, voc_palette
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.files import atomic_write
 
 KEPT = "every image already written is kept, and the rerun goes on from them"
+MAX_8BIT_CLASSES, MAX_CLASSES = IGNORE_LABEL - 1, IGNORE_LABEL_16 - 1
+
+
+def label_format(num_classes: int) -> dict:
+    """How label maps over ``num_classes`` classes are stored: VOC's 8-bit palette PNGs (255 =
+    ignore) up to 254 classes, 16-bit grayscale PNGs (65535 = ignore) up to 65534."""
+    if num_classes > MAX_CLASSES:
+        raise ConfigError(
+            f"{num_classes} classes: label maps hold at most {MAX_CLASSES} (16-bit PNGs); use fewer names"
+        )
+    if num_classes <= MAX_8BIT_CLASSES:
+        return {"bits": 8, "png": "palette", "background": 0, "ignore": IGNORE_LABEL}
+    return {"bits": 16, "png": "grayscale", "background": 0, "ignore": IGNORE_LABEL_16}
 
 
 def semantic_labels(
-    probs: Tensor, labels: Tensor, threshold: float = 0.5, ignore_band: float = 0.0
+    probs: Tensor,
+    labels: Tensor,
+    threshold: float = 0.5,
+    ignore_band: float = 0.0,
+    ignore_label: int = IGNORE_LABEL,
 ) -> Tensor:
     """One label map per image from per-object probabilities.
 
@@ -49,17 +68,20 @@ def semantic_labels(
         labels: [B, O] class label of each object slot (1-based), 0 for an empty slot.
         threshold: a pixel belongs to its most probable object when that probability reaches it.
         ignore_band: pixels whose winning probability lies within ``ignore_band`` of the
-            threshold are uncertain and get 255 ("ignore" in VOC's convention); 0 disables it.
+            threshold are uncertain and get ``ignore_label`` (255, "ignore" in VOC's convention;
+            65535 in 16-bit maps); 0 disables it.
 
-    Returns: uint8 [B, H, W].
+    Returns: uint8 [B, H, W] when every label and the ignore label fit 8 bits, else int32 (a
+    16-bit map's values: ``label_format``).
     """
     probs = probs.masked_fill((labels == 0)[..., None, None], 0)
     best, slot = probs.max(1)
     out = labels.gather(1, slot.flatten(1)).view_as(slot)
     out = torch.where(best >= threshold, out, torch.zeros_like(out))
     if ignore_band > 0:
-        out = torch.where((best - threshold).abs() < ignore_band, torch.full_like(out, IGNORE_LABEL), out)
-    return out.to(torch.uint8)
+        out = torch.where((best - threshold).abs() < ignore_band, torch.full_like(out, ignore_label), out)
+    wide = ignore_label > IGNORE_LABEL or (labels.numel() and int(labels.max()) > MAX_8BIT_CLASSES)
+    return out.to(torch.int32 if wide else torch.uint8)
 
 
 def rle_annotations(masks: np.ndarray) -> list[dict]:
@@ -67,7 +89,10 @@ def rle_annotations(masks: np.ndarray) -> list[dict]:
     if len(masks) == 0:
         return []
     rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    areas, boxes = coco_mask.area(rles), coco_mask.toBbox(rles)
+    # (pycocotools' area() counts its RLEs in a uint8: more than 255 at once overflow)
+    chunks = [rles[i : i + 255] for i in range(0, len(rles), 255)]
+    areas = np.concatenate([coco_mask.area(chunk) for chunk in chunks])
+    boxes = np.concatenate([coco_mask.toBbox(chunk) for chunk in chunks])
     return [
         {
             "segmentation": {"size": list(r["size"]), "counts": r["counts"].decode("ascii")},
@@ -104,6 +129,7 @@ class GroundedImageFolder:
         self.root = Path(root)
         self.manifest = JsonlManifest(self.root / "manifest.jsonl")
         self.classes_path = self.root / "classes.txt"
+        self.labels_path = self.root / "labels.json"
         self.palette = voc_palette()
 
     def classes(self) -> list[str]:
@@ -117,13 +143,17 @@ class GroundedImageFolder:
         """Create the folder, or check that an existing one has the same classes (label ids)."""
         for sub in ("JPEGImages", "SegmentationClass", "overlays", "ImageSets/Segmentation"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        labels = json.dumps(label_format(len(classes)), indent=2) + "\n"
         if self.classes_path.exists():
             if self.classes() != list(classes):
                 raise ConfigError(
                     f"'{self.root}' holds images labelled with other classes ({self.classes()}) than this run "
                     f"({list(classes)}). Write to another folder, or delete this one."
                 )
+            if not self.labels_path.exists():  # (folders written before labels.json: 8-bit)
+                _atomic_write(self.labels_path, lambda tmp: Path(tmp).write_text(labels))
             return
+        _atomic_write(self.labels_path, lambda tmp: Path(tmp).write_text(labels))
         _atomic_write(self.classes_path, lambda tmp: Path(tmp).write_text("".join(f"{c}\n" for c in classes)))
 
     def repair(self) -> None:
@@ -149,12 +179,16 @@ class GroundedImageFolder:
     def write(
         self, record: dict, image: np.ndarray, labels: np.ndarray, overlay_image: np.ndarray | None
     ) -> None:
-        """One sample: image HxWx3 uint8, label map HxW uint8, optional overlay; manifest last."""
+        """One sample: image HxWx3 uint8, label map HxW (uint8, or uint16 over 254 classes: a
+        16-bit PNG), optional overlay; manifest last."""
         sample_id = check_sample_id(record["id"], str(self.manifest.path))
         image_path, label_path = self.files(sample_id)
         _atomic_write(image_path, lambda t: Image.fromarray(image).save(t, format="JPEG", quality=95))
-        label_png = Image.fromarray(labels, mode="P")
-        label_png.putpalette(self.palette)
+        if labels.dtype == np.uint8:
+            label_png = Image.fromarray(labels, mode="P")
+            label_png.putpalette(self.palette)
+        else:
+            label_png = Image.fromarray(labels.astype(np.uint16))  # (PIL: mode I;16, a 16-bit PNG)
         _atomic_write(label_path, lambda t: label_png.save(t, format="PNG"))
         if overlay_image is not None:
             _atomic_write(
@@ -183,7 +217,11 @@ class GroundedImageFolder:
             ],
             device=probs.device,
         )
-        label_maps = semantic_labels(probs, labels, mask_threshold, ignore_band).cpu().numpy()
+        stored = label_format(len(classes))
+        label_maps = (
+            semantic_labels(probs, labels, mask_threshold, ignore_band, stored["ignore"]).cpu().numpy()
+        )
+        label_maps = label_maps.astype(np.uint8 if stored["bits"] == 8 else np.uint16)
         masks = (probs >= mask_threshold).cpu().numpy()
         images = batch["image"].permute(0, 2, 3, 1).cpu().numpy()
         for i, sample_id in enumerate(batch["id"]):

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from grounded_diffusion.errors import UserError
@@ -34,8 +34,15 @@ def check_sample_id(sample_id: object, where: str) -> str:
 
 
 class JsonlManifest:
-    def __init__(self, path: str | Path) -> None:
+    """Args:
+    path: the list's file.
+    check: what is wrong with a parsed record's values (e.g. ``categories`` not a list of
+        names), or None; such a line counts as damaged, as one that does not parse.
+    """
+
+    def __init__(self, path: str | Path, check: Callable[[dict], str | None] | None = None) -> None:
         self.path = Path(path)
+        self.check = check
 
     def append(self, record: Mapping) -> None:
         line = (json.dumps(dict(record), separators=(",", ":")) + "\n").encode()
@@ -97,6 +104,12 @@ class JsonlManifest:
                 "that wrote it (it drops the line and remakes that sample), or delete that line"
             )
         check_sample_id(record["id"], where)
+        problem = self.check(record) if self.check is not None else None
+        if problem:
+            raise UserError(
+                f"{where}: sample {record['id']}: {problem}; the list is damaged: rerun the build that wrote it (it "
+                "drops the line and remakes that sample), or delete that line"
+            )
         return record
 
     def records(self) -> list[dict]:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from grounded_diffusion.data.sources import sample_seed, select_items
+from grounded_diffusion.data.sources import check_counts, fingerprint_values, sample_seed, select_items
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.files import read_text_file
 
 ONE_OBJECT_TEMPLATE = "a photograph of a {c1}"
 TWO_OBJECT_TEMPLATE = "a photograph of a {c1} and a {c2}"
@@ -68,7 +69,17 @@ class PromptSet:
         templates_file: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.counts = {split: dict(groups) for split, groups in counts.items()}
+        if not isinstance(counts, Mapping) or not all(isinstance(g, Mapping) for g in counts.values()):
+            raise ConfigError(
+                f"counts is {counts!r}: give samples per split and group, e.g. {{train: {{one_seen: 100}}}}"
+            )
+        self.counts = {
+            split: check_counts(dict(groups), f"counts.{split}") for split, groups in counts.items()
+        }
+        if not self.counts:
+            raise ConfigError(
+                "counts is empty: give samples per split and group, e.g. {train: {one_seen: 100}}"
+            )
         self.templates_file, self.seed = templates_file, seed
         self.templates = list(templates)
         for split, groups in self.counts.items():
@@ -130,14 +141,35 @@ class PromptSet:
             categories = rng.sample(categories, len(categories))
         template = rng.choice(self._templates(len(categories)))
         prompt = template.format(**{f"c{i + 1}": c for i, c in enumerate(categories)})
+        seed = rng.getrandbits(63)
         return {
             "id": sample_id,
             "split": split_name,
             "group": group,
             "prompt": prompt,
             "categories": categories,
-            "seed": rng.getrandbits(63),
+            "seed": seed,
+            "source": fingerprint_values(prompt=prompt, categories=categories, seed=seed),
         }
+
+    def changed(self, record: dict, category_split: CategorySplit, trust_stat: bool = True) -> str | None:
+        """Why a cached sample's prompt, categories or seed differ from what this config now
+        makes of its id (another seed, templates or counts), or None."""
+        recorded = record.get("source")
+        item = self._by_id().get(record["id"])
+        if not isinstance(recorded, dict) or item is None:
+            return None
+        if self.sample(*item, category_split)["source"] == recorded:
+            return None
+        return "its prompt, categories or seed changed (seed, templates or vocabulary of data.source)"
+
+    def _by_id(self) -> dict[str, tuple[str, str, str]]:
+        if getattr(self, "_index", None) is None:
+            self._index = {item[0]: item for item in self.ids()}
+        return self._index
+
+    def items(self) -> list[tuple[str, str, str]]:
+        return self.ids()
 
     def ids(self) -> list[tuple[str, str, str]]:
         """(id, split, group) of every requested sample, in a fixed order."""
@@ -236,18 +268,6 @@ class ListedPrompts(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.prompts.sample(self.indices[index])
-
-
-def read_text_file(path: Path, what: str) -> str:
-    """A UTF-8 text file, or one line saying why it cannot be one."""
-    if not path.is_file():
-        raise ConfigError(f"{what} '{path}' does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{what} '{path}' is not UTF-8 text (byte {error.start}): give a text file, one entry per line"
-        ) from None
 
 
 def read_prompt_file(file: str) -> list[dict]:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from grounded_diffusion.data.shapes_world import shape_mask
+from grounded_diffusion.data.sources import check_counts
 from grounded_diffusion.data.validation import DataError
 from grounded_diffusion.data.voc import VOCFolder, write_voc_folder
 from grounded_diffusion.data.vocabulary import SCENES
@@ -80,9 +81,27 @@ class ProceduralScenes(VOCFolder):
         image_size: int = 128,
         seed: int = 0,
     ) -> None:
-        self.counts = dict(counts or {"train": 800, "val": 100, "test": 200})
+        default = {"train": 800, "val": 100, "test": 200}
+        self.counts = check_counts(dict(default if counts is None else counts), "counts")
         self.seed = seed
         super().__init__(root, classes=list(SCENES), image_size=image_size, splits=list(self.counts))
+
+    def changed(self, record: dict, category_split=None, trust_stat: bool = True) -> str | None:
+        """As a VOC folder's, and the scenes on disk must be of this seed and size: a ``fit``
+        after the seed changed, before ``predict`` wrote the new scenes, is refused too."""
+        try:
+            written = json.loads((self.root / "scenes.json").read_text())
+        except (OSError, ValueError):
+            written = None
+        if isinstance(written, dict) and (written.get("seed"), written.get("size")) != (
+            self.seed,
+            self.image_size,
+        ):
+            return (
+                f"the scenes were written with seed {written.get('seed')}, size {written.get('size')}; "
+                f"data.source asks for seed {self.seed}, size {self.image_size}"
+            )
+        return super().changed(record, category_split, trust_stat)
 
     def prepare(self) -> None:
         marker = self.root / "scenes.json"

@@ -22,9 +22,11 @@ from grounded_diffusion.data.validation import (
     check_image_label_pairs,
     decoded_image,
     find_problems,
+    ignore_label_of,
 )
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.files import read_text_file
 
 # How a segmenter treats background: ``ignore`` (255, the ZS3 convention on VOC) or ``class`` (0).
 BackgroundMode = Literal["ignore", "class"]
@@ -208,9 +210,14 @@ class FolderSegmentationSet(SegmentationSet):
                 "by `predict` (experiments/protocol2/*_build.yaml; rerunning finishes an interrupted build); your own "
                 "needs JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt and classes.txt."
             )
-        self.ids = listing.read_text().split()
+        self.ids = read_text_file(listing, "Image set").split()
         self.classes = list(read_classes_file(self.root / "classes.txt"))
         self.kind = "synthetic" if (self.root / "manifest.jsonl").is_file() else "real"
+        if ignore_label_of(self.root) != IGNORE_LABEL or len(self.classes) > IGNORE_LABEL - 1:
+            raise ConfigError(
+                f"'{root}' has {len(self.classes)} classes in 16-bit label maps; the Protocol II segmenters read VOC's "
+                f"8-bit maps (up to {IGNORE_LABEL - 1} classes, {IGNORE_LABEL} ignore): build the set over fewer names"
+            )
 
     def describe(self) -> str:
         """``synthetic (one|two|mixture)`` (objects per prompt, from the build's manifest) or ``real``."""

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from grounded_diffusion.errors import UserError
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = 255  # VOC's 8-bit label maps; 16-bit maps (over 254 classes) ignore 65535
+IGNORE_LABEL_16 = 65535
 # Label PNGs hold one class index per pixel; VOC writes palette ("P") PNGs, many tools grayscale.
 LABEL_MODES = ("P", "L", "I", "I;16")
 # Images the diffusion model sees (resized to its size) must have this many pixels a side: 2 latent
@@ -37,7 +38,9 @@ def decoded_image(path: Path, fix: str = "replace it or remove its id from the i
         return f"cannot read {path} ({error}): the file is damaged or not an image; {fix}"
 
 
-def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min_side: int) -> str | None:
+def _problem(
+    image: Path, labels: Path, num_classes: int, need_object: bool, min_side: int, ignore: int = IGNORE_LABEL
+) -> str | None:
     """What is wrong with one image + label-map pair, or None."""
     for path in (image, labels):
         if not path.is_file():
@@ -65,15 +68,36 @@ def _problem(image: Path, labels: Path, num_classes: int, need_object: bool, min
             "(resize the label map with nearest-neighbour interpolation)"
         )
     values = np.unique(np.asarray(label_png))
-    bad = [int(v) for v in values if num_classes < v < IGNORE_LABEL]
+    bad = [int(v) for v in values if num_classes < v != ignore]
     if bad:
         return (
             f"{labels} holds label {bad[0]} but only {num_classes} classes are listed (1..{num_classes}; 0 background, "
-            "255 ignore); add the missing class names to the class list"
+            f"{ignore} ignore); add the missing class names to the class list"
         )
-    if need_object and not any(0 < v < IGNORE_LABEL for v in values):
+    if need_object and not any(0 < v < ignore for v in values):
         return f"{labels} has no labelled object (only background / ignore); remove '{image.stem}' from the image set"
     return None
+
+
+def ignore_label_of(folder: Path) -> int:
+    """The ignore label of a VOC-format folder's label maps: 255 (VOC's), or what its
+    ``labels.json`` says (65535 in the 16-bit maps of grounded folders over 254 classes)."""
+    import json
+
+    path = Path(folder) / "labels.json"
+    if not path.is_file():
+        return IGNORE_LABEL
+    try:
+        ignore = json.loads(path.read_text(encoding="utf-8"))["ignore"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise DataError(
+            f"{path} cannot be read ({error}): it names the label maps' ignore label; fix or delete it"
+        ) from None
+    if ignore not in (IGNORE_LABEL, IGNORE_LABEL_16):
+        raise DataError(
+            f"{path}: ignore label {ignore!r} is not {IGNORE_LABEL} (8-bit maps) or {IGNORE_LABEL_16} (16-bit)"
+        )
+    return ignore
 
 
 def find_problems(items: Sequence, problem: Callable[[object], str | None], what: str) -> list[str]:
@@ -96,12 +120,15 @@ def check_image_label_pairs(
     what: str,
     need_object: bool = False,
     min_side: int = 1,
+    ignore: int = IGNORE_LABEL,
 ) -> None:
     """Every image and label map exists, decodes in full, has the same size (at least
-    ``min_side`` a side), and holds only labels 0..num_classes or 255; with ``need_object`` each
+    ``min_side`` a side), and holds only labels 0..num_classes or ``ignore``; with ``need_object`` each
     also holds at least one class. Raise one ``DataError`` naming the first bad file, what is
     wrong and the fix, and how many more are bad."""
-    problems = find_problems(pairs, lambda pair: _problem(*pair, num_classes, need_object, min_side), what)
+    problems = find_problems(
+        pairs, lambda pair: _problem(*pair, num_classes, need_object, min_side, ignore), what
+    )
     if problems:
         more = f" (and {len(problems) - 1} more bad pairs of {len(pairs)})" if len(problems) > 1 else ""
         raise DataError(f"{what}: {problems[0]}{more}")

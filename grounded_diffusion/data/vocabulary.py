@@ -13,6 +13,7 @@ from grounded_diffusion.data.shapes_world import (
     SHAPES_WORLD_UNSEEN,
 )
 from grounded_diffusion.errors import ConfigError, UserError, did_you_mean
+from grounded_diffusion.files import read_text_file
 
 PASCAL_VOC = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -207,7 +208,7 @@ def read_classes_file(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Classes file '{path}' does not exist (one class name per line, in label order)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text_file(path, "Classes file").splitlines() if line.strip()]
     if names and names[0].lower() in BACKGROUND_NAMES:
         names = names[1:]
     if not names:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError
+from grounded_diffusion.errors import ConfigError, whole_number
 
 
 @dataclass
@@ -43,6 +43,25 @@ class HeadConfig:
     num_layers: int = 3
     num_heads: int = 8
     ffn_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        # At config time (and when a head folder is read), before any layer is built.
+        key = "model.init_args.head"
+        if isinstance(self.group_channels, (str, bytes)) or not hasattr(self.group_channels, "__iter__"):
+            raise ConfigError(
+                f"{key}.group_channels is {self.group_channels!r}: give a list of widths, e.g. [16, 32]"
+            )
+        self.group_channels = [whole_number(f"{key}.group_channels", c, 1) for c in self.group_channels]
+        if not self.group_channels:
+            raise ConfigError(f"{key}.group_channels is empty: give one width per feature group")
+        for name in ("embed_dim", "patch_size", "num_layers", "num_heads", "ffn_dim"):
+            setattr(self, name, whole_number(f"{key}.{name}", getattr(self, name), 1))
+        if self.embed_dim % self.num_heads:
+            nearest = next(h for h in range(self.num_heads, 0, -1) if self.embed_dim % h == 0)
+            raise ConfigError(
+                f"{key}.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads} (each attention "
+                f"head takes an equal share): e.g. num_heads {nearest}"
+            )
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

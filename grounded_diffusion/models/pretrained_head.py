@@ -19,16 +19,28 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from grounded_diffusion.checkpoint_io import check_checkpoint_kind, read_checkpoint
-from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.files import atomic_write
+from grounded_diffusion.errors import ConfigError, UserError, check_choice, real_number, whole_number
+from grounded_diffusion.files import check_writable_folder, replace_folder
+from grounded_diffusion.inference import RealImageMode
 from grounded_diffusion.models.backbone import BackboneConfig, looks_like_local_path
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
 FORMAT, FORMAT_VERSION = "grounded-diffusion-head", 1
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+HEAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+HEAD_FIELDS = (
+    "backbone",
+    "head",
+    "feature_channels",
+    "text_dim",
+    "guidance_scale",
+    "mask_threshold",
+    "real_image_mode",
+)
+IDENTITY_FIELDS = tuple(BackboneConfig().identity())
 GROUNDING_MODULE = "lightning_modules.grounding.GroundingModule"
 EXPORT_COMMAND = "grounded-diffusion export --ckpt_path CHECKPOINT --out FOLDER"
 
@@ -70,23 +82,23 @@ class PretrainedHead:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the folder (each file whole or absent; config.json last, so a folder with a
-        config is complete). Returns its path."""
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the folder, whole or not at all: the files are written into a temporary folder
+        beside it, which then takes its place (``files.replace_folder``), so a save cut short
+        leaves the previous head as it was. A folder that holds anything but a head is refused;
+        a head is replaced only with ``overwrite``. Returns its path."""
         folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise HeadFolderError(
-                f"cannot save the head to {folder}: a file is in the way; give a folder path"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
+        check_head_destination(folder, overwrite)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        atomic_write(
-            folder / WEIGHTS_NAME, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})
-        )
-        atomic_write(folder / CARD_NAME, lambda tmp: tmp.write_text(self._card(), encoding="utf-8"))
+        data = save(weights, metadata={"format": "pt"})  # (bytes: a write error is then an OSError)
         config = json.dumps(self.config(), indent=2) + "\n"
-        atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config, encoding="utf-8"))
-        return folder
+
+        def write(tmp: Path) -> None:
+            (tmp / WEIGHTS_NAME).write_bytes(data)
+            (tmp / CARD_NAME).write_text(self._card(), encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(config, encoding="utf-8")
+
+        return replace_folder(folder, write, "the folder is as it was")
 
     def _card(self) -> str:
         b = self.backbone
@@ -112,10 +124,19 @@ class PretrainedHead:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+                commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+            except Exception as error:  # offline, not logged in, no access: huggingface_hub's many errors
+                detail = (
+                    str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+                )
+                raise HeadFolderError(
+                    f"cannot upload to the Hub repository '{repo_id}' ({detail}): log in (`hf auth login`) on a "
+                    "machine with network access, and check the repository's name and your access"
+                ) from None
         return str(commit.repo_url if hasattr(commit, "repo_url") else commit)
 
     # -- reading -----------------------------------------------------------------------------
@@ -138,29 +159,7 @@ class PretrainedHead:
             raise HeadFolderError(
                 f"{config_path} is not valid JSON ({error}); export the head again: `{EXPORT_COMMAND}`"
             ) from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise HeadFolderError(
-                f"{config_path} is not a grounding head's config (format "
-                f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})"
-            )
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise HeadFolderError(
-                f"{folder} is format version {config['format_version']}, newer than this grounded-diffusion reads "
-                f"({FORMAT_VERSION}): upgrade grounded-diffusion"
-            )
-        try:
-            backbone = BackboneConfig(**config["backbone"])
-            head = GroundingHead(
-                config["feature_channels"],
-                config["text_dim"],
-                HeadConfig(**config["head"]),
-                num_timesteps=backbone.num_timesteps,
-            )
-            settings = {k: config[k] for k in ("guidance_scale", "mask_threshold", "real_image_mode")}
-        except (KeyError, TypeError) as error:
-            raise HeadFolderError(
-                f"{config_path} lacks or misnames a field ({error}); export the head again: `{EXPORT_COMMAND}`"
-            ) from None
+        backbone, head, settings = head_settings(config, str(config_path))
         if not weights_path.is_file():
             raise HeadFolderError(
                 f"{folder} has a {CONFIG_NAME} but no {WEIGHTS_NAME}; export the head again: `{EXPORT_COMMAND}`"
@@ -185,30 +184,114 @@ class PretrainedHead:
             for k, v in checkpoint.get("state_dict", {}).items()
             if k.startswith("head.")
         }
-        if not state or "backbone" not in hparams or "head" not in hparams:
+        if "text_proj.weight" not in state or "backbone" not in hparams or "head" not in hparams:
             raise HeadFolderError(
                 f"checkpoint {path} holds no grounding head (no head weights or settings): give a checkpoint of `fit`"
             )
-        # The widths the head reads are in its weights: no need to load the backbone here.
+        # The widths the head reads are in its weights: no need to load the backbone here. The
+        # checkpoint's settings then pass the same checks as a head folder's config.json.
         reduce = sorted(
             (k for k in state if k.startswith("visual_encoder.reduce.") and k.endswith(".weight")),
             key=lambda k: int(k.split(".")[2]),
         )
-        backbone = BackboneConfig(**BackboneConfig(**dict(hparams["backbone"])).identity())
-        feature_channels = [state[k].shape[1] for k in reduce] * backbone.num_timesteps  # (step-major)
-        head = GroundingHead(
-            feature_channels,
-            state["text_proj.weight"].shape[1],
-            HeadConfig(**dict(hparams["head"])),
-            num_timesteps=backbone.num_timesteps,
-        )
+        backbone = hparams["backbone"]
+        fusion_steps = backbone.get("fusion_steps") if isinstance(backbone, dict) else None
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "backbone": {k: v for k, v in dict(backbone).items() if k in IDENTITY_FIELDS},
+            "head": dict(hparams["head"]),
+            "feature_channels": [int(state[k].shape[1]) for k in reduce] * (1 + len(fusion_steps or [])),
+            "text_dim": int(state["text_proj.weight"].shape[1]),
+            "guidance_scale": hparams.get("guidance_scale"),
+            "mask_threshold": hparams.get("mask_threshold", 0.5),
+            "real_image_mode": hparams.get("real_image_mode", "noise"),
+        }
+        backbone, head, settings = head_settings(config, f"checkpoint {path}")
         _load_weights(head, state, str(path))
-        return cls(
-            head.eval(),
-            backbone,
-            guidance_scale=float(hparams["guidance_scale"]),
-            mask_threshold=float(hparams.get("mask_threshold", 0.5)),
-            real_image_mode=str(hparams.get("real_image_mode", "noise")),
+        return cls(head.eval(), backbone, **settings)
+
+
+def head_settings(config, where: str) -> tuple[BackboneConfig, GroundingHead, dict]:
+    """A head's config (a folder's ``config.json``, or what a checkpoint records), checked field by
+    field: the backbone settings, the head (built, untrained, with these widths) and the
+    inference settings. Anything missing, of the wrong type or out of range is one line naming
+    ``where`` and the field: head folders and checkpoints go through this one validator."""
+    fix = f"export the head again: `{EXPORT_COMMAND}`"
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise HeadFolderError(
+            f"{where} is not a grounding head's config (format {found!r}, expected {FORMAT!r})"
+        )
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise HeadFolderError(
+            f"{where}: format_version is {version!r}, not a version number (1, 2, ...); {fix}"
+        )
+    if version > FORMAT_VERSION:
+        raise HeadFolderError(
+            f"{where} is format version {version}, newer than this grounded-diffusion reads ({FORMAT_VERSION}): "
+            "upgrade grounded-diffusion"
+        )
+    missing = [k for k in HEAD_FIELDS if k not in config]
+    if missing:
+        raise HeadFolderError(f"{where} lacks the field {missing[0]!r}; {fix}")
+    try:
+        for key in ("backbone", "head"):
+            if not isinstance(config[key], dict):
+                raise ConfigError(f"{key} is {config[key]!r}, not a set of fields")
+        backbone = BackboneConfig(**config["backbone"])
+        if not isinstance(backbone.model_id, str) or not backbone.model_id:
+            raise ConfigError(f"backbone.model_id is {backbone.model_id!r}, not a model's id or folder")
+        head_config = HeadConfig(**config["head"])
+        channels = config["feature_channels"]
+        if not isinstance(channels, list) or not channels:
+            raise ConfigError(f"feature_channels is {channels!r}, not a list of widths")
+        channels = [whole_number("feature_channels", c, 1) for c in channels]
+        text_dim = whole_number("text_dim", config["text_dim"], 1)
+        settings = {
+            "guidance_scale": real_number("guidance_scale", config["guidance_scale"], 0.0, None),
+            "mask_threshold": real_number("mask_threshold", config["mask_threshold"], 0.0, 1.0, 0.5),
+            "real_image_mode": config["real_image_mode"],
+        }
+        check_choice("real_image_mode", settings["real_image_mode"], RealImageMode)
+        head = GroundingHead(channels, text_dim, head_config, num_timesteps=backbone.num_timesteps)
+    except TypeError as error:  # an unknown or misnamed field of backbone / head
+        raise HeadFolderError(f"{where} lacks or misnames a field ({error}); {fix}") from None
+    except ConfigError as error:
+        raise HeadFolderError(f"{where}: {str(error).removeprefix('model.init_args.')}; {fix}") from None
+    return backbone, head, settings
+
+
+def is_head_folder(folder: Path) -> bool:
+    """A folder that holds a saved head and nothing else (what ``overwrite`` may replace)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    return isinstance(config, dict) and config.get("format") == FORMAT and names <= set(HEAD_FILES)
+
+
+def check_head_destination(folder: Path, overwrite: bool) -> None:
+    """Where a head is saved: a new or empty folder, or (``overwrite``) a head folder; never a
+    folder of other files, which the save would replace. One line, before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise HeadFolderError(f"cannot save the head to {folder}: a file is in the way; give a folder path")
+    check_writable_folder(folder, "--out")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not is_head_folder(folder):
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise HeadFolderError(
+            f"{folder} is not empty and not a head folder (it holds {shown}), and saving would replace it: give a "
+            "new or empty folder"
+        )
+    if not overwrite:
+        raise HeadFolderError(
+            f"{folder} already holds a head; replace it with --overwrite (Python: save_pretrained(..., "
+            "overwrite=True)), or give another folder"
         )
 
 
