@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -98,6 +100,72 @@ def scene_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("offline")
     run_cli(["predict", *scenes_args(root)])
     return root
+
+
+# -- a small scenes cache to break, and disks to fill (the fault tests) -------------------------------
+
+SMALL = "{train: 6, val: 2, test: 2}"
+
+
+def small_scenes_args(root: Path, steps: int = 2) -> list[str]:
+    """``scenes_args`` for 10 scenes (6 train, 2 val, 2 test), no logger."""
+    return [*scenes_args(root, counts=SMALL, steps=steps), "--trainer.logger", "false"]
+
+
+def cache_of(root: Path):
+    """The triplet cache in a run folder."""
+    from grounded_diffusion.data.cache import TripletCache
+
+    return TripletCache(next(root.glob("cache-*")))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A small scenes run folder with its cache built (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("built")
+    run_cli(["predict", *small_scenes_args(root)])
+    return root
+
+
+@pytest.fixture
+def run(built, tmp_path) -> Path:
+    """A copy of ``built`` to break (copy2: the files keep their times)."""
+    shutil.copytree(built, tmp_path / "run")
+    return tmp_path / "run"
+
+
+class Tmpfs:
+    """A small tmpfs, to fill or make read-only."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        path.mkdir(parents=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
+        if (
+            mounted.returncode != 0
+        ):  # (a container without CAP_SYS_ADMIN): said as a skip, with mount's reason
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def remount(self, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(size)``: a tmpfs of ``size`` bytes, unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mounts = []
+
+    def make(size: int, name: str = "disk") -> Tmpfs:
+        mounts.append(Tmpfs(tmp_path / name, size))
+        return mounts[-1]
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", "-l", str(mount.path)], check=False)
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,8 @@ import pytest
 import torch
 import yaml
 from test_errors import cli_error
-from test_faults import tmpfs  # noqa: F401 (the fixture)
 
-from conftest import scenes_args
+from conftest import small_scenes_args
 from grounded_diffusion import GroundedGenerator, PretrainedHead
 from grounded_diffusion.checkpoint_io import CheckpointError
 from grounded_diffusion.cli import main
@@ -33,25 +32,21 @@ pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make tes
 
 
 def small(root: Path, *more: str) -> list[str]:
-    return [
-        *scenes_args(root, counts="{train: 6, val: 2, test: 2}", steps=2),
-        "--trainer.logger",
-        "false",
-        *more,
-    ]
+    return [*small_scenes_args(root), *more]
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> Path:
-    """A run folder with its cache built and a 2-step fit (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("fitted")
-    main(["predict", *small(root)])
+def fitted(built, tmp_path_factory) -> Path:
+    """conftest's ``built`` run folder with a 2-step fit in it (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("fitted") / "run"
+    shutil.copytree(built, root)
     main(["fit", *small(root)])
     return root
 
 
 @pytest.fixture
 def run(fitted, tmp_path) -> Path:
+    """A copy of ``fitted`` to break (in this module, conftest's ``run`` with a fit)."""
     shutil.copytree(fitted, tmp_path / "run")
     return tmp_path / "run"
 
@@ -226,7 +221,7 @@ def test_a_reexport_cut_short_leaves_the_previous_head_whole(run, tmp_path, monk
     assert torch.equal(next(again.head.parameters()), next(head.head.parameters()))
 
 
-def test_a_full_or_read_only_disk_is_one_line_when_a_head_is_saved(run, tmpfs):  # noqa: F811
+def test_a_full_or_read_only_disk_is_one_line_when_a_head_is_saved(run, tmpfs):
     head = PretrainedHead.from_checkpoint(run / "checkpoints" / "last.ckpt")
     disk = tmpfs(1_000_000)  # less than the head's 7.6 MB of weights
     with pytest.raises(UserError) as error:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import pytest
 import torch
 from test_errors import cli_error
 
-from conftest import REPO, SCENES, scenes_args
+from conftest import REPO, SCENES, cache_of
+from conftest import small_scenes_args as small
 from grounded_diffusion.cli import main
 from grounded_diffusion.data.cache import TripletCache
 from grounded_diffusion.data.grounded_folder import GroundedImageFolder
@@ -28,21 +28,12 @@ from grounded_diffusion.files import FolderLock
 
 pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
 
-SMALL = "{train: 6, val: 2, test: 2}"
 IDS = sorted(
     [
         *(f"scene-train-{i:06d}" for i in range(6)),
         *(f"scene-{s}-{i:06d}" for s in ("val", "test") for i in range(2)),
     ]
 )
-
-
-def small(root: Path, steps: int = 2) -> list[str]:
-    return [*scenes_args(root, counts=SMALL, steps=steps), "--trainer.logger", "false"]
-
-
-def cache_of(root: Path) -> TripletCache:
-    return TripletCache(next(root.glob("cache-*")))
 
 
 def trained_on(cache: TripletCache) -> list[str]:
@@ -53,54 +44,6 @@ def trained_on(cache: TripletCache) -> list[str]:
 
 def manifest_ids(cache: TripletCache) -> list[str]:
     return [json.loads(line)["id"] for line in cache.manifest_path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A small scenes run folder with its cache built (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("built")
-    main(["predict", *small(root)])
-    return root
-
-
-@pytest.fixture
-def run(built, tmp_path) -> Path:
-    """A copy of ``built`` to break."""
-    shutil.copytree(built, tmp_path / "run")
-    return tmp_path / "run"
-
-
-class Tmpfs:
-    """A small tmpfs, to fill or make read-only."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        path.mkdir(parents=True)
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-        )
-        if (
-            mounted.returncode != 0
-        ):  # (a container without CAP_SYS_ADMIN): said as a skip, with mount's reason
-            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-
-    def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mounts = []
-
-    def make(size: int, name: str = "disk") -> Tmpfs:
-        mounts.append(Tmpfs(tmp_path / name, size))
-        return mounts[-1]
-
-    yield make
-    for mount in mounts:
-        subprocess.run(["umount", "-l", str(mount.path)], check=False)
 
 
 # -- 1. sample ids cannot leave their folder -------------------------------------------------------

@@ -23,37 +23,17 @@ from PIL import Image
 from test_errors import cli_error
 from test_own_data import CLASSES, make_own_folder
 
-from conftest import REPO, scenes_args
+from conftest import REPO, cache_of, small_scenes_args
 from grounded_diffusion.cli import main
-from grounded_diffusion.data.cache import TripletCache
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.scenes import ProceduralScenes
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.data.vocabulary import read_classes_file
 from grounded_diffusion.errors import ConfigError
 
-SMALL = "{train: 6, val: 2, test: 2}"
-
 
 def small(root: Path, *more: str) -> list[str]:
-    return [*scenes_args(root, counts=SMALL, steps=2), "--trainer.logger", "false", *more]
-
-
-def cache_of(root: Path) -> TripletCache:
-    return TripletCache(next(root.glob("cache-*")))
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("built")
-    main(["predict", *small(root)])
-    return root
-
-
-@pytest.fixture
-def run(built, tmp_path) -> Path:
-    shutil.copytree(built, tmp_path / "run")  # (copy2: the files keep their times)
-    return tmp_path / "run"
+    return [*small_scenes_args(root), *more]
 
 
 # -- class lists and image sets as users save them (no model) ---------------------------------------
