@@ -52,6 +52,10 @@ class ConfigError(UserError, ValueError):
     """A configured value is invalid or inconsistent."""
 
 
+class MissingWeightsError(UserError, RuntimeError):
+    """A model's weights are neither on disk nor downloadable."""
+
+
 def torchvision_weights_file(weights) -> Path:
     """Where torchvision looks for a weights enum's file ($TORCH_HOME/hub/checkpoints/<name>), for
     messages that tell an offline user where to put it."""

@@ -31,15 +31,16 @@ from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import CategoryIoU
 from grounded_diffusion.models.backbone import load_pipeline
 from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
+from grounded_diffusion.models.embedded import pipeline_options
 from grounded_diffusion.models.oracle import SegmenterOracle
-from grounded_diffusion.models.shapes_sd import PIPELINE_OPTIONS, WORLD_MODELS
+from grounded_diffusion.models.shapes_sd import WORLD_MODELS
 
 
 def generate(
     pipe, samples: list[dict], guidance_scale: float, num_inference_steps: int, options: dict | None = None
 ) -> torch.Tensor:
     """uint8 images [B, 3, H, W] of the samples' prompts, each drawn from its own seed; ``options``:
-    what the model needs beyond the pipeline's defaults (``PIPELINE_OPTIONS``)."""
+    what the model needs beyond the pipeline's defaults (``embedded.pipeline_options``)."""
     images = pipe(
         [s["prompt"] for s in samples],
         num_inference_steps=num_inference_steps,
@@ -251,7 +252,7 @@ def text_space(embeddings: torch.Tensor, split: CategorySplit) -> list[dict]:
 def print_text_space(args) -> None:
     from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
 
-    options = PIPELINE_OPTIONS.get(args.model_id, {})  # (the DiT's text stream: no T5 tokens)
+    options = pipeline_options(args.model_id)  # (the DiT's text stream: no T5 tokens)
     backbone = build_backbone(BackboneConfig(model_id=args.model_id, dtype="float32", **options))
     split = world_split(args)
     with torch.no_grad():
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         args.guidance_scale,
         args.steps,
         seed=args.seed,
-        options=PIPELINE_OPTIONS.get(args.model_id),
+        options=pipeline_options(args.model_id) or None,
     )
     print(
         f"\nImages in which the oracle finds every named object ({args.per_group} prompts per group, "

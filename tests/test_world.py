@@ -199,12 +199,46 @@ def test_segmenter_oracle_masks_and_scores_match_a_hand_computed_case(tmp_path):
 
 
 def test_missing_world_weights_name_the_command_that_retrains_them(tmp_path, monkeypatch):
-    from grounded_diffusion.models import backbone, oracle
-    from grounded_diffusion.models.backbone import MissingWeightsError
+    from grounded_diffusion.errors import MissingWeightsError
+    from grounded_diffusion.models import backbone, embedded, oracle
 
-    monkeypatch.setitem(backbone.EMBEDDED_WEIGHTS, "embedded/shapes-sd", tmp_path / "none")
-    with pytest.raises(MissingWeightsError, match="make world"):
+    monkeypatch.setattr(embedded, "WEIGHTS_DIR", tmp_path / "none")  # (the shipped weights gone)
+    with pytest.raises(
+        MissingWeightsError, match="missing from .*none/shapes-sd .*retrain them with `make world`"
+    ):
         backbone.load_pipeline("embedded/shapes-sd", torch.float32)
-    monkeypatch.setitem(oracle.EMBEDDED_WEIGHTS, "embedded/shapes-oracle", tmp_path / "none")
-    with pytest.raises(MissingWeightsError, match="make world"):
+    with pytest.raises(MissingWeightsError, match="retrain them with `make world`"):
         oracle.SegmenterOracle("embedded/shapes-oracle")
+    with pytest.raises(MissingWeightsError, match="retrain them with `make world-dit`"):
+        backbone.load_pipeline("embedded/shapes-dit", torch.float32)
+
+
+def test_the_embedded_registry_is_the_one_place_ids_resolve():
+    """Every embedded id the code names is registered, of its kind, and an unknown one is one line."""
+    from grounded_diffusion.errors import ConfigError
+    from grounded_diffusion.models import shapes_sd, tiny_dit, tiny_sd
+    from grounded_diffusion.models.embedded import REGISTRY, embedded_model
+
+    named = {
+        v
+        for module in (shapes_sd, tiny_dit, tiny_sd)
+        for k, v in vars(module).items()
+        if k.endswith("_ID") and isinstance(v, str) and v.startswith("embedded/")
+    }
+    assert named == set(REGISTRY)
+    assert {m.model_id for m in REGISTRY.values() if m.kind == "oracle"} == {
+        shapes_sd.SHAPES_ORACLE_ID,
+        shapes_sd.SHAPES_WIDE_ORACLE_ID,
+    }
+    for model in REGISTRY.values():  # a trained model names the Makefile target that retrains it
+        assert model.trained == (model.retrain is not None)
+        if model.trained:
+            assert f"\n{model.retrain.removeprefix('make ')}:" in (REPO / "Makefile").read_text()
+            assert model.folder().is_dir()  # (shipped)
+    with pytest.raises(
+        ConfigError, match=r"'embedded/tiny-sd4' is not an embedded model \(did you mean 'embedded/tiny-sd'"
+    ):
+        embedded_model("embedded/tiny-sd4")
+    with pytest.raises(ConfigError, match="is an embedded pipeline, not 'oracle'"):
+        embedded_model("embedded/shapes-sd", "oracle")
+    assert embedded_model("stabilityai/stable-diffusion-2-1") is None

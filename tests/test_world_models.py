@@ -308,7 +308,8 @@ DIT_MARGIN_OVER_BASELINE, DIT_UNSEEN_MARGIN_OVER_FOREGROUND = 10.0, 20.0
 
 def test_the_shipped_mmdit_draws_the_named_objects_at_the_documented_rate():
     from grounded_diffusion.models.backbone import load_pipeline
-    from grounded_diffusion.models.shapes_sd import PIPELINE_OPTIONS, SHAPES_DIT_ID
+    from grounded_diffusion.models.embedded import pipeline_options
+    from grounded_diffusion.models.shapes_sd import SHAPES_DIT_ID
     from grounded_diffusion.world import found_rates
 
     pipe = load_pipeline(SHAPES_DIT_ID, torch.float32)
@@ -321,7 +322,7 @@ def test_the_shipped_mmdit_draws_the_named_objects_at_the_documented_rate():
         per_group=8,
         seed=1,
         progress=False,
-        options=PIPELINE_OPTIONS[SHAPES_DIT_ID],
+        options=pipeline_options(SHAPES_DIT_ID),
     )
     assert np.mean(list(rates.values())) >= DIT_FOUND_RATE - FOUND_TOLERANCE
 

@@ -35,11 +35,15 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
-from grounded_diffusion.errors import ConfigError, UserError, check_choice, check_in_range
+from grounded_diffusion.errors import (
+    ConfigError,
+    MissingWeightsError,
+    check_choice,
+    check_in_range,
+)
 from grounded_diffusion.models.daam import DAAMTracer, WordMatching
-from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, retrain_command
-from grounded_diffusion.models.tiny_dit import TINY_DIT_BUILDERS
-from grounded_diffusion.models.tiny_sd import TINY_BUILDERS, TINY_SD_ID, ensure_tiny_stable_diffusion
+from grounded_diffusion.models.embedded import embedded_model
+from grounded_diffusion.models.tiny_sd import TINY_SD_ID
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -47,10 +51,6 @@ Branches = Literal["cond", "uncond+cond"]
 UNET_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINES = (*UNET_PIPELINES, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, Flux2Pipeline)
 CATEGORY_TEMPLATE = "a photograph of a {}"
-
-
-class MissingWeightsError(UserError, RuntimeError):
-    """Stable Diffusion weights are neither on disk nor downloadable."""
 
 
 @dataclass
@@ -188,18 +188,8 @@ def looks_like_local_path(model_id: str) -> bool:
 def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
     pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2) is the one the model's ``model_index.json`` names."""
-    builders = TINY_BUILDERS | TINY_DIT_BUILDERS
-    source = (
-        str(ensure_tiny_stable_diffusion(model_id, builder=builders[model_id]))
-        if model_id in builders
-        else model_id
-    )
-    if model_id in EMBEDDED_WEIGHTS:
-        source = str(EMBEDDED_WEIGHTS[model_id])
-        if not (Path(source) / "model_index.json").is_file():
-            raise MissingWeightsError(
-                f"The weights of '{model_id}' are missing from {source}; retrain them with `{retrain_command(model_id)}`."
-            )
+    embedded = embedded_model(model_id, "pipeline")  # (built on first use, or shipped: models/embedded.py)
+    source = str(embedded.folder()) if embedded is not None else model_id
     if looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise MissingWeightsError(
             f"model_id '{model_id}' is a local folder that does not exist ({Path(source).expanduser().resolve()}); "

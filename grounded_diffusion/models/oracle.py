@@ -18,10 +18,16 @@ import torchvision
 from torch import Tensor, nn
 
 from grounded_diffusion.data.vocabulary import VOC_TO_COCO, UnknownCategoryError, check_categories
-from grounded_diffusion.errors import ConfigError, check_choice, check_in_range, torchvision_weights_file
-from grounded_diffusion.models.backbone import MissingWeightsError
+from grounded_diffusion.errors import (
+    ConfigError,
+    MissingWeightsError,
+    check_choice,
+    check_in_range,
+    torchvision_weights_file,
+)
+from grounded_diffusion.models.embedded import embedded_model
 from grounded_diffusion.models.segmenters import load_segmenter
-from grounded_diffusion.models.shapes_sd import EMBEDDED_WEIGHTS, SHAPES_ORACLE_ID, retrain_command
+from grounded_diffusion.models.shapes_sd import SHAPES_ORACLE_ID
 
 InstanceMode = Literal["union", "top1"]
 
@@ -200,13 +206,13 @@ class SegmenterOracle(Oracle):
     def __init__(self, weights: str = SHAPES_ORACLE_ID, min_pixels: int = 8) -> None:
         super().__init__()
         self.weights_name, self.min_pixels = weights, min_pixels
-        self.folder = EMBEDDED_WEIGHTS.get(weights, Path(weights))
+        embedded = embedded_model(weights, "oracle")  # (shipped: models/embedded.py)
+        self.folder = embedded.folder() if embedded is not None else Path(weights)
         config_file = self.folder / "config.json"
         if not config_file.is_file():
-            retrain = f" Retrain it with `{retrain_command(weights)}`." if weights in EMBEDDED_WEIGHTS else ""
             raise MissingWeightsError(
                 f"The oracle's weights '{weights}' are missing ({config_file} does not exist); give a folder written by "
-                f"SemanticSegmentationModule.export (experiments/world/oracle.yaml).{retrain}"
+                "SemanticSegmentationModule.export (experiments/world/oracle.yaml)."
             )
         config = json.loads(config_file.read_text())
         if config.get("background") != "class":

@@ -15,8 +15,6 @@ rectified flow over the shipped shapes-sd VAE (``make world-dit``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -29,33 +27,13 @@ SHAPES_WIDE_SD_ID = "embedded/shapes-wide-sd"
 SHAPES_WIDE_ORACLE_ID = "embedded/shapes-wide-oracle"
 # The 20-category world's MM-DiT (SD3 layout), trained by `make world-dit`.
 SHAPES_DIT_ID = "embedded/shapes-dit"
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-# Embedded ids of the trained models -> their folders in the package.
-EMBEDDED_WEIGHTS = {
-    model_id: WEIGHTS_DIR / model_id.removeprefix("embedded/")
-    for model_id in (SHAPES_SD_ID, SHAPES_ORACLE_ID, SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID, SHAPES_DIT_ID)
-}
-# What sampling with a world's pipeline needs beyond its defaults: the MM-DiT was trained with no
-# T5 tokens (SD3's pipeline would append 256 zero tokens without a T5 encoder).
-PIPELINE_OPTIONS = {SHAPES_DIT_ID: {"max_sequence_length": 0}}
-# The command that retrains each (Makefile targets).
-RETRAIN_COMMANDS = {
-    SHAPES_SD_ID: "make world",
-    SHAPES_ORACLE_ID: "make world",
-    SHAPES_WIDE_SD_ID: "make world-wide",
-    SHAPES_WIDE_ORACLE_ID: "make world-wide",
-    SHAPES_DIT_ID: "make world-dit",
-}
+# (Where each model's weights ship and the command that retrains them: models/embedded.py.)
 # Each world's models: Stable Diffusion, oracle, and the split whose unseen categories the
 # world's found rates group (`python -m grounded_diffusion.world --world NAME`).
 WORLD_MODELS = {
     "shapes": (SHAPES_SD_ID, SHAPES_ORACLE_ID, 1),
     "shapes_wide": (SHAPES_WIDE_SD_ID, SHAPES_WIDE_ORACLE_ID, "word_green"),
 }
-
-
-def retrain_command(model_id: str) -> str:
-    return RETRAIN_COMMANDS[model_id]
 
 
 def shapes_vae() -> AutoencoderKL:
