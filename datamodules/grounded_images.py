@@ -7,19 +7,18 @@ from __future__ import annotations
 
 from functools import partial
 
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from datamodules.base import BaseDataModule
 from grounded_diffusion.data.grounded_folder import GroundedImageFolder
 from grounded_diffusion.data.prompts import PromptList, PromptSet
-from grounded_diffusion.data.samplers import loader_generator
 from grounded_diffusion.data.sources import collate_samples
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.errors import ConfigError, check_in_range
 from grounded_diffusion.files import FolderLock
 
 
-class GroundedImageDataModule(LightningDataModule):
+class GroundedImageDataModule(BaseDataModule):
     """
     Args:
         out_dir: the folder the images and masks go to; a rerun resumes it.
@@ -45,9 +44,7 @@ class GroundedImageDataModule(LightningDataModule):
         max_objects: int = 2,
         max_per_group: int | None = None,
     ) -> None:
-        super().__init__()
-        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
-        check_in_range("data.init_args.num_workers", num_workers, 0, None, 0)
+        super().__init__(batch_size, num_workers, default_batch_size=8, default_workers=0)
         check_in_range("data.init_args.max_per_group", max_per_group, 1, None)
         self.prepare_data_per_node = False
         if isinstance(prompts, PromptSet):
@@ -61,7 +58,6 @@ class GroundedImageDataModule(LightningDataModule):
         prompts.check(self.category_split)
         self.prompts, self.folder = prompts, GroundedImageFolder(out_dir)
         self.lock = FolderLock(out_dir, "The grounded image folder", "data.init_args.out_dir")
-        self.batch_size, self.num_workers = batch_size, num_workers
         self.max_objects, self.max_per_group = max_objects, max_per_group
 
     @property
@@ -73,12 +69,6 @@ class GroundedImageDataModule(LightningDataModule):
         self.lock.acquire()  # one build at a time, before repair() clears temporary files
         self.folder.repair()
 
-    def teardown(self, stage: str) -> None:
-        self.lock.release()
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.lock.release()
-
     def setup(self, stage: str) -> None:
         if stage != "predict":
             raise ConfigError(
@@ -89,10 +79,6 @@ class GroundedImageDataModule(LightningDataModule):
         self.predict_set = self.prompts.dataset(self.category_split, done, self.max_per_group)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.predict_set,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=partial(collate_samples, max_objects=self.max_objects),
-            generator=loader_generator(),
+        return self.loader(
+            self.predict_set, "predict", partial(collate_samples, max_objects=self.max_objects)
         )

@@ -4,10 +4,9 @@ data of the world's own models (its VAE and text-to-image UNet)."""
 from __future__ import annotations
 
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from grounded_diffusion.data.samplers import loader_generator, training_sampler
+from datamodules.base import BaseDataModule
 from grounded_diffusion.data.shapes_world import ShapesWorld, caption, render_shapes_scene
 
 # Validation scenes come from indices far beyond any training set, so the two never meet.
@@ -38,7 +37,7 @@ class RenderedScenes(Dataset):
         }
 
 
-class RenderedScenesDataModule(LightningDataModule):
+class RenderedScenesDataModule(BaseDataModule):
     """
     Args:
         num_train: training scenes (each is seen once per epoch; the run is bounded by max_steps).
@@ -58,25 +57,16 @@ class RenderedScenesDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, default_batch_size=32, default_workers=0)
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = RenderedScenes(h.num_train, h.image_size, h.seed, world=h.world)
-        sampler = training_sampler(self.trainer, dataset, h.batch_size)
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size,
-            sampler=sampler,
-            num_workers=h.num_workers,
-            drop_last=True,
-            generator=loader_generator(),
-        )
+        return self.loader(dataset, "train", drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
-        dataset = RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET, world=h.world)
-        return DataLoader(
-            dataset, batch_size=h.batch_size, num_workers=h.num_workers, generator=loader_generator()
+        return self.loader(
+            RenderedScenes(h.num_val, h.image_size, h.seed, offset=VAL_OFFSET, world=h.world), "evaluate"
         )

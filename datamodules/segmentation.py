@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
+from datamodules.base import BaseDataModule
 from grounded_diffusion.data.segmentation_sets import IGNORE_LABEL, BackgroundMode, SegmentationSet
 from grounded_diffusion.data.vocabulary import CategorySplit, check_categories
-from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
+from grounded_diffusion.errors import ConfigError, check_choice
 
 
 class SegmentationSamples(Dataset):
@@ -58,7 +57,7 @@ def collate_evaluation(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "labels": [s["labels"] for s in samples]}
 
 
-class SegmentationDataModule(LightningDataModule):
+class SegmentationDataModule(BaseDataModule):
     """
     Args:
         vocabulary: ``pascal`` (20 classes), ``coco`` (80), a classes file (one name per line;
@@ -95,10 +94,8 @@ class SegmentationDataModule(LightningDataModule):
         background: BackgroundMode = "ignore",
         check_data: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, default_batch_size=8, default_workers=4)
         check_choice("data.init_args.background", background, BackgroundMode)
-        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
-        check_in_range("data.init_args.num_workers", num_workers, 0, None, 4)
         self.category_split = CategorySplit.named(vocabulary, split, unseen, seen)
         if len(self.category_split.categories) > IGNORE_LABEL - 1:
             raise ConfigError(
@@ -107,7 +104,7 @@ class SegmentationDataModule(LightningDataModule):
             )
         self.vocabulary, self.background = vocabulary, background
         self.train_sets, self.val_set_source, self.test_set_source = list(train or []), val, test or val
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.image_size = image_size
         self.check_data = check_data
         for dataset in [*self.train_sets, val, test]:
             if dataset is not None:
@@ -173,25 +170,8 @@ class SegmentationDataModule(LightningDataModule):
                 raise ConfigError("set data.init_args.test (or val): the real images to evaluate on")
             self.test_set = self._samples(self.test_set_source, train=False)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = (
-            training_sampler(self.trainer, dataset, self.batch_size)
-            if train
-            else evaluation_sampler(self.trainer, dataset)
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            drop_last=train,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=None if train else collate_evaluation,
-            generator=loader_generator(),
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self.loader(self.train_set, "train", drop_last=True)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Flipped here, not in the loader's workers: the training process's RNG is what a
@@ -199,7 +179,7 @@ class SegmentationDataModule(LightningDataModule):
         return flip_horizontally(batch) if self.trainer is not None and self.trainer.training else batch
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self.loader(self.val_set, "evaluate", collate_evaluation)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self.loader(self.test_set, "evaluate", collate_evaluation)

@@ -12,12 +12,11 @@ import warnings
 from functools import partial
 
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import BaseDataModule
 from grounded_diffusion.data.cache import CacheError, TripletCache, decode_image, unpack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
-from grounded_diffusion.data.samplers import evaluation_sampler, loader_generator, training_sampler
 from grounded_diffusion.data.sources import collate_samples, pad_objects, select_items
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.data.vocabulary import CategorySplit
@@ -62,7 +61,7 @@ class TripletSamples(Dataset):
         return sample
 
 
-class TripletDataModule(LightningDataModule):
+class TripletDataModule(BaseDataModule):
     """
     Args:
         cache_dir: the triplet cache (built by ``predict`` with a ``source``).
@@ -101,9 +100,7 @@ class TripletDataModule(LightningDataModule):
         max_per_group: int | None = None,
         allow_incomplete: bool = False,
     ) -> None:
-        super().__init__()
-        check_in_range("data.init_args.batch_size", batch_size, 1, None, 8)
-        check_in_range("data.init_args.num_workers", num_workers, 0, None, 0)
+        super().__init__(batch_size, num_workers, default_batch_size=8, default_workers=0)
         check_in_range("data.init_args.max_objects", max_objects, 1, None, 2)
         check_in_range("data.init_args.max_per_group", max_per_group, 1, None)
         # One process in the whole job prepares the source and repairs the cache (both live on a
@@ -114,7 +111,7 @@ class TripletDataModule(LightningDataModule):
         # One build at a time: a second predict on the same cache would build every sample twice.
         self.lock = FolderLock(cache_dir, "The triplet cache", "data.init_args.cache_dir")
         self.source = source
-        self.batch_size, self.num_workers, self.max_objects = batch_size, num_workers, max_objects
+        self.max_objects = max_objects
         self.max_per_group, self.allow_incomplete = max_per_group, allow_incomplete
         self.stage_splits = {"fit": train_split, "validate": val_split, "test": test_split}
         if source is not None:
@@ -148,12 +145,6 @@ class TripletDataModule(LightningDataModule):
             self.cache.record_plan(
                 {split: [i for i, s, *_ in planned if s == split] for split in {s for _, s, *_ in planned}}
             )
-
-    def teardown(self, stage: str) -> None:
-        self.lock.release()
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.lock.release()
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
@@ -281,31 +272,16 @@ class TripletDataModule(LightningDataModule):
             )
         return TripletSamples(self.cache, records, self.category_split, self.max_objects)
 
-    def _loader(self, dataset: Dataset, sampler=None, collate_fn=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_fn,
-            persistent_workers=self.num_workers > 0,
-            generator=loader_generator(),
-        )
-
-    def _unrepeated_loader(self, dataset: Dataset) -> DataLoader:
-        return self._loader(dataset, sampler=evaluation_sampler(self.trainer, dataset))
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set, sampler=training_sampler(self.trainer, self.train_set, self.batch_size)
-        )
+        return self.loader(self.train_set, "train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._unrepeated_loader(self.val_set)
+        return self.loader(self.val_set, "evaluate")
 
     def test_dataloader(self) -> DataLoader:
-        return self._unrepeated_loader(self.test_set)
+        return self.loader(self.test_set, "evaluate")
 
     def predict_dataloader(self) -> DataLoader:
-        collate = partial(collate_samples, max_objects=self.max_objects)
-        return self._loader(self.predict_set, collate_fn=collate)
+        return self.loader(
+            self.predict_set, "predict", partial(collate_samples, max_objects=self.max_objects)
+        )
