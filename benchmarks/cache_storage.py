@@ -30,7 +30,7 @@ from datamodules.triplets import TripletSamples
 from grounded_diffusion.data.cache import TripletCache
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.losses import grounding_loss
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.tiny_sd import build_sd15_shaped_stable_diffusion
 

@@ -18,7 +18,7 @@ from timing import best_time
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
-from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
+from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import argparse
 import torch
 from timing import best_time
 
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from timing import best_time, synchronize
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.oracle import MaskRCNNOracle
 from grounded_diffusion.models.tiny_sd import SD15_UNET, TINY_SD_ID, build_sd15_shaped_stable_diffusion
 

@@ -16,7 +16,7 @@ from timing import best_time
 
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.data.vocabulary import CategorySplit
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.oracle import MaskRCNNOracle
 
 OFFLINE_DETECTOR = {

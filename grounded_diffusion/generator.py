@@ -40,7 +40,7 @@ from grounded_diffusion.data.validation import MIN_SIDE, decoded_image
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, real_number, whole_number
 from grounded_diffusion.inference import RealImageMode, ground_generated, segment_real
-from grounded_diffusion.models.backbone import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
+from grounded_diffusion.models.backbones import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
 from grounded_diffusion.models.pretrained_head import PretrainedHead, check_compatible
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from grounded_diffusion.data.sources import sample_seed
-from grounded_diffusion.models.backbone import FrozenBackbone
+from grounded_diffusion.models.backbones import FrozenBackbone
 from grounded_diffusion.models.grounding_head import GroundingHead
 
 RealImageMode = Literal["noise", "ddim_inversion"]  # how real images reach the capture step

@@ -29,7 +29,7 @@ from grounded_diffusion.data.shapes_world import render_shapes_scene, world_cate
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.metrics import CategoryIoU
-from grounded_diffusion.models.backbone import load_pipeline
+from grounded_diffusion.models.backbones import load_pipeline
 from grounded_diffusion.models.daam import DAAMTracer, normalized_heat_maps
 from grounded_diffusion.models.embedded import pipeline_options
 from grounded_diffusion.models.oracle import SegmenterOracle
@@ -250,7 +250,7 @@ def text_space(embeddings: torch.Tensor, split: CategorySplit) -> list[dict]:
 
 
 def print_text_space(args) -> None:
-    from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
+    from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
 
     options = pipeline_options(args.model_id)  # (the DiT's text stream: no T5 tokens)
     backbone = build_backbone(BackboneConfig(model_id=args.model_id, dtype="float32", **options))

@@ -15,7 +15,7 @@ from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
 from grounded_diffusion.inference import RealImageMode, convert_images, ground_generated, synthesise_triplets
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
-from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
+from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
 from grounded_diffusion.models.daam import WordMatching, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle

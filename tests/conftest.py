@@ -67,7 +67,7 @@ def doc_blocks(heading: str, language: str, page: str = "README.md") -> list[str
 
 @pytest.fixture(scope="session")
 def backbone():
-    from grounded_diffusion.models.backbone import StableDiffusionBackbone
+    from grounded_diffusion.models.backbones import StableDiffusionBackbone
 
     return StableDiffusionBackbone()
 

@@ -20,7 +20,7 @@ from conftest import REPO, scenes_args
 from grounded_diffusion import GroundedGenerator, PretrainedHead
 from grounded_diffusion.cli import main
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone, build_backbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone, build_backbone
 from grounded_diffusion.models.pretrained_head import CONFIG_NAME, WEIGHTS_NAME, HeadFolderError
 
 pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`

@@ -21,7 +21,7 @@ from grounded_diffusion.data.voc import PALETTE_RGB, VOCFolder
 from grounded_diffusion.demo import annotation
 from grounded_diffusion.errors import ConfigError, UserError
 from grounded_diffusion.generator import GroundedImages
-from grounded_diffusion.models.backbone import BackboneConfig, build_backbone
+from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.pretrained_head import CONFIG_NAME, HeadFolderError
 

@@ -4,7 +4,7 @@ from diffusers import DDIMScheduler
 
 from grounded_diffusion.cli import main
 from grounded_diffusion.errors import ConfigError
-from grounded_diffusion.models.backbone import (
+from grounded_diffusion.models.backbones import (
     BackboneConfig,
     MissingWeightsError,
     StableDiffusionBackbone,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 

@@ -8,7 +8,7 @@ import daam  # `make install` adds it with `pip install --no-deps daam` (its pin
 import pytest
 import torch
 
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import DAAMTracer, daam_masks
 
 PROMPTS = ["a photograph of a dog and a hot dog", "a photograph of a cat and a sofa"]

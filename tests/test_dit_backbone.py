@@ -9,9 +9,13 @@ from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from test_cuda_paths import CUDA, fake_cuda, on_cuda
 
 from grounded_diffusion.errors import ConfigError
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone, build_backbone
+from grounded_diffusion.models.backbones import (
+    BackboneConfig,
+    DiffusionTransformerBackbone,
+    StableDiffusionBackbone,
+    build_backbone,
+)
 from grounded_diffusion.models.daam import TextStream, word_token_indices, word_token_table
-from grounded_diffusion.models.dit_backbone import DiffusionTransformerBackbone
 from grounded_diffusion.models.tiny_dit import TINY_FLUX2_DEV_ID, TINY_FLUX2_ID, TINY_FLUX_ID, TINY_SD3_ID
 from host_syncs import HostSyncs
 
@@ -426,7 +430,7 @@ def test_flux_schnell_without_a_guidance_embedding_runs_every_path():
     """FLUX.1-schnell's transformer has no guidance embedding: the backbone gives it none."""
     from diffusers import FluxTransformer2DModel
 
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
 
     pipe = load_pipeline(TINY_FLUX_ID, torch.float32)
     torch.manual_seed(0)
@@ -448,7 +452,7 @@ def test_flux2_klein_distilled_calls_once_per_step_and_base_captures_the_conditi
     """FLUX.2 [klein]'s distilled models skip the unconditional call; its base models make it
     after the conditional one, and the captured features and maps are the conditional call's:
     the replay (conditional only) gives them back, and they differ from the unconditional one's."""
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
 
     pipe = load_pipeline(TINY_FLUX2_ID, torch.float32)
     pipe.register_to_config(is_distilled=True)

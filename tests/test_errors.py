@@ -171,7 +171,7 @@ def test_local_model_folder_that_does_not_exist(tmp_path, capsys):
 
 def test_corrupt_mask_rcnn_weights_file(tmp_path, monkeypatch):
     from grounded_diffusion.errors import torchvision_weights_file
-    from grounded_diffusion.models.backbone import MissingWeightsError
+    from grounded_diffusion.models.backbones import MissingWeightsError
     from grounded_diffusion.models.oracle import MaskRCNNOracle
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

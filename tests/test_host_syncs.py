@@ -12,7 +12,7 @@ import torch
 
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import DAAMTracer
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from host_syncs import HostSyncs

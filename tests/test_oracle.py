@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from grounded_diffusion.data.vocabulary import PASCAL_VOC, SCENES, UnknownCategoryError
-from grounded_diffusion.models.backbone import MissingWeightsError
+from grounded_diffusion.models.backbones import MissingWeightsError
 from grounded_diffusion.models.oracle import MaskRCNNOracle
 
 SMALL = {"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 50}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
 from grounded_diffusion.models.daam import word_token_indices, word_token_table
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
 

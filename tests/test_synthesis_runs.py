@@ -92,7 +92,7 @@ def test_replayed_features_equal_stored_features(latents_cache, tmp_path):
     stored_cache, replay_cache = cache_in(tmp_path), cache_in(latents_cache)
     assert stored_cache.metadata()["storage"] == "features"
 
-    from grounded_diffusion.models.backbone import BackboneConfig
+    from grounded_diffusion.models.backbones import BackboneConfig
     from lightning_modules.grounding import GroundingModule
 
     config = BackboneConfig(branches="uncond+cond", num_inference_steps=6, capture_step=2)
@@ -313,7 +313,7 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     )
     assert float(tensors["timestep"]) == pytest.approx(replay_cache.metadata()["capture_timestep"])
 
-    from grounded_diffusion.models.backbone import BackboneConfig
+    from grounded_diffusion.models.backbones import BackboneConfig
     from lightning_modules.grounding import GroundingModule
 
     module = GroundingModule(backbone=BackboneConfig(**replay_cache.metadata()["backbone"]))  # what built it

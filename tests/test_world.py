@@ -87,7 +87,7 @@ def test_autoencoder_trains_resumes_and_exports(trained_vae):
 
 
 def test_text_to_image_trains_resumes_with_its_ema_and_exports_a_pipeline(trained_vae, tmp_path):
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
 
     args = ["--model.init_args.vae", str(trained_vae / "vae"), "--model.init_args.num_inference_steps", "2"]
     run_cli(["fit", *world_args("text_to_image.yaml", tmp_path, 2, *args)])
@@ -115,7 +115,7 @@ def test_the_mmdit_trains_with_rectified_flow_resumes_and_exports_an_sd3_pipelin
     """experiments/world/dit.yaml: SD3's layout over the shipped VAE; the loss is the velocity
     MSE at x_σ = (1 - σ) x_0 + σ ε (checked against a hand-written one with the same draws); the
     export loads as an SD3 pipeline and a backbone without T5 tokens."""
-    from grounded_diffusion.models.backbone import BackboneConfig, build_backbone, load_pipeline
+    from grounded_diffusion.models.backbones import BackboneConfig, build_backbone, load_pipeline
     from lightning_modules.text_to_image import TextToImageModule
 
     def args(steps: int) -> list[str]:  # the overlay right after its experiment, the flags after both
@@ -200,17 +200,17 @@ def test_segmenter_oracle_masks_and_scores_match_a_hand_computed_case(tmp_path):
 
 def test_missing_world_weights_name_the_command_that_retrains_them(tmp_path, monkeypatch):
     from grounded_diffusion.errors import MissingWeightsError
-    from grounded_diffusion.models import backbone, embedded, oracle
+    from grounded_diffusion.models import backbones, embedded, oracle
 
     monkeypatch.setattr(embedded, "WEIGHTS_DIR", tmp_path / "none")  # (the shipped weights gone)
     with pytest.raises(
         MissingWeightsError, match="missing from .*none/shapes-sd .*retrain them with `make world`"
     ):
-        backbone.load_pipeline("embedded/shapes-sd", torch.float32)
+        backbones.load_pipeline("embedded/shapes-sd", torch.float32)
     with pytest.raises(MissingWeightsError, match="retrain them with `make world`"):
         oracle.SegmenterOracle("embedded/shapes-oracle")
     with pytest.raises(MissingWeightsError, match="retrain them with `make world-dit`"):
-        backbone.load_pipeline("embedded/shapes-dit", torch.float32)
+        backbones.load_pipeline("embedded/shapes-dit", torch.float32)
 
 
 def test_the_embedded_registry_is_the_one_place_ids_resolve():

@@ -58,7 +58,7 @@ def test_the_oracle_segments_held_out_rendered_scenes(world):
 
 @pytest.mark.parametrize("world", list(WORLD_FIGURES))
 def test_the_shipped_model_draws_the_named_objects_at_the_documented_rate(world):
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
     from grounded_diffusion.world import found_rates
 
     model_id, oracle_id, _ = WORLD_MODELS[world]
@@ -78,7 +78,7 @@ WIDE_OUTSIDE_BAR, NARROW_OUTSIDE_BAR = 0.2, 0.5
 
 
 def test_the_wide_world_puts_a_held_out_colour_among_its_hue_neighbours():
-    from grounded_diffusion.models.backbone import BackboneConfig, StableDiffusionBackbone
+    from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
     from grounded_diffusion.world import text_space
 
     def rows(model_id: str, world: str) -> list[dict]:
@@ -101,7 +101,7 @@ def test_daam_of_the_shipped_model_localises_in_its_finest_layers_and_avoids_the
     """Why DAAM is weak in this world (README): on one-object images the 16² layers' maps find the
     object, the 8² layers' maps avoid it (their inverted map finds it), and the mean over all
     layers cancels. Measured with 20 images: 39.9 vs 3.5; 43.9 vs 0.9 (mIoU at τ = 0.6)."""
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
     from grounded_diffusion.world import daam_by_resolution
 
     pipe = load_pipeline("embedded/shapes-sd", torch.float32)
@@ -307,7 +307,7 @@ DIT_MARGIN_OVER_BASELINE, DIT_UNSEEN_MARGIN_OVER_FOREGROUND = 10.0, 20.0
 
 
 def test_the_shipped_mmdit_draws_the_named_objects_at_the_documented_rate():
-    from grounded_diffusion.models.backbone import load_pipeline
+    from grounded_diffusion.models.backbones import load_pipeline
     from grounded_diffusion.models.embedded import pipeline_options
     from grounded_diffusion.models.shapes_sd import SHAPES_DIT_ID
     from grounded_diffusion.world import found_rates

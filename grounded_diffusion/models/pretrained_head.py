@@ -25,7 +25,7 @@ from grounded_diffusion.checkpoint_io import check_checkpoint_kind, read_checkpo
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, real_number, whole_number
 from grounded_diffusion.files import check_writable_folder, replace_folder
 from grounded_diffusion.inference import RealImageMode
-from grounded_diffusion.models.backbone import BackboneConfig, looks_like_local_path
+from grounded_diffusion.models.backbones import BackboneConfig, looks_like_local_path
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
 FORMAT, FORMAT_VERSION = "grounded-diffusion-head", 1

@@ -1,0 +1,105 @@
+"""What a backbone is and where its features come from: ``BackboneConfig``, the one config every
+backbone (UNet or diffusion transformer) reads, and what a cache records of it (``identity``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.models.tiny_sd import TINY_SD_ID
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Dtype = Literal["float32", "float16", "bfloat16"]
+Branches = Literal["cond", "uncond+cond"]
+CATEGORY_TEMPLATE = "a photograph of a {}"
+
+
+@dataclass
+class BackboneConfig:
+    """What the frozen diffusion model is and where its features come from.
+
+    Args:
+        model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+            ``stabilityai/stable-diffusion-2-1``, ``stabilityai/stable-diffusion-xl-base-1.0``,
+            ``stabilityai/stable-diffusion-3.5-medium``, ``black-forest-labs/FLUX.1-dev``,
+            ``black-forest-labs/FLUX.2-klein-base-4B``), a local folder in diffusers format, the
+            shapes world's trained tiny SD-1.x and MM-DiT (``embedded/shapes-sd``,
+            ``embedded/shapes-dit``, shipped), or an offline tiny random model: ``embedded/tiny-sd``
+            (SD-1.x layout), ``embedded/tiny-sd2`` (SD-2.x, v-prediction), ``embedded/tiny-sdxl``,
+            ``embedded/tiny-sd3``, ``embedded/tiny-flux``, ``embedded/tiny-flux2``,
+            ``embedded/tiny-flux2-dev``.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` for the frozen model.
+        blocks: block names to capture; ``None`` captures all of them (25 for SD-1.x; for a
+            diffusion transformer, four evenly spaced blocks: see models/backbones/dit.py).
+        branches: ``cond`` (the prompt's branch) or ``uncond+cond`` (both classifier-free
+            guidance branches concatenated on channels, as the authors did).
+        capture_step: denoising step t counted as in the paper, t=1 being the last of
+            ``num_inference_steps`` DDIM steps (paper: t=5; authors' code: t=1).
+        num_inference_steps: DDIM steps of the sampling schedule that defines ``capture_step``.
+        channels_last: keep the UNet's activations in channels-last memory order, which GPU
+            convolutions run faster on (diffusers' own advice); the features are the same.
+        compile_backend: ``torch.compile`` the UNet with this backend (``inductor`` for speed on
+            a GPU; ``aot_eager`` checks it without a compiler); ``None``: eager. The first batch
+            pays the compilation. Feature capture hooks are traced; turning DAAM tracing on or
+            off (another attention processor class) compiles once more, then graphs are reused.
+
+    Diffusion transformers (SD3 / SD3.5, FLUX.1, FLUX.2; models/backbones/) read these too:
+
+    Args:
+        image_size: side of the generated (and real, resized) images; ``None``: the model's native
+            size (SD3: its config's; FLUX.1 and FLUX.2: 1024). UNets generate at their native size only.
+        max_sequence_length: T5 (FLUX.2: Qwen3) tokens of the text stream; ``None``: the
+            pipeline's default (SD3: 256, FLUX.1 and FLUX.2: 512); 0: none, for an SD3 trained
+            without T5 (``embedded/shapes-dit``).
+        attention_blocks: the blocks whose joint attention makes the training-free baseline's
+            word maps; ``None``: all. (UNets: DAAM's layers, fixed by the reference.)
+        guidance_embedding: FLUX.1-dev's and FLUX.2 [dev]'s guidance input, given to every
+            transformer call (generation, capture, replay, real images); ``None``: the
+            pipeline's default (FLUX.1: 3.5; FLUX.2: 4.0).
+        fusion_steps: more steps, counted as ``capture_step``, whose block features join the
+            capture step's; the head fuses each block's steps with learned weights. Their latents
+            come from the capture step's by the Euler jump along the predicted velocity,
+            x_σk = x_σ + (σk − σ) v, so generation, replay and real images compute them alike
+            from the one stored latent. ``None``: the capture step alone.
+    """
+
+    model_id: str = TINY_SD_ID
+    dtype: Dtype = "float32"
+    blocks: list[str] | None = None
+    branches: Branches = "cond"
+    capture_step: int = 5
+    num_inference_steps: int = 50
+    channels_last: bool = False
+    compile_backend: str | None = None
+    image_size: int | None = None
+    max_sequence_length: int | None = None
+    attention_blocks: list[str] | None = None
+    guidance_embedding: float | None = None
+    fusion_steps: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        # At config time, before any weights load.
+        check_in_range("model.init_args.backbone.num_inference_steps", self.num_inference_steps, 1, None, 50)
+        check_in_range(
+            "model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5
+        )
+        for step in self.fusion_steps or []:
+            check_in_range("model.init_args.backbone.fusion_steps", step, 1, self.num_inference_steps, 10)
+        steps = [self.capture_step, *(self.fusion_steps or [])]
+        if len(set(steps)) < len(steps):
+            raise ConfigError(
+                f"model.init_args.backbone.fusion_steps {self.fusion_steps} repeats a step (the capture step is "
+                f"{self.capture_step}): give each step once"
+            )
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps whose features the head reads: the capture step and the fusion steps."""
+        return 1 + len(self.fusion_steps or [])
+
+    def identity(self) -> dict:
+        """The settings the features depend on (what a cache records); speed switches left out."""
+        return {k: v for k, v in asdict(self).items() if k not in ("channels_last", "compile_backend")}
