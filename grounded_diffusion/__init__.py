@@ -11,9 +11,9 @@ __all__ = ["GroundedGenerator", "GroundedImages", "PretrainedHead"]
 
 def __getattr__(name: str):
     if name in ("GroundedGenerator", "GroundedImages"):
-        from grounded_diffusion import generator
+        from grounded_diffusion import api
 
-        return getattr(generator, name)
+        return getattr(api, name)
     if name == "PretrainedHead":
         from grounded_diffusion.models.pretrained_head import PretrainedHead
 

@@ -36,8 +36,8 @@ from grounded_diffusion.cli_support import (
 )
 from grounded_diffusion.config_errors import one_line_config_error
 from grounded_diffusion.errors import ConfigError, UserError, find_user_error, spawned_user_error
+from grounded_diffusion.fit_faults import last_checkpoint
 from grounded_diffusion.quiet import quiet_known_noise
-from grounded_diffusion.training import last_checkpoint
 
 # A config names importable code (as any LightningCLI config): its class paths are imported and
 # instantiated. None of the standard library's is a model, datamodule, callback or logger, and

@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 
+from grounded_diffusion.api import GroundedGenerator, GroundedImages
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.generator import GroundedGenerator, GroundedImages
 from grounded_diffusion.models.shapes_sd import SHAPES_SD_ID
 
 logger = logging.getLogger(__name__)

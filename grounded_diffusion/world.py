@@ -211,7 +211,7 @@ def segment_scores(
 
 
 def print_segment_scores(args) -> None:
-    from grounded_diffusion.generator import GroundedGenerator
+    from grounded_diffusion.api import GroundedGenerator
 
     generator = GroundedGenerator.from_pretrained(args.segment, device="cpu")
     scores = segment_scores(generator, world_split(args), args.scenes, seed=3, world=args.world)

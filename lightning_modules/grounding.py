@@ -12,6 +12,7 @@ from torch import Tensor
 from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.data.prompts import PromptSet
 from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
+from grounded_diffusion.fit_faults import apply_resumed_lr, check_finite_loss
 from grounded_diffusion.inference import RealImageMode, convert_images, ground_generated, synthesise_triplets
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
@@ -21,7 +22,6 @@ from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 from grounded_diffusion.quiet import quiet_known_noise
 from grounded_diffusion.reports import TRIVIAL, table1_results
-from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
 
 class GroundingModule(LightningModule):

@@ -15,10 +15,10 @@ from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.data.segmentation_sets import BackgroundMode
 from grounded_diffusion.data.vocabulary import resolve_vocabulary
 from grounded_diffusion.errors import ConfigError, check_choice
+from grounded_diffusion.fit_faults import apply_resumed_lr, check_finite_loss
 from grounded_diffusion.metrics import SemanticIoU, zs3_summary
 from grounded_diffusion.models.segmenters import Architecture, Segmenter, build_segmenter, save_segmenter
 from grounded_diffusion.quiet import quiet_known_noise
-from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 
 LrSchedule = Literal["poly", "constant"]
 

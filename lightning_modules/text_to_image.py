@@ -35,6 +35,7 @@ from torch import Tensor
 
 from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
 from grounded_diffusion.errors import ConfigError, check_choice
+from grounded_diffusion.fit_faults import apply_resumed_lr, check_finite_loss
 from grounded_diffusion.models.shapes_sd import (
     shapes_mmdit,
     shapes_mmdit_text_encoders,
@@ -43,7 +44,6 @@ from grounded_diffusion.models.shapes_sd import (
 )
 from grounded_diffusion.models.tiny_sd import assemble_pipeline, sd15_scheduler
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
-from grounded_diffusion.training import apply_resumed_lr, check_finite_loss
 from lightning_modules.autoencoder import to_model_range
 
 SAMPLE_PROMPTS = (

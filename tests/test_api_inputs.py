@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from grounded_diffusion import GroundedGenerator, PretrainedHead
+from grounded_diffusion.api import GroundedImages
 from grounded_diffusion.data.grounded_folder import GroundedImageFolder, label_format
 from grounded_diffusion.data.segmentation_sets import FolderSegmentationSet
 from grounded_diffusion.data.voc import PALETTE_RGB, VOCFolder
 from grounded_diffusion.demo import annotation
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.generator import GroundedImages
 from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.pretrained_head import CONFIG_NAME, HeadFolderError

@@ -341,7 +341,7 @@ def test_fusion_steps_train_a_head_on_two_timesteps_end_to_end(tmp_path):
     """FLUX.2 with a second step (``backbone.fusion_steps``): the cache records both steps' groups,
     fit learns each block's step weights, and the exported head generates and segments again
     from its folder with the same steps."""
-    from grounded_diffusion.generator import GroundedGenerator
+    from grounded_diffusion.api import GroundedGenerator
     from grounded_diffusion.models.pretrained_head import PretrainedHead
 
     cache = predict_fit_test_on("tiny_flux2", tmp_path, "--model.init_args.backbone.fusion_steps", "[10]")

@@ -209,7 +209,7 @@ SEGMENT_MEASURED, SEGMENT_TOLERANCE = {"seen_miou": 67.8, "unseen_miou": 63.8}, 
 def test_the_exported_head_segments_rendered_scenes_and_runs_the_readme_example(
     protocol1_run, tmp_path, monkeypatch
 ):
-    from grounded_diffusion.generator import GroundedGenerator
+    from grounded_diffusion.api import GroundedGenerator
     from grounded_diffusion.world import segment_scores
 
     head = tmp_path / "outputs" / "shapes" / "head"  # where `make quickstart` exports its head
