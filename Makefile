@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN := $(PY) -m grounded_diffusion
 SHAPES := --config experiments/shapes.yaml
 WORLD := outputs/world
-WEIGHTS := grounded_diffusion/weights
+WEIGHTS := grounded_diffusion/shapes_world/weights
 P2 := experiments/protocol2
 HEAD := outputs/shapes/checkpoints/last.ckpt
 CHROMIUM := /usr/bin/chromium
@@ -74,7 +74,7 @@ scenes: $(STAMP)
 	$(RUN) fit --config experiments/scenes.yaml
 	$(RUN) test --config experiments/scenes.yaml --ckpt_path last --verbose false
 
-# Retrain the shapes world's models that ship in grounded_diffusion/weights/ (VAE, then the
+# Retrain the shapes world's models that ship in grounded_diffusion/shapes_world/weights/ (VAE, then the
 # text-to-image UNet + text encoder, then the oracle), then measure them.
 world: $(STAMP)
 	$(RUN) fit --config experiments/world/autoencoder.yaml
@@ -84,10 +84,10 @@ world: $(STAMP)
 	rm -rf $(WEIGHTS)/shapes-sd $(WEIGHTS)/shapes-oracle
 	cp -r $(WORLD)/text_to_image/pipeline $(WEIGHTS)/shapes-sd
 	cp -r $(WORLD)/oracle/segmenter $(WEIGHTS)/shapes-oracle
-	$(PY) -m grounded_diffusion.world --per-group 50
+	$(PY) -m grounded_diffusion.shapes_world.diagnostics --per-group 50
 
 # The wide shapes world (48 categories: 8 colour words x 6 shape words), the same three fits: its
-# models ship in grounded_diffusion/weights/shapes-wide-{sd,oracle}. On a 2-core CPU: about 80 min.
+# models ship in grounded_diffusion/shapes_world/weights/shapes-wide-{sd,oracle}. On a 2-core CPU: about 80 min.
 WIDE := outputs/world_wide
 WIDE_VAE := --config experiments/world/autoencoder.yaml --config experiments/world/wide.yaml
 WIDE_T2I := --config experiments/world/text_to_image.yaml --config experiments/world/wide.yaml
@@ -100,15 +100,15 @@ world-wide: $(STAMP)
 	rm -rf $(WEIGHTS)/shapes-wide-sd $(WEIGHTS)/shapes-wide-oracle
 	cp -r $(WIDE)/text_to_image/pipeline $(WEIGHTS)/shapes-wide-sd
 	cp -r $(WIDE)/oracle/segmenter $(WEIGHTS)/shapes-wide-oracle
-	$(PY) -m grounded_diffusion.world --world shapes_wide --per-group 50
+	$(PY) -m grounded_diffusion.shapes_world.diagnostics --world shapes_wide --per-group 50
 
 # The shapes world's MM-DiT (SD3's layout, rectified flow) over the shipped VAE: its weights ship
-# in grounded_diffusion/weights/shapes-dit. Then Protocol I on it: make quickstart-dit.
+# in grounded_diffusion/shapes_world/weights/shapes-dit. Then Protocol I on it: make quickstart-dit.
 world-dit: $(STAMP)
 	$(RUN) fit --config experiments/world/text_to_image.yaml --config experiments/world/dit.yaml
 	rm -rf $(WEIGHTS)/shapes-dit
 	cp -r outputs/world_dit/text_to_image/pipeline $(WEIGHTS)/shapes-dit
-	$(PY) -m grounded_diffusion.world --model-id embedded/shapes-dit --per-group 50
+	$(PY) -m grounded_diffusion.shapes_world.diagnostics --model-id embedded/shapes-dit --per-group 50
 
 # Debian's Chromium: the demo page's headless-browser test (tests/test_api.py).
 $(CHROMIUM):

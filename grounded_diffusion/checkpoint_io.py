@@ -24,7 +24,11 @@ KEPT = "the checkpoints written before it are intact: resume with --ckpt_path la
 KINDS = {
     "lightning_modules.grounding.GroundingModule": "a grounding head (GroundingModule)",
     "lightning_modules.segmentation.SemanticSegmentationModule": "a Protocol II segmenter (SemanticSegmentationModule)",
-    "lightning_modules.text_to_image.TextToImageModule": "a shapes-world text-to-image model (TextToImageModule)",
+    "lightning_modules.world_text_to_image.TextToImageModule": "a shapes-world text-to-image model (TextToImageModule)",
+}
+# Class paths that moved: a checkpoint written before records the old one.
+MOVED = {
+    "lightning_modules.text_to_image.TextToImageModule": "lightning_modules.world_text_to_image.TextToImageModule"
 }
 
 
@@ -171,6 +175,7 @@ def changed_settings(saved: dict, ours: dict, prefix: str = "model.init_args.") 
 def check_checkpoint_kind(checkpoint: dict, path: str | Path, model_class_path: str) -> None:
     """The checkpoint was made by the model class this run configures (as LightningCLI records it)."""
     saved = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    saved, model_class_path = MOVED.get(saved, saved), MOVED.get(model_class_path, model_class_path)
     if saved is None or saved == model_class_path:
         return
     raise CheckpointError(

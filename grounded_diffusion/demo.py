@@ -20,7 +20,7 @@ import numpy as np
 from grounded_diffusion.api import GroundedGenerator, GroundedImages
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.models.shapes_sd import SHAPES_SD_ID
+from grounded_diffusion.shapes_world.models import SHAPES_SD_ID
 
 logger = logging.getLogger(__name__)
 TITLE = "Grounded diffusion"

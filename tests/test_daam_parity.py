@@ -55,7 +55,7 @@ def test_heat_maps_and_masks_match_the_reference_package(backbone):
 
 
 def test_maps_of_each_resolution_match_the_reference_package(backbone):
-    """The maps of one latent resolution's layers alone (``python -m grounded_diffusion.world
+    """The maps of one latent resolution's layers alone (``python -m grounded_diffusion.shapes_world
     --daam-by-resolution``) against the package's ``factors`` filter."""
     pipe, noise = backbone.pipeline(), backbone.initial_noise([3, 4])
     tracer = DAAMTracer(backbone.unet)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datamodules.triplets import TripletDataModule, TripletSamples
 from grounded_diffusion.data.cache import FORMAT_VERSION, CacheError, TripletCache, pack_masks, unpack_masks
-from grounded_diffusion.data.scenes import ProceduralScenes, render_scene, shape_mask
+from grounded_diffusion.data.procedural_scenes import ProceduralScenes, render_scene, shape_mask
 from grounded_diffusion.data.voc import VOCFolder, voc_palette, write_voc_folder
 from grounded_diffusion.data.vocabulary import SCENES, CategorySplit, UnknownCategoryError
 from grounded_diffusion.errors import ConfigError, UserError

@@ -624,7 +624,7 @@ def test_a_damaged_manifest_line_is_named_and_predict_builds_its_sample_again(ru
 
 
 def test_a_scenes_folder_with_a_missing_label_map_stops_predict_before_any_sample(tmp_path, capsys):
-    from grounded_diffusion.data.scenes import ProceduralScenes
+    from grounded_diffusion.data.procedural_scenes import ProceduralScenes
 
     counts = {"train": 6, "val": 2, "test": 2}
     ProceduralScenes(str(tmp_path / "scenes"), counts=counts).prepare()
@@ -639,7 +639,7 @@ def test_a_scenes_folder_with_a_missing_label_map_stops_predict_before_any_sampl
 
 
 def test_a_truncated_jpeg_is_named_by_the_up_front_check(tmp_path, capsys):
-    from grounded_diffusion.data.scenes import ProceduralScenes
+    from grounded_diffusion.data.procedural_scenes import ProceduralScenes
 
     ProceduralScenes(str(tmp_path / "scenes"), counts={"train": 6, "val": 2, "test": 2}).prepare()
     image = tmp_path / "scenes" / "JPEGImages" / "scene-train-000003.jpg"

@@ -25,8 +25,8 @@ from test_own_data import CLASSES, make_own_folder
 
 from conftest import REPO, cache_of, small_scenes_args
 from grounded_diffusion.cli import main
+from grounded_diffusion.data.procedural_scenes import ProceduralScenes
 from grounded_diffusion.data.prompts import PromptSet
-from grounded_diffusion.data.scenes import ProceduralScenes
 from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.data.vocabulary import read_classes_file
 from grounded_diffusion.errors import ConfigError

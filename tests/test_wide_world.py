@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.rendered_scenes import RenderedScenes
+from datamodules.world_scenes import RenderedScenes
 from grounded_diffusion.data.cache import TripletCache, pack_masks
 from grounded_diffusion.data.segmentation_sets import RenderedShapes
-from grounded_diffusion.data.shapes_world import (
+from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.shapes_world.diagnostics import nearest_centroid_accuracy, object_features, text_space
+from grounded_diffusion.shapes_world.render import (
     COLOURS,
     SHAPES_WIDE,
     SHAPES_WORLD,
@@ -22,8 +24,6 @@ from grounded_diffusion.data.shapes_world import (
     WIDE_SHAPES,
     render_shapes_scene,
 )
-from grounded_diffusion.data.vocabulary import CategorySplit
-from grounded_diffusion.world import nearest_centroid_accuracy, object_features, text_space
 
 
 def test_the_20_category_world_renders_what_its_shipped_models_trained_on():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from grounded_diffusion.data.shapes_world import COLOURS, SHAPES, SHAPES_WORLD, caption, render_shapes_scene
 from grounded_diffusion.data.vocabulary import CategorySplit
+from grounded_diffusion.shapes_world.render import COLOURS, SHAPES, SHAPES_WORLD, caption, render_shapes_scene
 
 pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
 
@@ -116,7 +116,7 @@ def test_the_mmdit_trains_with_rectified_flow_resumes_and_exports_an_sd3_pipelin
     MSE at x_σ = (1 - σ) x_0 + σ ε (checked against a hand-written one with the same draws); the
     export loads as an SD3 pipeline and a backbone without T5 tokens."""
     from grounded_diffusion.models.backbones import BackboneConfig, build_backbone, load_pipeline
-    from lightning_modules.text_to_image import TextToImageModule
+    from lightning_modules.world_text_to_image import TextToImageModule
 
     def args(steps: int) -> list[str]:  # the overlay right after its experiment, the flags after both
         flags = world_args(
@@ -139,7 +139,7 @@ def test_the_mmdit_trains_with_rectified_flow_resumes_and_exports_an_sd3_pipelin
     assert generation.images.shape == (1, 3, 64, 64) and generation.heat_maps.shape == (1, 1, 8, 8)
 
     module = TextToImageModule(
-        vae=str(REPO / "grounded_diffusion/weights/shapes-sd/vae"), architecture="mmdit"
+        vae=str(REPO / "grounded_diffusion/shapes_world/weights/shapes-sd/vae"), architecture="mmdit"
     )
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     captions = ["a photograph of a red square", ""]
@@ -216,19 +216,20 @@ def test_missing_world_weights_name_the_command_that_retrains_them(tmp_path, mon
 def test_the_embedded_registry_is_the_one_place_ids_resolve():
     """Every embedded id the code names is registered, of its kind, and an unknown one is one line."""
     from grounded_diffusion.errors import ConfigError
-    from grounded_diffusion.models import shapes_sd, tiny_dit, tiny_sd
+    from grounded_diffusion.models import tiny_dit, tiny_sd
     from grounded_diffusion.models.embedded import REGISTRY, embedded_model
+    from grounded_diffusion.shapes_world import models as world_models
 
     named = {
         v
-        for module in (shapes_sd, tiny_dit, tiny_sd)
+        for module in (world_models, tiny_dit, tiny_sd)
         for k, v in vars(module).items()
         if k.endswith("_ID") and isinstance(v, str) and v.startswith("embedded/")
     }
     assert named == set(REGISTRY)
     assert {m.model_id for m in REGISTRY.values() if m.kind == "oracle"} == {
-        shapes_sd.SHAPES_ORACLE_ID,
-        shapes_sd.SHAPES_WIDE_ORACLE_ID,
+        world_models.SHAPES_ORACLE_ID,
+        world_models.SHAPES_WIDE_ORACLE_ID,
     }
     for model in REGISTRY.values():  # a trained model names the Makefile target that retrains it
         assert model.trained == (model.retrain is not None)

@@ -21,10 +21,10 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from conftest import REPO, doc_blocks, run_cli
-from grounded_diffusion.data.shapes_world import render_shapes_scene, world_categories
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.models.oracle import SegmenterOracle
-from grounded_diffusion.models.shapes_sd import WORLD_MODELS
+from grounded_diffusion.shapes_world.models import WORLD_MODELS
+from grounded_diffusion.shapes_world.render import render_shapes_scene, world_categories
 
 pytestmark = pytest.mark.workflow  # runs the CLI or a whole workflow: `make test`, not `make test-fast`
 
@@ -59,7 +59,7 @@ def test_the_oracle_segments_held_out_rendered_scenes(world):
 @pytest.mark.parametrize("world", list(WORLD_FIGURES))
 def test_the_shipped_model_draws_the_named_objects_at_the_documented_rate(world):
     from grounded_diffusion.models.backbones import load_pipeline
-    from grounded_diffusion.world import found_rates
+    from grounded_diffusion.shapes_world.diagnostics import found_rates
 
     model_id, oracle_id, _ = WORLD_MODELS[world]
     pipe = load_pipeline(model_id, torch.float32)
@@ -70,7 +70,7 @@ def test_the_shipped_model_draws_the_named_objects_at_the_documented_rate(world)
 
 
 # Why a held-out colour word needed the wide world: the unseen (green) category embeddings of the
-# shipped models, among the seen ones (`python -m grounded_diffusion.world --text-space`).
+# shipped models, among the seen ones (`python -m grounded_diffusion.shapes_world --text-space`).
 # Measured: in the 20-category world 12-52 % of each lies outside the span of the seen embeddings
 # and the nearest seen category of three of five is a yellow one; in the wide world 6-17 %, and the
 # nearest is always the teal category of the same shape (its hue neighbour).
@@ -79,7 +79,7 @@ WIDE_OUTSIDE_BAR, NARROW_OUTSIDE_BAR = 0.2, 0.5
 
 def test_the_wide_world_puts_a_held_out_colour_among_its_hue_neighbours():
     from grounded_diffusion.models.backbones import BackboneConfig, StableDiffusionBackbone
-    from grounded_diffusion.world import text_space
+    from grounded_diffusion.shapes_world.diagnostics import text_space
 
     def rows(model_id: str, world: str) -> list[dict]:
         split = CategorySplit.named(world, "word_green")
@@ -102,7 +102,7 @@ def test_daam_of_the_shipped_model_localises_in_its_finest_layers_and_avoids_the
     object, the 8² layers' maps avoid it (their inverted map finds it), and the mean over all
     layers cancels. Measured with 20 images: 39.9 vs 3.5; 43.9 vs 0.9 (mIoU at τ = 0.6)."""
     from grounded_diffusion.models.backbones import load_pipeline
-    from grounded_diffusion.world import daam_by_resolution
+    from grounded_diffusion.shapes_world.diagnostics import daam_by_resolution
 
     pipe = load_pipeline("embedded/shapes-sd", torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -199,7 +199,7 @@ def test_a_head_that_never_met_the_word_cross_segments_crosses(held_out_cross_ru
 
 
 # The CI head, exported, segments rendered scenes through GroundedGenerator.segment (the real-image
-# path; `python -m grounded_diffusion.world --segment HEAD`): mIoU (%) over 200 scenes of seed 3.
+# path; `python -m grounded_diffusion.shapes_world --segment HEAD`): mIoU (%) over 200 scenes of seed 3.
 # The quickstart's head scores 70.6 / 70.1 (seen / unseen, README and docs/generation.md); the CI head, trained on a
 # third of its data for 800 steps, scored 67.8 / 63.8 (torch 2.14.1); a run elsewhere may fall
 # this many points below.
@@ -210,7 +210,7 @@ def test_the_exported_head_segments_rendered_scenes_and_runs_the_readme_example(
     protocol1_run, tmp_path, monkeypatch
 ):
     from grounded_diffusion.api import GroundedGenerator
-    from grounded_diffusion.world import segment_scores
+    from grounded_diffusion.shapes_world.diagnostics import segment_scores
 
     head = tmp_path / "outputs" / "shapes" / "head"  # where `make quickstart` exports its head
     run_cli(["export", "--ckpt_path", str(protocol1_run / "checkpoints" / "last.ckpt"), "--out", str(head)])
@@ -309,8 +309,8 @@ DIT_MARGIN_OVER_BASELINE, DIT_UNSEEN_MARGIN_OVER_FOREGROUND = 10.0, 20.0
 def test_the_shipped_mmdit_draws_the_named_objects_at_the_documented_rate():
     from grounded_diffusion.models.backbones import load_pipeline
     from grounded_diffusion.models.embedded import pipeline_options
-    from grounded_diffusion.models.shapes_sd import SHAPES_DIT_ID
-    from grounded_diffusion.world import found_rates
+    from grounded_diffusion.shapes_world.diagnostics import found_rates
+    from grounded_diffusion.shapes_world.models import SHAPES_DIT_ID
 
     pipe = load_pipeline(SHAPES_DIT_ID, torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -15,7 +15,6 @@ from PIL import Image
 from torch import Tensor
 
 from grounded_diffusion.data.manifest import JsonlManifest
-from grounded_diffusion.data.shapes_world import ShapesWorld, render_shapes_scene, world_categories
 from grounded_diffusion.data.validation import (
     IGNORE_LABEL,
     DataError,
@@ -27,6 +26,7 @@ from grounded_diffusion.data.validation import (
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC, read_classes_file
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.files import read_text_file
+from grounded_diffusion.shapes_world.render import ShapesWorld, render_shapes_scene, world_categories
 
 # How a segmenter treats background: ``ignore`` (255, the ZS3 convention on VOC) or ``class`` (0).
 BackgroundMode = Literal["ignore", "class"]
@@ -246,7 +246,7 @@ class FolderSegmentationSet(SegmentationSet):
 
 
 class RenderedShapes(SegmentationSet):
-    """Shapes-world scenes with exact label maps, rendered in memory (data/shapes_world.py): the
+    """Shapes-world scenes with exact label maps, rendered in memory (shapes_world/render.py): the
     oracle's training set, and the "real" images of the world's Protocol II.
 
     Args:

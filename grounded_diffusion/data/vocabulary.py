@@ -6,14 +6,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from grounded_diffusion.data.shapes_world import (
+from grounded_diffusion.errors import ConfigError, UserError, did_you_mean
+from grounded_diffusion.files import read_text_file
+from grounded_diffusion.shapes_world.render import (
     SHAPES_WIDE,
     SHAPES_WIDE_UNSEEN,
     SHAPES_WORLD,
     SHAPES_WORLD_UNSEEN,
 )
-from grounded_diffusion.errors import ConfigError, UserError, did_you_mean
-from grounded_diffusion.files import read_text_file
 
 PASCAL_VOC = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -89,11 +89,11 @@ VOC_TO_COCO = {
     "tvmonitor": "tv",
 }
 
-# The procedural scene set of the offline default: one shape per class (data/scenes.py).
+# The procedural scene set of the offline default: one shape per class (data/procedural_scenes.py).
 SCENES = ("disc", "square", "triangle", "ring", "cross", "star", "diamond", "bar")
 SCENES_UNSEEN = {1: ("ring", "star", "bar")}
 
-# The shapes world of the trained embedded models: colour x shape (data/shapes_world.py).
+# The shapes world of the trained embedded models: colour x shape (shapes_world/render.py).
 VOCABULARIES = {
     "pascal": PASCAL_VOC,
     "coco": COCO,

@@ -7,8 +7,8 @@ Two sources:
 - **built**: a tiny random pipeline the project builds from config on first use, into the cache
   folder (``GROUNDED_DIFFUSION_CACHE``): the offline smoke models and the tests'
   (``tiny_sd.py``: SD-1.x / 2.x / XL layouts; ``tiny_dit.py``: SD3, FLUX.1, FLUX.2).
-- **trained**: a model the project trained, shipped in ``grounded_diffusion/weights/<name>``, with
-  the Makefile target that retrains it (the shapes worlds', ``shapes_sd.py``).
+- **trained**: a model the project trained, shipped in ``grounded_diffusion/shapes_world/weights/<name>``,
+  with the Makefile target that retrains it (the shapes worlds', ``shapes_world/models.py``).
 
 Adding one: its id, builder or weights folder and retrain target in ``REGISTRY`` below.
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 from grounded_diffusion.errors import MissingWeightsError
-from grounded_diffusion.models import shapes_sd, tiny_dit, tiny_sd
+from grounded_diffusion.models import tiny_dit, tiny_sd
+from grounded_diffusion.shapes_world import models as world_models
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "shapes_world" / "weights"
 EmbeddedKind = Literal["pipeline", "oracle"]
 # What marks a folder of each kind as whole.
 MARKERS = {"pipeline": "model_index.json", "oracle": "config.json"}
@@ -84,13 +85,13 @@ REGISTRY: dict[str, EmbeddedModel] = {
     for model in (
         *(_built(i, b) for i, b in tiny_sd.TINY_BUILDERS.items()),
         *(_built(i, b) for i, b in tiny_dit.TINY_DIT_BUILDERS.items()),
-        EmbeddedModel(shapes_sd.SHAPES_SD_ID, "pipeline", retrain="make world"),
-        EmbeddedModel(shapes_sd.SHAPES_ORACLE_ID, "oracle", retrain="make world"),
-        EmbeddedModel(shapes_sd.SHAPES_WIDE_SD_ID, "pipeline", retrain="make world-wide"),
-        EmbeddedModel(shapes_sd.SHAPES_WIDE_ORACLE_ID, "oracle", retrain="make world-wide"),
+        EmbeddedModel(world_models.SHAPES_SD_ID, "pipeline", retrain="make world"),
+        EmbeddedModel(world_models.SHAPES_ORACLE_ID, "oracle", retrain="make world"),
+        EmbeddedModel(world_models.SHAPES_WIDE_SD_ID, "pipeline", retrain="make world-wide"),
+        EmbeddedModel(world_models.SHAPES_WIDE_ORACLE_ID, "oracle", retrain="make world-wide"),
         # (trained with no T5 tokens: SD3's pipeline would append 256 zero tokens without a T5 encoder)
         EmbeddedModel(
-            shapes_sd.SHAPES_DIT_ID,
+            world_models.SHAPES_DIT_ID,
             "pipeline",
             retrain="make world-dit",
             pipeline_options={"max_sequence_length": 0},

@@ -27,7 +27,7 @@ from grounded_diffusion.errors import (
 )
 from grounded_diffusion.models.embedded import embedded_model
 from grounded_diffusion.models.segmenters import load_segmenter
-from grounded_diffusion.models.shapes_sd import SHAPES_ORACLE_ID
+from grounded_diffusion.shapes_world.models import SHAPES_ORACLE_ID
 
 InstanceMode = Literal["union", "top1"]
 

@@ -60,7 +60,6 @@ from transformers import (
     T5EncoderModel,
 )
 
-from grounded_diffusion.data.shapes_world import ONE_OBJECT_CAPTION, SHAPES_WIDE, TWO_OBJECT_CAPTION
 from grounded_diffusion.data.vocabulary import COCO, PASCAL_VOC
 from grounded_diffusion.models.tiny_sd import calibrated_vae, sample_scene_latents, tiny_clip_config
 from grounded_diffusion.models.tokenizer import (
@@ -68,6 +67,7 @@ from grounded_diffusion.models.tokenizer import (
     load_clip_tokenizer,
     write_clip_tokenizer_files,
 )
+from grounded_diffusion.shapes_world.render import ONE_OBJECT_CAPTION, SHAPES_WIDE, TWO_OBJECT_CAPTION
 
 TINY_SD3_ID = "embedded/tiny-sd3"
 TINY_FLUX_ID = "embedded/tiny-flux"

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from grounded_diffusion.data.scenes import render_scene
+from grounded_diffusion.data.procedural_scenes import render_scene
 from grounded_diffusion.models.tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
 
 TINY_SD_ID = "embedded/tiny-sd"
