@@ -84,6 +84,7 @@ world: $(STAMP)
 	rm -rf $(WEIGHTS)/shapes-sd $(WEIGHTS)/shapes-oracle
 	cp -r $(WORLD)/text_to_image/pipeline $(WEIGHTS)/shapes-sd
 	cp -r $(WORLD)/oracle/segmenter $(WEIGHTS)/shapes-oracle
+	$(PY) -m grounded_diffusion.shapes_world.packaging
 	$(PY) -m grounded_diffusion.shapes_world.diagnostics --per-group 50
 
 # The wide shapes world (48 categories: 8 colour words x 6 shape words), the same three fits: its
@@ -100,6 +101,7 @@ world-wide: $(STAMP)
 	rm -rf $(WEIGHTS)/shapes-wide-sd $(WEIGHTS)/shapes-wide-oracle
 	cp -r $(WIDE)/text_to_image/pipeline $(WEIGHTS)/shapes-wide-sd
 	cp -r $(WIDE)/oracle/segmenter $(WEIGHTS)/shapes-wide-oracle
+	$(PY) -m grounded_diffusion.shapes_world.packaging
 	$(PY) -m grounded_diffusion.shapes_world.diagnostics --world shapes_wide --per-group 50
 
 # The shapes world's MM-DiT (SD3's layout, rectified flow) over the shipped VAE: its weights ship
@@ -108,6 +110,7 @@ world-dit: $(STAMP)
 	$(RUN) fit --config experiments/world/text_to_image.yaml --config experiments/world/dit.yaml
 	rm -rf $(WEIGHTS)/shapes-dit
 	cp -r outputs/world_dit/text_to_image/pipeline $(WEIGHTS)/shapes-dit
+	$(PY) -m grounded_diffusion.shapes_world.packaging
 	$(PY) -m grounded_diffusion.shapes_world.diagnostics --model-id embedded/shapes-dit --per-group 50
 
 # Debian's Chromium: the demo page's headless-browser test (tests/test_api.py).

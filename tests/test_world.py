@@ -3,6 +3,7 @@ resumed), and the oracle's forward pass against a hand-computed case."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,33 @@ def test_the_embedded_registry_is_the_one_place_ids_resolve():
     with pytest.raises(ConfigError, match="is an embedded pipeline, not 'oracle'"):
         embedded_model("embedded/shapes-sd", "oracle")
     assert embedded_model("stabilityai/stable-diffusion-2-1") is None
+
+
+def test_the_shipped_weights_hold_the_clip_tokenizer_once(tmp_path):
+    """Every world model's tokenizer folder is a link to the one shared copy, and a retrained
+    model's copied-in tokenizer is linked back (what the Makefile's world targets run)."""
+    from grounded_diffusion.models.embedded import REGISTRY
+    from grounded_diffusion.shapes_world.packaging import (
+        SHARED,
+        WEIGHTS_DIR,
+        link_tokenizers,
+        tokenizer_copies,
+    )
+
+    assert tokenizer_copies() == []
+    pipelines = [m for m in REGISTRY.values() if m.trained and m.kind == "pipeline"]
+    folders = [f for m in pipelines for f in sorted(m.folder().glob("tokenizer*"))]
+    assert len(folders) == 4 and all(f.is_symlink() and f.resolve() == WEIGHTS_DIR / SHARED for f in folders)
+    shutil.copytree(WEIGHTS_DIR / SHARED, tmp_path / SHARED)
+    shutil.copytree(
+        WEIGHTS_DIR / SHARED, tmp_path / "retrained" / "tokenizer"
+    )  # (a real folder, as cp -r leaves)
+    (tmp_path / "other" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "other" / "tokenizer" / "vocab.json").write_text("{}")  # another tokenizer: kept
+    assert link_tokenizers(tmp_path) == [tmp_path / "retrained" / "tokenizer"]
+    linked = tmp_path / "retrained" / "tokenizer"
+    assert (
+        linked.is_symlink()
+        and (linked / "vocab.json").read_bytes() == (WEIGHTS_DIR / SHARED / "vocab.json").read_bytes()
+    )
+    assert not (tmp_path / "other" / "tokenizer").is_symlink()
