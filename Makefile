@@ -117,10 +117,10 @@ world-dit: $(STAMP)
 $(CHROMIUM):
 	apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
-# Everything, what CI runs (.ci/run): lint and the docs build first, then every test (about 28 min
-# on 2 CPU cores).
+# Everything, what CI runs (.ci/run): lint and the docs build first, then every test, in two
+# pytest-xdist workers of one thread each (tests/conftest.py; about 20 min on 2 CPU cores).
 test: lint docs $(CHROMIUM)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Unit tests only (under 3 min): no test marked `workflow` (whole CLI runs, DDP, world-model training).
 test-fast: $(STAMP)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from grounded_diffusion.data.cache import TripletCache, encode_image, pack_masks
 from grounded_diffusion.data.prompts import PromptSet, group_of
 from grounded_diffusion.errors import ConfigError, check_choice
+from grounded_diffusion.reports import TRAINING_FREE
 
 StorageMode = Literal["features", "latents"]
 ImageFormat = Literal["jpeg", "png"]
@@ -150,8 +151,9 @@ def sample_tensors(
         tensors.update({f"features.{g}": f[i].half() for g, f in enumerate(prediction["features"])})
     else:  # the latents as the UNet read them (predict_step hands them over in the UNet's dtype)
         tensors.update(latents=prediction["latents"][i], timestep=torch.tensor(timestep))
-    if prediction.get("daam") is not None:
-        tensors["daam"] = prediction["daam"][i, :num_objects].half()
+    for method in TRAINING_FREE:  # the training-free baseline's word maps, under its method's key
+        if prediction.get(method) is not None:
+            tensors[method] = prediction[method][i, :num_objects].half()
     if "oracle_scores" in prediction:
         tensors["oracle_scores"] = prediction["oracle_scores"][i, :num_objects].float()
     return tensors, {"mask_shape": shape}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.data.voc import PALETTE_RGB
-from grounded_diffusion.reports import markdown_table, table1_header, table1_row, table1_rule
+from grounded_diffusion.reports import markdown_table, method_label, table1_header, table1_row, table1_rule
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -57,27 +57,28 @@ def format_table(results: dict, unseen: set[str]) -> str:
     return "\n".join(rows)
 
 
-def format_groups(results: dict, metric: str = "miou", baseline: str = "daam") -> str:
+def format_groups(results: dict, metric: str = "miou") -> str:
     """Paper Tab. 1 for one run: a metric per group (class-averaged mIoU by default), ours vs
-    the training-free baseline kept under ``daam`` (markdown; ``baseline``: its row's name,
-    e.g. "joint attention" on a diffusion transformer)."""
+    each training-free baseline, by its name (markdown)."""
     rows = [table1_header(), table1_rule()]
-    for method, name in (("ours", "ours"), ("daam", baseline)):
-        rows.append(table1_row(name, [results["groups"][method][g][metric] for g in GROUPS]))
-    if "daam_tuned" in results:
-        tuned = results["daam_tuned"]
+    for method in ("ours", *results["training_free"]):
+        rows.append(table1_row(method_label(method), [results["groups"][method][g][metric] for g in GROUPS]))
+    for method, tuned in results["tuned"].items():
         values = [tuned["groups"][g][metric] for g in GROUPS]
-        rows.append(table1_row(f"{baseline} (τ={tuned['threshold']:g}, chosen on seen)", values))
+        rows.append(table1_row(f"{method_label(method)} (τ={tuned['threshold']:g}, chosen on seen)", values))
+    for method, argmax in results.get("argmax", {}).items():
+        values = [argmax["groups"][g][metric] for g in GROUPS]
+        rows.append(table1_row(f"{method_label(method)} (argmax over concepts)", values))
     return "\n".join(rows)
 
 
-def format_other_object(results: dict, top: int = 5, baseline: str = "daam") -> str:
+def format_other_object(results: dict, top: int = 5) -> str:
     """Per group, the share of an object's predicted pixels on the other object of its image, and
     ours' most confused category pairs (markdown)."""
     text = (
         "Predicted pixels on the other named object (%, images where both objects have a mask; about 50 "
         "when both objects get the same mask, and low too for masks mostly off the objects):\n\n"
-        + format_groups(results, "on_other_object", baseline)
+        + format_groups(results, "on_other_object")
     )
     pairs = results.get("confused_pairs", [])[:top]
     if pairs:
@@ -90,7 +91,7 @@ def format_other_object(results: dict, top: int = 5, baseline: str = "daam") -> 
     return text
 
 
-def format_test_filter(results: dict, baseline: str = "daam") -> str:
+def format_test_filter(results: dict) -> str:
     """How many objects each group scored and dropped, and Tab. 1 without the filter (markdown);
     empty when the test scored every object."""
     if "test_filter" not in results:
@@ -107,7 +108,7 @@ def format_test_filter(results: dict, baseline: str = "daam") -> str:
         "",
         "mIoU (%) per group with every object scored (no filter):",
         "",
-        format_groups(results["unfiltered"], baseline=baseline),
+        format_groups(results["unfiltered"]),
     ]
     return "\n".join(rows)
 
@@ -123,7 +124,7 @@ def to_json(value):
 
 class EvaluationReport(Callback):
     """After ``test``: ``<out_dir>/metrics.json`` and ``report.md``, the IoU tables on stdout
-    (per category; per Table-1 group, ours vs DAAM), and overlay PNGs (image | truth | prediction)
+    (per category; per Table-1 group, ours vs the training-free baseline), and overlay PNGs (image | truth | prediction)
     of the first ``num_overlays`` test samples of rank zero.
 
     Metrics are computed on every rank by the module; only rank zero writes.
@@ -157,17 +158,16 @@ class EvaluationReport(Callback):
         path = self.out_dir / "metrics.json"
         path.write_text(json.dumps(to_json(results), indent=2))
         per_category = format_table(results, set(pl_module.category_split.unseen))
-        baseline = pl_module.backbone.baseline_name  # DAAM, or joint attention on a transformer
-        groups = format_groups(results, baseline=baseline)
-        test_filter = format_test_filter(results, baseline)
-        other_object = format_other_object(results, baseline=baseline)
+        groups = format_groups(results)
+        test_filter = format_test_filter(results)
+        other_object = format_other_object(results)
         (self.out_dir / "report.md").write_text(
             f"# Test results\n\nmIoU (%) per group, class-averaged (paper Tab. 1):\n\n{groups}\n\n"
             + f"{other_object}\n\n"
             + (f"{test_filter}\n\n" if test_filter else "")
             + f"IoU (%) per category:\n\n```\n{per_category}\n```\n"
         )
-        print(f"\nIoU (%) per category, ours vs. {baseline} (column daam) and trivial predictors:")
+        print("\nIoU (%) per category, ours vs. the training-free baseline and trivial predictors:")
         print(per_category)
         print("\nmIoU (%) per group (paper Tab. 1):")
         print(groups)

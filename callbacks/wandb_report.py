@@ -104,13 +104,12 @@ class WandbEvaluation(Callback):
         ]
         groups = results["groups"]
         metrics = ("miou", "image_noun_miou", "on_other_object")
-        comparison = [
-            [g, *(groups[m][g][k] for k in metrics for m in ("ours", "daam"))] for g in [*GROUPS, "all"]
-        ]
-        comparison_columns = ["group", *(f"{m} {k}" for k in metrics for m in ("ours", "daam"))]
+        compared = ["ours", *results["training_free"]]
+        comparison = [[g, *(groups[m][g][k] for k in metrics for m in compared)] for g in [*GROUPS, "all"]]
+        comparison_columns = ["group", *(f"{m} {k}" for k in metrics for m in compared)]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "test.md").write_text(
-            f"# Test\n\nOurs vs DAAM per group (%):\n\n{markdown_table(comparison_columns, comparison)}\n\n"
+            f"# Test\n\nOurs vs the training-free baseline per group (%):\n\n{markdown_table(comparison_columns, comparison)}\n\n"
             f"IoU (%) per category:\n\n{markdown_table(['category', 'split', *methods], per_category)}\n"
         )
         logger = self._wandb(trainer)
@@ -121,6 +120,6 @@ class WandbEvaluation(Callback):
         logger.experiment.log(
             {
                 "test/per_category": wandb.Table(columns=["category", "split", *methods], data=per_category),
-                "test/daam_comparison": wandb.Table(columns=comparison_columns, data=comparison),
+                "test/baseline_comparison": wandb.Table(columns=comparison_columns, data=comparison),
             }
         )

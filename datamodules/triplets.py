@@ -22,6 +22,7 @@ from grounded_diffusion.data.voc import VOCFolder
 from grounded_diffusion.data.vocabulary import CategorySplit
 from grounded_diffusion.errors import ConfigError, UserError, check_in_range
 from grounded_diffusion.files import FolderLock
+from grounded_diffusion.reports import TRAINING_FREE
 
 
 class TripletSamples(Dataset):
@@ -54,8 +55,9 @@ class TripletSamples(Dataset):
         else:
             num_groups = sum(1 for k in tensors if k.startswith("features."))
             sample["features"] = [tensors[f"features.{g}"] for g in range(num_groups)]
-        if "daam" in tensors:
-            sample["daam"] = pad_objects(tensors["daam"], self.max_objects)
+        for method in TRAINING_FREE:  # the training-free baseline's word maps (older caches: "daam")
+            if method in tensors:
+                sample[method] = pad_objects(tensors[method], self.max_objects)
         if "oracle_scores" in tensors:  # synthesis: how sure the oracle was of each mask
             sample["oracle_scores"] = pad_objects(tensors["oracle_scores"], self.max_objects)
         return sample

@@ -6,6 +6,7 @@ API (``grounded_diffusion.GroundedGenerator``) call them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -95,8 +96,10 @@ def synthesise_triplets(
     backbone: FrozenBackbone, oracle, batch: dict, guidance_scale: float, word_matching: str
 ) -> dict:
     """A batch of prompts (``prompt``, ``seed``, ``categories``) -> the batch with the generated
-    ``image``, the oracle's ``masks`` and ``oracle_scores``, the ``daam`` maps of the category words
-    over all steps, and the capture step's ``latents`` and ``features``: the triplet cache's samples."""
+    ``image``, the oracle's ``masks`` and ``oracle_scores``, the training-free baselines' maps of
+    the category words over all steps (keyed by ``backbone.baseline_method``; on a diffusion
+    transformer ConceptAttention's too, under ``concept_attention``), and the capture step's
+    ``latents`` and ``features``: the triplet cache's samples."""
     generation = backbone.generate(
         batch["prompt"], batch["seed"], guidance_scale, batch["categories"], word_matching
     )
@@ -106,7 +109,8 @@ def synthesise_triplets(
         "image": generation.images,
         "masks": masks,
         "oracle_scores": scores,
-        "daam": generation.heat_maps,
+        backbone.baseline_method: generation.heat_maps,
+        **({"concept_attention": generation.concept_maps} if generation.concept_maps is not None else {}),
         "latents": generation.latents,
         "features": generation.features,
     }
@@ -114,13 +118,25 @@ def synthesise_triplets(
 
 def convert_images(backbone: FrozenBackbone, batch: dict, mode: str, word_matching: str) -> dict:
     """A batch of real images with masks (``image``, ``prompt``, ``categories``, ``id``) -> the batch
-    with the capture step's ``latents`` and ``features`` and the ``daam`` maps of one UNet call at
-    that step (the baseline's view of a real image). Each sample's noise is drawn from its id, so
-    that its features do not depend on its batch or rank."""
+    with the capture step's ``latents`` and ``features`` and the training-free baseline's maps of one
+    denoiser call at that step (its view of a real image; keyed by ``backbone.baseline_method``).
+    Each sample's noise is drawn from its id, so that its features do not depend on its batch or
+    rank."""
     prompt_embeds = backbone.encode_prompts(batch["prompt"])
     seeds = [sample_seed(i) for i in batch["id"]]
     latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, mode)
     timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    with backbone.trace_words(batch["prompt"], batch["categories"], word_matching) as tracer:
+    concepts = (
+        backbone.trace_concepts(batch["categories"])
+        if backbone.concept_attention
+        else contextlib.nullcontext()
+    )
+    with (
+        backbone.trace_words(batch["prompt"], batch["categories"], word_matching) as tracer,
+        concepts as concept,
+    ):
         features = backbone.features(latents, timesteps, prompt_embeds)
-    return {**batch, "latents": latents.to(backbone.dtype), "features": features, "daam": tracer.word_maps()}
+    maps = {backbone.baseline_method: tracer.word_maps()}
+    if concept is not None:  # a diffusion transformer: ConceptAttention's maps beside
+        maps["concept_attention"] = concept.word_maps()
+    return {**batch, "latents": latents.to(backbone.dtype), "features": features, **maps}

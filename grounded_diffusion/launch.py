@@ -38,17 +38,24 @@ import yaml
 from grounded_diffusion.cli import SUBCOMMANDS
 from grounded_diffusion.data.prompts import GROUPS
 from grounded_diffusion.errors import ConfigError, UserError
-from grounded_diffusion.reports import markdown_table, mean_sd, spread
+from grounded_diffusion.reports import markdown_table, mean_sd, read_metrics, spread
 
-# Ours per category, the baselines' (DAAM and the all-foreground predictor) per category, then
-# ours and DAAM per test group (paper Tab. 1).
-BASELINES = ("daam", "all_foreground")
-METRICS = (
-    ["seen_miou", "unseen_miou", "harmonic_miou"]
-    + [f"{baseline}_{key}" for baseline in BASELINES for key in ("seen_miou", "unseen_miou")]
-    + [f"{method}_{group}" for method in ("ours", "daam") for group in GROUPS]
-)
-COLUMNS = ["value", "seed", "x", *METRICS]
+OURS = ["seen_miou", "unseen_miou", "harmonic_miou"]
+
+
+def metric_names(training_free: list[str]) -> list[str]:
+    """Ours per category, the baselines' (each training-free method, by its key, and the
+    all-foreground predictor) per category, then ours and each method per test group (Tab. 1)."""
+    return (
+        OURS
+        + [f"{baseline}_{key}" for baseline in (*training_free, "all_foreground") for key in OURS[:2]]
+        + [f"{method}_{group}" for method in ("ours", *training_free) for group in GROUPS]
+    )
+
+
+def training_free_of(rows: list[dict]) -> list[str]:
+    """The training-free methods that the runs scored, in the order first met."""
+    return list(dict.fromkeys(method for row in rows for method in row["training_free"]))
 
 
 def load_grid(path: Path) -> dict:
@@ -179,13 +186,14 @@ def collect(grid: dict, out: Path) -> list[dict]:
             path = run_dir / "report" / "metrics.json"
             if not path.exists():
                 continue
-            metrics = json.loads(path.read_text())
-            row = {"value": value, "seed": seed, "x": numeric(value)}
-            row.update({k: metrics.get(k) for k in ("seen_miou", "unseen_miou", "harmonic_miou")})
-            for baseline in BASELINES:
-                for key in ("seen_miou", "unseen_miou"):
+            metrics = read_metrics(path)
+            training_free = metrics.get("training_free", [])
+            row = {"value": value, "seed": seed, "x": numeric(value), "training_free": training_free}
+            row.update({k: metrics.get(k) for k in OURS})
+            for baseline in (*training_free, "all_foreground"):
+                for key in OURS[:2]:
                     row[f"{baseline}_{key}"] = metrics.get("baselines", {}).get(baseline, {}).get(key)
-            for method in ("ours", "daam"):
+            for method in ("ours", *training_free):
                 for group in GROUPS:
                     row[f"{method}_{group}"] = (
                         metrics.get("groups", {}).get(method, {}).get(group, {}).get("miou")
@@ -197,31 +205,31 @@ def collect(grid: dict, out: Path) -> list[dict]:
 def summarise(rows: list[dict]) -> list[dict]:
     """Per value (in grid order): the number of seeds and, per metric, the mean and the sample
     standard deviation over them (None with one seed)."""
-    summary = []
+    summary, names = [], metric_names(training_free_of(rows))
     for value in dict.fromkeys(row["value"] for row in rows):
         runs_of_value = [row for row in rows if row["value"] == value]
         entry = {"value": value, "seeds": len(runs_of_value), "x": runs_of_value[0]["x"]}
-        for metric in METRICS:
+        for metric in names:
             entry[metric], entry[f"{metric}_sd"] = spread(
-                [row[metric] for row in runs_of_value if row[metric] is not None]
+                [row[metric] for row in runs_of_value if row.get(metric) is not None]
             )
         summary.append(entry)
     return summary
 
 
 def write_results(grid: dict, rows: list[dict], out: Path) -> None:
-    seeded = bool(grid.get("seeds"))
-    columns = COLUMNS if seeded else [c for c in COLUMNS if c != "seed"]
+    seeded, names = bool(grid.get("seeds")), metric_names(training_free_of(rows))
+    columns = ["value", *(["seed"] if seeded else []), "x", *names]
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    text = markdown_table(columns, [[row[c] for c in columns] for row in rows])
+    text = markdown_table(columns, [[row.get(c) for c in columns] for row in rows])
     summary = summarise(rows)
     if seeded:
         means = markdown_table(
-            ["value", "seeds", *METRICS],
-            [[e["value"], e["seeds"], *(mean_sd(e[m], e[f"{m}_sd"]) for m in METRICS)] for e in summary],
+            ["value", "seeds", *names],
+            [[e["value"], e["seeds"], *(mean_sd(e[m], e[f"{m}_sd"]) for m in names)] for e in summary],
         )
         text = f"Mean ± standard deviation over seeds:\n\n{means}\n\nEach run:\n\n{text}"
     (out / "results.md").write_text(f"# {grid['name']}: {grid['parameter']}\n\n{text}\n")

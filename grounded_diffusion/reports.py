@@ -6,8 +6,9 @@ Tab. 1 (Protocol I): one row per method, one column per group, splits averaged::
         outputs/pascal_split1/report/metrics.json outputs/pascal_split2/report/metrics.json \
         outputs/pascal_split3/report/metrics.json
 
-writes ``report.json`` and ``report.md`` (per split and the average over splits, ours vs DAAM,
-class-averaged mIoU, with DAAM's own image-noun mIoU alongside).
+writes ``report.json`` and ``report.md`` (per split and the average over splits, ours vs the
+training-free baseline of the runs' backbone (DAAM, or joint attention on a diffusion transformer),
+class-averaged mIoU, with the baseline's own image-noun mIoU alongside).
 
 Tab. 2 (Protocol II, ZS3 on real images): one row per segmenter run, the training data it saw
 (real images of seen classes, synthetic one / two / mixture), then seen / unseen / harmonic mIoU
@@ -36,26 +37,81 @@ GROUP_TITLES = ("one: seen", "one: unseen", "two: seen", "two: seen+unseen", "tw
 TRIVIAL = ("all_foreground", "all_background")  # the predictors every method must beat
 
 
-def table1_results(table: dict, daam_methods: dict[str, float], daam_threshold: float) -> dict:
+# The training-free baselines: the key that their maps (in caches) and scores (in metrics.json,
+# W&B, the launcher's tables) carry, and their name in reports.
+TRAINING_FREE = {
+    "daam": "DAAM",
+    "joint_attention": "joint attention",
+    "concept_attention": "ConceptAttention",
+}
+# Before baselines were keyed by method, every backbone's sat under this key.
+LEGACY_BASELINE = "daam"
+# A baseline variant scored by the argmax over its concepts (ConceptAttention) rather than a τ.
+ARGMAX = "argmax"
+
+
+def table1_results(table: dict, thresholds: dict[str, dict[str, float]]) -> dict:
     """A test's Tab. 1 results (``metrics.json``) from ``GroupedIoU.compute``'s table: ours over
-    the whole set, the baselines, the groups of ours and DAAM, and DAAM at the τ of
-    ``daam_methods`` (``{"daam": τ, "daam@τ": τ, ...}``) with the best seen mIoU (``daam_tuned``)."""
+    the whole set, the baselines, the groups of ours and of each training-free method, and each
+    method at the τ of its grid with the best seen mIoU (``tuned``). ``thresholds``: per method,
+    its scored variants, the configured τ first (``{"daam": {"daam": 0.4, "daam@0.2": 0.2, ...}}``;
+    a variant of τ ``ARGMAX`` is the method's argmax scoring, reported under ``argmax``)."""
+    methods = list(thresholds)
     results = {
         **table["ours"]["all"],
-        "baselines": {m: table[m]["all"] for m in ("daam", *TRIVIAL)},
-        "groups": {m: table[m] for m in ("ours", "daam")},
-        "daam_threshold": daam_threshold,
+        "training_free": methods,
+        "baselines": {m: table[m]["all"] for m in (*methods, *TRIVIAL)},
+        "groups": {m: table[m] for m in ("ours", *methods)},
+        "thresholds": {m: variants[m] for m, variants in thresholds.items()},
+        "tuned": {},
+        "argmax": {},
     }
-    grid = {t: table[m]["all"]["seen_miou"] for m, t in list(daam_methods.items())[1:]}
-    finite = {t: v for t, v in grid.items() if not math.isnan(v)}
-    if finite:  # τ chosen on seen categories only, then reported on every group
-        best = max(finite, key=finite.get)
-        results["daam_tuned"] = {
-            "threshold": best,
-            "seen_miou_by_threshold": grid,
-            "groups": table[f"daam@{best:g}"],
-        }
+    for method, variants in thresholds.items():
+        for key in (k for k, t in variants.items() if t == ARGMAX):
+            results["baselines"][key] = table[key]["all"]
+            results["argmax"][method] = {"groups": table[key]}
+        grid = {t: table[k]["all"]["seen_miou"] for k, t in variants.items() if k != method and t != ARGMAX}
+        finite = {t: v for t, v in grid.items() if not math.isnan(v)}
+        if finite:  # τ chosen on seen categories only, then reported on every group
+            best = max(finite, key=finite.get)
+            results["tuned"][method] = {
+                "threshold": best,
+                "seen_miou_by_threshold": grid,
+                "groups": table[f"{method}@{best:g}"],
+            }
     return results
+
+
+def upgrade_metrics(metrics: dict, path: str | Path) -> dict:
+    """A test's metrics.json as this version writes it. Files from before baselines were keyed by
+    method hold the baseline under ``daam`` whatever the backbone: read so, with a one-line notice."""
+    if "training_free" in metrics or LEGACY_BASELINE not in metrics.get("groups", {}):
+        return metrics
+    print(
+        f"note: {path} is from before baselines were named by method: its '{LEGACY_BASELINE}' entries "
+        "are read as the training-free baseline (joint attention on a diffusion transformer); "
+        "rerun its `test` to rewrite it",
+        file=sys.stderr,
+    )
+
+    def upgrade(results: dict) -> dict:
+        results = dict(results)
+        results["training_free"] = [LEGACY_BASELINE]
+        results["thresholds"] = {LEGACY_BASELINE: results.pop("daam_threshold", None)}
+        tuned = results.pop("daam_tuned", None)
+        results["tuned"] = {LEGACY_BASELINE: tuned} if tuned else {}
+        results["argmax"] = {}
+        return results
+
+    upgraded = upgrade(metrics)
+    if "unfiltered" in upgraded:
+        upgraded["unfiltered"] = upgrade(upgraded["unfiltered"])
+    return upgraded
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A test run's ``report/metrics.json``, in this version's keys (``upgrade_metrics``)."""
+    return upgrade_metrics(json.loads(Path(path).read_text()), path)
 
 
 def pct(value: float | None) -> str:
@@ -102,9 +158,12 @@ TABLE1_METRICS = ("miou", "image_noun_miou", "on_other_object")
 
 def table1(name: str, runs: dict[str, dict]) -> dict:
     """{method: {split: {group: {miou, image_noun_miou, on_other_object}}}} plus the mean over
-    splits (on_other_object: None for runs scored before it existed)."""
+    splits (on_other_object: None for runs scored before it existed), for ours and each
+    training-free method that every split's run scored."""
     report: dict = {"name": name, "groups": list(GROUPS), "methods": {}}
-    for method in ("ours", "daam"):
+    scored = [run.get("training_free", [LEGACY_BASELINE]) for run in runs.values()]
+    training_free = [m for m in scored[0] if all(m in methods for methods in scored)]
+    for method in ("ours", *training_free):
         per_split = {
             split: {g: {k: run["groups"][method][g].get(k) for k in TABLE1_METRICS} for g in GROUPS}
             for split, run in runs.items()
@@ -116,14 +175,20 @@ def table1(name: str, runs: dict[str, dict]) -> dict:
     return report
 
 
+def method_label(method: str) -> str:
+    """A method's name in reports: "ours", "DAAM", "joint attention", ..."""
+    return TRAINING_FREE.get(method, method)
+
+
 def markdown(report: dict) -> str:
     name = report["name"]
+    methods = list(report["methods"])
 
     def mean_table(title: str, metric: str) -> list[str]:
         lines = [title, "", table1_header("test set"), table1_rule()]
-        for method, label in (("ours", "ours"), ("daam", "DAAM")):
+        for method in methods:
             average = report["methods"][method]["mean"]
-            lines.append(table1_row(f"{name}, {label}", [average[g][metric] for g in GROUPS]))
+            lines.append(table1_row(f"{name}, {method_label(method)}", [average[g][metric] for g in GROUPS]))
         return lines
 
     lines = [f"# {name}: Protocol I (paper Tab. 1)", ""]
@@ -132,12 +197,12 @@ def markdown(report: dict) -> str:
         "",
         *mean_table("Predicted pixels on the other named object (%), mean over splits:", "on_other_object"),
     ]
-    lines += ["", "Per split (class-averaged mIoU; DAAM's own image-noun mIoU in parentheses):", ""]
+    lines += ["", "Per split (class-averaged mIoU; each method's own image-noun mIoU in parentheses):", ""]
     lines += [table1_header("split, method"), table1_rule()]
-    for method, label in (("ours", "ours"), ("daam", "DAAM")):
+    for method in methods:
         for split, groups in report["methods"][method]["splits"].items():
             cells = [f"{pct(groups[g]['miou'])} ({pct(groups[g]['image_noun_miou'])})" for g in GROUPS]
-            lines.append(f"| {split}, {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {split}, {method_label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +322,7 @@ def read_run(path: str, table: int) -> dict:
         if isinstance(run, dict) and TABLE_INPUTS[other][1] in run:
             sys.exit(f"error: {path} is the input of --table {other}, not the {wanted}")
         sys.exit(f"error: {path} is not the {wanted} (or it is from an older version: rerun its `test`)")
-    return run
+    return upgrade_metrics(run, path) if table == 1 else run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, is_dataclass
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from grounded_diffusion.checkpoint_io import checkpoint_fits, checkpoint_name
@@ -17,11 +18,12 @@ from grounded_diffusion.inference import RealImageMode, convert_images, ground_g
 from grounded_diffusion.losses import grounding_loss
 from grounded_diffusion.metrics import CategoryIoU, GroupedIoU, PairConfusion, confused_pairs, summarize_iou
 from grounded_diffusion.models.backbones import BackboneConfig, build_backbone
+from grounded_diffusion.models.concept_attention import argmax_masks
 from grounded_diffusion.models.daam import WordMatching, normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 from grounded_diffusion.models.oracle import Oracle
 from grounded_diffusion.quiet import quiet_known_noise
-from grounded_diffusion.reports import TRIVIAL, table1_results
+from grounded_diffusion.reports import ARGMAX, LEGACY_BASELINE, TRAINING_FREE, TRIVIAL, table1_results
 
 
 class GroundingModule(LightningModule):
@@ -36,11 +38,14 @@ class GroundingModule(LightningModule):
         ignore_zero_masks: train without zero masks (paper §4.3); False = "normal training".
         lr / weight_decay / betas: Adam, the paper's defaults.
         mask_threshold: a pixel belongs to the object where sigmoid(logit) > this.
-        daam_threshold: τ of the DAAM baseline (its normalised heat map > τ), 0.4 as Tang et al.
-        daam_thresholds: a grid of τ to choose DAAM's threshold on seen categories only; the test
-            then also reports DAAM at the τ with the best seen mIoU (``daam_tuned``).
+        daam_threshold: τ of the training-free baseline (its normalised map > τ), 0.4 as Tang et
+            al. for DAAM. The baselines are the backbone's: DAAM on a UNet, joint attention and
+            ConceptAttention on a diffusion transformer; the ``daam_*`` settings name DAAM, whose
+            τ convention the others share.
+        daam_thresholds: a grid of τ to choose the baseline's threshold on seen categories only;
+            the test then also reports it at the τ with the best seen mIoU (``tuned``).
         test_min_oracle_score: the automatic counterpart of the paper's hand-checked test sets:
-            ``test`` leaves out of scoring (for ours, DAAM and the trivial predictors alike) every
+            ``test`` leaves out of scoring (for ours, the baseline and the trivial predictors alike) every
             object whose mask is empty or whose oracle score is under this; the report says per
             group how many objects were scored and dropped, and gives the unfiltered numbers too.
             ``null`` scores every object.
@@ -102,18 +107,30 @@ class GroundingModule(LightningModule):
         )
 
     @property
-    def daam_methods(self) -> dict[str, float]:
-        """DAAM at the configured τ, and at every τ of the tuning grid."""
+    def baseline_thresholds(self) -> dict[str, dict[str, float | str]]:
+        """The backbone's training-free baselines (DAAM; on a diffusion transformer, joint
+        attention and ConceptAttention) at the configured τ, and at every τ of the tuning grid:
+        ``{"daam": {"daam": 0.4, "daam@0.2": 0.2, ...}}`` (``table1_results``). ConceptAttention
+        is also scored by its argmax over the concepts, as its paper scores several classes."""
         grid = self.hparams.daam_thresholds or []
-        return {"daam": self.hparams.daam_threshold, **{f"daam@{t:g}": t for t in grid}}
+        methods = [
+            self.backbone.baseline_method,
+            *(["concept_attention"] if self.backbone.concept_attention else []),
+        ]
+        thresholds = {m: {m: self.hparams.daam_threshold, **{f"{m}@{t:g}": t for t in grid}} for m in methods}
+        if self.backbone.concept_attention:
+            thresholds["concept_attention"]["concept_attention@argmax"] = ARGMAX
+        return thresholds
 
     def configure_metrics(self) -> None:
-        num, methods = len(self.category_split.categories), ["ours", *self.daam_methods, *TRIVIAL]
+        variants = [key for scored in self.baseline_thresholds.values() for key in scored]
+        num, methods = len(self.category_split.categories), ["ours", *variants, *TRIVIAL]
         self.val_iou = CategoryIoU(num)
         self.test_iou = GroupedIoU(num, methods)
         filtered = self.hparams.test_min_oracle_score is not None
         self.test_iou_unfiltered = GroupedIoU(num, methods) if filtered else None
         self.test_pairs = PairConfusion(num)  # ours: which categories' masks land on each other
+        self.baselines_seen: set[str] = set()  # the training-free methods whose maps the test data holds
 
     def check_datamodule(self, datamodule) -> None:
         """Config-time check (the CLI calls it before any run): synthesis needs an oracle that
@@ -135,6 +152,12 @@ class GroundingModule(LightningModule):
             "feature_groups": backbone.feature_channels(),
             "daam_word_matching": self.hparams.daam_word_matching,
         }
+        if backbone.concept_attention:  # its maps' settings (not the features')
+            blocks = [f"transformer_blocks.{i}" for i in backbone.concept_blocks]
+            metadata["concept_attention"] = {
+                "blocks": blocks,
+                "background": list(backbone.config.concept_background),
+            }
         if prompts:
             metadata.update(guidance_scale=self.hparams.guidance_scale, oracle=self.oracle.describe())
         else:
@@ -249,14 +272,35 @@ class GroundingModule(LightningModule):
                 scored &= batch["oracle_scores"] >= min_score
         return scored
 
+    def baseline_maps(self, batch: dict, method: str) -> Tensor | None:
+        """The cached maps of ``method``; caches from before baselines were keyed by method hold
+        every backbone's under "daam" (read with a one-line notice)."""
+        if method in batch or method != self.backbone.baseline_method or LEGACY_BASELINE not in batch:
+            return batch.get(method)
+        if not getattr(self, "_legacy_notice", False):
+            self._legacy_notice = True
+            rank_zero_info(
+                f"The cache keeps the {TRAINING_FREE[method]} maps under '{LEGACY_BASELINE}' (written "
+                f"before baselines were named by method): reading them as '{method}'."
+            )
+        return batch[LEGACY_BASELINE]
+
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """Ours, DAAM (from the cached heat maps) and the trivial predictors on the same samples."""
+        """Ours, the training-free baseline (from the cached maps) and the trivial predictors on
+        the same samples."""
         preds = self._evaluate(batch, "test")
         masks, categories = batch["masks"], batch["categories"]
         predictions = {"ours": preds, TRIVIAL[0]: torch.ones_like(masks), TRIVIAL[1]: torch.zeros_like(masks)}
-        if "daam" in batch:
-            heat = normalized_heat_maps(batch["daam"], masks.shape[-2:])
-            predictions.update({method: heat > threshold for method, threshold in self.daam_methods.items()})
+        for method, variants in self.baseline_thresholds.items():
+            maps = self.baseline_maps(batch, method)
+            if maps is None:
+                continue
+            self.baselines_seen.add(method)
+            heat = normalized_heat_maps(maps, masks.shape[-2:])
+            for key, threshold in variants.items():
+                predictions[key] = (
+                    argmax_masks(maps, masks.shape[-2:]) if threshold == ARGMAX else heat > threshold
+                )
         scored = categories.masked_fill(~self.scored_objects(batch), -1)  # dropped objects: empty slots
         self.test_pairs.update(preds, masks, scored, categories)
         for method, pred in predictions.items():
@@ -281,13 +325,14 @@ class GroundingModule(LightningModule):
         table = self.test_iou.compute(self.category_split)
         self.test_iou.reset()
         self._log_summary("test", table["ours"]["all"])
-        for method in ("ours", "daam"):
+        thresholds = {m: v for m, v in self.baseline_thresholds.items() if m in self.baselines_seen}
+        for method in ("ours", *thresholds):
             for group, summary in table[method].items():
                 keys = ["miou", "image_noun_miou", "objects"]
                 if not math.isnan(summary["on_other_object"]):  # NaN where no image has two objects
                     keys.append("on_other_object")
                 self.log_dict({f"test/{method}/{group}/{k}": summary[k] for k in keys}, sync_dist=True)
-        results = table1_results(table, self.daam_methods, self.hparams.daam_threshold)
+        results = table1_results(table, thresholds)
         results["confused_pairs"] = confused_pairs(self.test_pairs.compute(), self.category_split.categories)
         self.test_pairs.reset()
         if self.test_iou_unfiltered is not None:
@@ -300,7 +345,7 @@ class GroundingModule(LightningModule):
             }
             min_score = self.hparams.test_min_oracle_score
             results["test_filter"] = {"min_oracle_score": min_score, "objects": counts}
-            results["unfiltered"] = table1_results(unfiltered, self.daam_methods, self.hparams.daam_threshold)
+            results["unfiltered"] = table1_results(unfiltered, thresholds)
         self.results["test"] = results
 
     # -- predict: triplets from prompts (synthesis) or from images with masks (paper §4.1), ----

@@ -17,6 +17,11 @@ os.environ.setdefault("GROUNDED_DIFFUSION_CACHE", tempfile.mkdtemp(prefix="gd-te
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# `make test` runs two pytest-xdist workers on two cores: one thread each (and in the processes
+# they start), since two torch processes of two threads slow each other many-fold (OpenMP
+# spin-waiting).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = str(REPO / "experiments" / "scenes.yaml")
@@ -174,10 +179,26 @@ def plain_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["grounded-diffusion"])
 
 
+# The longest modules, longest first. `make test`'s two pytest-xdist workers take whole modules
+# (`--dist loadfile`: a module's fixtures are built once) in collection order
+# (`--no-loadscope-reorder`), the first two modules one each, so these start at once and the short
+# modules fill in around them.
+LONG_MODULES = (
+    "test_world_protocol1",
+    "test_world_held_out_word",
+    "test_world_mmdit",
+    "test_gpu_session",
+    "test_ablations",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA: reported as skipped where there is none (CI)."""
+    """The long modules first (above). ``gpu`` tests need CUDA: reported as skipped where there
+    is none (CI)."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # (stable: else as collected)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

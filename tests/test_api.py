@@ -1,6 +1,6 @@
 """The Python API (``GroundedGenerator``), the portable head folder and the demo page, on a head
 fitted for a few steps on the tiny random SD (experiments/scenes.yaml). The shapes-world head
-(segmentation quality, the README example) is tested in test_world_models.py."""
+(segmentation quality, the README example) is tested in test_world_protocol1.py."""
 
 from __future__ import annotations
 

@@ -172,7 +172,10 @@ def test_grounding_runs_end_to_end_on_every_architecture(overlay, tmp_path, caps
     assert cache["backbone"]["model_id"] == f"embedded/{overlay.replace('_', '-')}"
     assert len(cache["feature_groups"]) == (3 if overlay == "tiny_sdxl" else 4)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert 0 <= metrics["seen_miou"] <= 100 and 0 <= metrics["baselines"]["daam"]["seen_miou"] <= 100
+    unet = overlay in ("tiny_sd2", "tiny_sdxl")
+    baseline = "daam" if unet else "joint_attention"  # keyed by method
+    assert metrics["training_free"] == ([baseline] if unet else [baseline, "concept_attention"])
+    assert 0 <= metrics["seen_miou"] <= 100 and 0 <= metrics["baselines"][baseline]["seen_miou"] <= 100
     # Grounded generation with the trained head: experiments/generate.yaml after the same overlay.
     prompts = [{"prompt": "a photograph of a dog and a cat", "categories": ["dog", "cat"]}]
     main(

@@ -100,3 +100,44 @@ def test_test_filter_drops_empty_and_low_score_oracle_masks_for_every_method(mon
     everything = test_results(None)
     assert "test_filter" not in everything and "unfiltered" not in everything
     assert everything["seen_miou"] == pytest.approx(100 / 3) and everything["unseen_miou"] == 50
+
+
+@pytest.mark.parametrize("key", ["joint_attention", "daam"])
+def test_the_baseline_is_scored_under_its_method_and_an_old_cache_key_is_read_with_a_notice(
+    key, monkeypatch, caplog
+):
+    """A transformer backbone's baseline is joint attention: its maps are scored and reported under
+    ``joint_attention``, whether the cache keys them so or, written before the rename, ``daam``.
+    Hand case: the maps are ours' masks, so the baseline scores what ours scores (a 50, b 100)."""
+    masks = torch.tensor(
+        [[[[1, 1, 0, 0]], [[0, 0, 0, 0]]], [[[0, 0, 1, 1]], [[1, 1, 1, 1]]]], dtype=torch.bool
+    )
+    ours = torch.tensor(
+        [[[[1, 0, 0, 0]], [[0, 0, 0, 0]]], [[[0, 0, 1, 1]], [[1, 1, 1, 1]]]], dtype=torch.bool
+    )
+    batch = {
+        "masks": masks,
+        "categories": torch.tensor([[0, -1], [1, 2]]),
+        "group": ["one_seen", "two_seen_unseen"],
+        key: ours.float(),
+    }
+    module = GroundingModule(head=SMALL, test_min_oracle_score=None)
+    monkeypatch.setattr(module.backbone, "baseline_method", "joint_attention")
+    module.category_split = CategorySplit(("a", "b", "c"), unseen=("b",))
+    module.configure_metrics()
+    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "_evaluate", lambda batch, stage: ours)
+    with caplog.at_level("INFO"):
+        module.test_step(batch, 0)
+        module.test_step(batch, 1)
+    module.on_test_epoch_end()
+    results = module.results["test"]
+    assert results["training_free"] == ["joint_attention"] and "daam" not in results["groups"]
+    baseline = results["baselines"]["joint_attention"]["per_category"]
+    assert (
+        (baseline["a"], baseline["b"])
+        == (50, 100)
+        == (results["per_category"]["a"], results["per_category"]["b"])
+    )
+    notices = [r.getMessage() for r in caplog.records if "under 'daam'" in r.getMessage()]
+    assert len(notices) == (1 if key == "daam" else 0)  # once per run, not per batch

@@ -62,5 +62,8 @@ def test_converted_images_do_not_depend_on_their_batch(backbone):
             torch.testing.assert_close(ours[i : i + 1], reference, atol=1e-4, rtol=1e-4)
         n = len(batch["categories"][i])
         torch.testing.assert_close(
-            together["daam"][i : i + 1, :n], alone["daam"][:, :n], atol=1e-5, rtol=1e-4
+            together["daam"][i : i + 1, :n],
+            alone["daam"][:, :n],
+            atol=1e-5,
+            rtol=1e-4,  # a UNet: DAAM
         )

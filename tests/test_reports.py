@@ -8,7 +8,13 @@ from grounded_diffusion import reports
 from grounded_diffusion.data.prompts import GROUPS
 
 
-def run(ours: float, daam: float, missing: str | None = None, scored_other_object: bool = True) -> dict:
+def run(
+    ours: float,
+    daam: float,
+    missing: str | None = None,
+    scored_other_object: bool = True,
+    method: str = "daam",
+) -> dict:
     def groups(value):
         table = {g: {"miou": None if g == missing else value, "image_noun_miou": value / 2} for g in GROUPS}
         if scored_other_object:  # metrics.json files written before it existed lack it
@@ -16,7 +22,7 @@ def run(ours: float, daam: float, missing: str | None = None, scored_other_objec
                 table[g]["on_other_object"] = value / 10 if g.startswith("two") else None
         return table
 
-    return {"groups": {"ours": groups(ours), "daam": groups(daam)}}
+    return {"training_free": [method], "groups": {"ours": groups(ours), method: groups(daam)}}
 
 
 def test_splits_are_averaged_per_group_and_written(tmp_path, capsys):
@@ -40,6 +46,38 @@ def test_splits_are_averaged_per_group_and_written(tmp_path, capsys):
     assert "| PASCAL-sim, DAAM | – | – | 5.50 | 5.50 | 5.50 |" in text  # on the other object
     assert "| split 2, DAAM | 50.00 (25.00) |" in text and "– (25.00)" in text
     assert capsys.readouterr().out.strip().endswith("report.json")
+
+
+def test_a_transformer_baseline_is_reported_by_its_name(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(run(90, 60, method="joint_attention")))
+    reports.main([str(path), "--name", "shapes", "--out", str(tmp_path / "table")])
+    report = json.loads((tmp_path / "table" / "report.json").read_text())
+    assert list(report["methods"]) == ["ours", "joint_attention"]
+    text = (tmp_path / "table" / "report.md").read_text()
+    assert "| shapes, joint attention | 60.00 |" in text and "DAAM" not in text
+
+
+def test_metrics_from_before_methods_were_named_are_read_with_a_notice(tmp_path, capsys):
+    """metrics.json as written before baselines were keyed by method: the baseline under "daam"
+    whatever the backbone, its τ under daam_threshold and the tuned one under daam_tuned."""
+    old = run(90, 60)
+    del old["training_free"]
+    old.update(daam_threshold=0.4, daam_tuned={"threshold": 0.6, "groups": {}})
+    old["unfiltered"] = {**old, "unfiltered": None}
+    del old["unfiltered"]["unfiltered"]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(old))
+    metrics = reports.read_metrics(path)
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and str(path) in notice[0] and "'daam'" in notice[0]
+    for results in (metrics, metrics["unfiltered"]):
+        assert results["training_free"] == ["daam"] and results["thresholds"] == {"daam": 0.4}
+        assert results["tuned"]["daam"]["threshold"] == 0.6 and "daam_tuned" not in results
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(run(90, 60, method="joint_attention")))
+    assert reports.read_metrics(new)["training_free"] == ["joint_attention"]
+    assert capsys.readouterr().err == ""  # no notice for this version's files
 
 
 def test_old_metrics_without_groups_are_refused(tmp_path):

@@ -155,10 +155,11 @@ def test_training_replays_latents(latents_cache):
     for method in ("ours", "daam"):
         assert set(metrics["groups"][method]) == set(unfiltered["groups"][method]) == {*GROUPS, "all"}
         assert all(unfiltered["groups"][method][g]["image_noun_miou"] is not None for g in GROUPS)
-    assert unfiltered["daam_tuned"]["threshold"] in (0.2, 0.4, 0.6)
-    assert set(unfiltered["daam_tuned"]["seen_miou_by_threshold"]) == {"0.2", "0.4", "0.6"}
+    assert metrics["training_free"] == unfiltered["training_free"] == ["daam"]
+    assert unfiltered["tuned"]["daam"]["threshold"] in (0.2, 0.4, 0.6)
+    assert set(unfiltered["tuned"]["daam"]["seen_miou_by_threshold"]) == {"0.2", "0.4", "0.6"}
     report = (latents_cache / "report" / "report.md").read_text()
-    assert "| daam (τ=" in report and "| scored / dropped |" in report
+    assert "| DAAM (τ=" in report and "| scored / dropped |" in report
     assert "Predicted pixels on the other named object" in report
 
 
@@ -306,7 +307,11 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     record = replay_cache.manifest()[-1]
     tensors, _ = replay_cache.load(record["id"])
     latent_shape = (128, 8, 8) if "flux2" in overlay else (16, 16, 16)  # FLUX.2: patchified 2x2
-    assert tensors["latents"].shape == latent_shape and tensors["daam"].shape == (
+    assert "daam" not in tensors  # the maps are keyed by their method, ConceptAttention's beside
+    assert tensors["concept_attention"].shape == tensors["joint_attention"].shape
+    concepts = replay_cache.metadata()["concept_attention"]
+    assert concepts["background"] == ["background"] and concepts["blocks"]
+    assert tensors["latents"].shape == latent_shape and tensors["joint_attention"].shape == (
         len(record["categories"]),
         8,
         8,
@@ -345,6 +350,12 @@ def test_diffusion_transformers_synthesise_into_both_cache_modes_replay_and_trai
     )
     main(["test", *common, "--ckpt_path", "last", "--verbose", "false"])
     metrics = json.loads((latents_root / "report" / "metrics.json").read_text())
-    assert metrics["unfiltered"]["groups"]["daam"]["all"]["miou"] is not None
+    assert metrics["unfiltered"]["groups"]["joint_attention"]["all"]["miou"] is not None
+    assert metrics["training_free"] == ["joint_attention", "concept_attention"]
+    assert (
+        set(metrics["argmax"]) == {"concept_attention"} and "concept_attention@argmax" in metrics["baselines"]
+    )
+    assert "daam" not in metrics["groups"] and "daam" not in metrics["baselines"]
     report = (latents_root / "report" / "report.md").read_text()
     assert "| joint attention | " in report and "| daam" not in report  # the baseline by its name
+    assert "| ConceptAttention | " in report and "| ConceptAttention (argmax over concepts) | " in report

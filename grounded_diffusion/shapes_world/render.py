@@ -12,8 +12,8 @@ about position). Its caption is the paper's template, "a photograph of a {c1} an
 Scenes depend only on (seed, index).
 
 The wide world (``world="shapes_wide"``, 48 categories) adds colour and shape words, so that a
-word held out from the head has seen neighbours (``held_out_word``; docs/shapes_world.md,
-"Held-out words"). Its models are trained the same way (``make world-wide``).
+word held out from the head has seen neighbours (``held_out_word``; docs/shapes_world.md
+and docs/results.md, "Held-out words"). Its models are trained the same way (``make world-wide``).
 """
 
 from __future__ import annotations

@@ -54,13 +54,15 @@ class Generation:
 
     images: RGB uint8 [B, 3, H, W]; latents: [B, C, h, w] in the UNet's dtype, what the UNet saw
     at the capture step; features: the captured groups, coarse first; heat_maps: DAAM maps of the
-    traced words [B, O, h, w] (None when no words were given).
+    traced words [B, O, h, w] (None when no words were given), or the joint-attention maps on a
+    diffusion transformer; concept_maps: ConceptAttention's maps of the words (transformers only).
     """
 
     images: Tensor
     latents: Tensor
     features: list[Tensor]
     heat_maps: Tensor | None
+    concept_maps: Tensor | None = None
 
 
 def capture_timestep(scheduler_config: dict, num_inference_steps: int, capture_step: int) -> int:
@@ -99,7 +101,17 @@ class FrozenBackbone(nn.Module):
     timestep: float
     block_modules: dict[str, nn.Module]
     block_names: list[str]
-    baseline_name = "daam"  # the training-free baseline's name in reports (kept under "daam")
+    # The training-free baseline that tracing gives: the key of its maps and scores (reports.TRAINING_FREE).
+    baseline_method = "daam"
+    # ConceptAttention (``trace_concepts``): diffusion transformers only; its maps sit beside.
+    concept_attention = False
+
+    def trace_concepts(self, words, gate=None):
+        """ConceptAttention (diffusion transformers: ``dit.py``)."""
+        raise ConfigError(
+            f"ConceptAttention runs on diffusion transformers (SD3, FLUX.1, FLUX.2); {self.config.model_id} "
+            "is a UNet, whose training-free baseline is DAAM"
+        )
 
     def _load(self, config: BackboneConfig, pipeline, kinds: tuple[type, ...], other: str):
         """The pipeline this backbone is built on (``pipeline``, or loaded from

@@ -3,7 +3,7 @@ backbone (UNet or diffusion transformer) reads, and what a cache records of it (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -15,6 +15,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Dtype = Literal["float32", "float16", "bfloat16"]
 Branches = Literal["cond", "uncond+cond"]
 CATEGORY_TEMPLATE = "a photograph of a {}"
+
+# Settings that change neither the features nor the cache's samples' features: speed switches, and
+# ConceptAttention's, whose maps cache.json records beside (``concept_attention``).
+NOT_IN_IDENTITY = ("channels_last", "compile_backend", "concept_blocks", "concept_background")
 
 
 @dataclass
@@ -59,6 +63,12 @@ class BackboneConfig:
         guidance_embedding: FLUX.1-dev's and FLUX.2 [dev]'s guidance input, given to every
             transformer call (generation, capture, replay, real images); ``None``: the
             pipeline's default (FLUX.1: 3.5; FLUX.2: 4.0).
+        concept_blocks: the joint (double-stream) blocks whose ConceptAttention maps are kept
+            (``transformer_blocks.N``); the concept tokens go through every joint block up to the
+            last of them. ``None``: the second half of the joint blocks (FLUX.1: 10-18 of 19, the
+            ConceptAttention paper's choice). UNets: not used.
+        concept_background: background concepts beside each prompt's categories in
+            ConceptAttention's softmax (and its argmax scoring).
         fusion_steps: more steps, counted as ``capture_step``, whose block features join the
             capture step's; the head fuses each block's steps with learned weights. Their latents
             come from the capture step's by the Euler jump along the predicted velocity,
@@ -79,6 +89,8 @@ class BackboneConfig:
     attention_blocks: list[str] | None = None
     guidance_embedding: float | None = None
     fusion_steps: list[int] | None = None
+    concept_blocks: list[str] | None = None
+    concept_background: list[str] = field(default_factory=lambda: ["background"])
 
     def __post_init__(self) -> None:
         # At config time, before any weights load.
@@ -102,4 +114,4 @@ class BackboneConfig:
 
     def identity(self) -> dict:
         """The settings the features depend on (what a cache records); speed switches left out."""
-        return {k: v for k, v in asdict(self).items() if k not in ("channels_last", "compile_backend")}
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_IDENTITY}

@@ -41,6 +41,7 @@ from grounded_diffusion.models.backbones.base import (
     compile_in_place,
 )
 from grounded_diffusion.models.backbones.config import CATEGORY_TEMPLATE, BackboneConfig
+from grounded_diffusion.models.concept_attention import ConceptAttentionTracer, ada_norm_zero_modulation
 from grounded_diffusion.models.daam import TextStream, WordMatching, word_token_indices
 from grounded_diffusion.models.joint_attention import JointAttentionTracer
 
@@ -74,7 +75,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     pipeline classes it runs), the class settings below, and overrides ``_transformer`` and
     ``_encode`` (and, where it differs, the hooks after them)."""
 
-    baseline_name = "joint attention"
+    baseline_method = "joint_attention"
+    concept_attention = True
+    # The text stream's modulation of the concept tokens in a joint block (FLUX.2: its own).
+    concept_modulation = staticmethod(ada_norm_zero_modulation)
     family: str
     pipelines: tuple[type, ...] = ()
     text_first = False  # the joint sequence is [text, image] (FLUX), not [image, text] (SD3)
@@ -162,6 +166,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         self.attention_names = self._chosen(
             "attention_blocks", config.attention_blocks, list(self.block_modules)
         )
+        self.concept_blocks = self._concept_blocks(config.concept_blocks)
         # Fusion steps as (timestep, σ): a flow-matching timestep is σ times the train timesteps.
         self.num_train_timesteps = self.idle_scheduler.config.num_train_timesteps
         self.fusion_points = [
@@ -310,6 +315,79 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         finally:
             if gate is not None:
                 gate.open = True
+
+    def _concept_blocks(self, names: list[str] | None) -> list[int]:
+        """Positions among the joint blocks (``transformer_blocks``) of ``names``; by default
+        the second half of them."""
+        joint = [f"transformer_blocks.{i}" for i in range(len(self.transformer.transformer_blocks))]
+        unknown = [n for n in names or [] if n not in joint]
+        if unknown or names == []:
+            what = f"{unknown} are not joint blocks" if unknown else "names no block"
+            raise ConfigError(
+                f"model.init_args.backbone.concept_blocks: {what}; ConceptAttention runs in "
+                f"{joint[0]} .. {joint[-1]} (null: the second half)"
+            )
+        return sorted(joint.index(n) for n in names) if names else list(range(len(joint) // 2, len(joint)))
+
+    @torch.no_grad()
+    def concept_tokens(self, words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor, Tensor, int]:
+        """ConceptAttention's concepts for each prompt: its categories (``words``), then the
+        background concepts. Each concept's tokens are its name's tokens, encoded alone by the
+        pipeline's text path (every text stream: SD3's CLIP and T5 alike), then the transformer's
+        context embedder. Returns the tokens [B, K, D] (padded), the real ones [B, K], each
+        concept's mean over its tokens [B, C, K], and the number of category concepts."""
+        background = list(self.config.concept_background)
+        names = sorted({name for prompt in words for name in prompt} | set(background))
+        hidden = self.encode_prompts(names).hidden
+        streams = self.text_streams()
+        pieces = {}
+        for row, name in enumerate(names):
+            positions = [
+                stream.start + p
+                for stream in streams
+                for p in word_token_indices(stream.tokenizer, name, name, max_length=stream.length)
+            ]
+            pieces[name] = hidden[row, positions]
+        categories = max(len(prompt) for prompt in words)
+        concepts = [[*prompt, *[None] * (categories - len(prompt)), *background] for prompt in words]
+        length = max(sum(len(pieces[c]) for c in row if c is not None) for row in concepts)
+        tokens = hidden.new_zeros(len(words), length, hidden.shape[-1])
+        real = torch.zeros(len(words), length, dtype=torch.bool, device=hidden.device)
+        weights = torch.zeros(len(words), len(concepts[0]), length, device=hidden.device)
+        for b, row in enumerate(concepts):
+            start = 0
+            for c, name in enumerate(row):
+                if name is None or not len(pieces[name]):
+                    continue
+                end = start + len(pieces[name])
+                tokens[b, start:end], real[b, start:end], weights[b, c, start:end] = (
+                    pieces[name],
+                    True,
+                    1 / (end - start),
+                )
+                start = end
+        return self.transformer.context_embedder(tokens), real, weights, categories
+
+    @contextlib.contextmanager
+    def trace_concepts(
+        self, words: Sequence[Sequence[str]], gate: CallGate | None = None
+    ) -> Iterator[ConceptAttentionTracer]:
+        """ConceptAttention over every transformer call inside (that ``gate`` lets through), for
+        the categories ``words`` (one list per prompt) and the background concepts;
+        ``tracer.word_maps()`` then gives the categories' maps on the token grid [B, O, rows,
+        columns] (``models/concept_attention.py``). Without ``gate``, the open word trace's, if any
+        (so that both leave out the same calls)."""
+        gate = gate or self._trace_gate
+        tokens, real, weights, categories = self.concept_tokens(words)
+        tracer = ConceptAttentionTracer(
+            self.transformer.transformer_blocks,
+            self.concept_blocks,
+            self.concept_modulation,
+            image_first=not self.text_first,
+            gate=gate,
+        )
+        with tracer.trace(tokens, real, weights, categories, self.grid):
+            yield tracer
 
     @contextlib.contextmanager
     def trace_words(
@@ -471,7 +549,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         ``guidance_scale``; FLUX.1 and FLUX.2 [dev]: their guidance embedding,
         ``BackboneConfig.guidance_embedding``),
         capturing the block features and the latent at the capture step, and the joint-attention
-        maps of ``words`` over all steps (conditional branch)."""
+        and ConceptAttention maps of ``words`` over all steps (conditional branch)."""
         steps, step = self._steps_to_capture(guidance_scale, num_inference_steps)  # (step: its loop index)
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
         at_capture: dict = {"latents": noise} if step == 0 else {}
@@ -486,7 +564,13 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         latents, gate = self._pack(noise), CallGate(self._calls_per_step(pipe, guidance_scale))
         guidance = self.guidance_embedding if self._guidance_embedded() else guidance_scale
         tracing = self.trace_words(prompts, words, word_matching, gate) if words else contextlib.nullcontext()
-        with gate.counting(self.transformer), self._capturing(gate) as captured, tracing as tracer:
+        concepts = self.trace_concepts(words, gate) if words else contextlib.nullcontext()
+        with (
+            gate.counting(self.transformer),
+            self._capturing(gate) as captured,
+            tracing as tracer,
+            concepts as concept_tracer,
+        ):
             images = pipe(
                 prompt=list(prompts),
                 height=self.image_size,
@@ -509,4 +593,5 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             latents=latents,
             features=features,
             heat_maps=tracer.word_maps() if words else None,
+            concept_maps=concept_tracer.word_maps() if words else None,
         )

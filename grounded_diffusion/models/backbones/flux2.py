@@ -21,12 +21,14 @@ from torch import Tensor
 
 from grounded_diffusion.models.backbones.base import PromptEmbeds
 from grounded_diffusion.models.backbones.flux import FluxBackbone
+from grounded_diffusion.models.concept_attention import flux2_modulation
 
 PROMPT_MARK = "\x00prompt\x00"  # stands for the prompt where the chat markup is rendered
 
 
 class Flux2Backbone(FluxBackbone):
     family = "flux2"
+    concept_modulation = staticmethod(flux2_modulation)  # the text stream's shift, scale, gate
     pipelines = (Flux2KleinPipeline, Flux2Pipeline)
     default_guidance_embedding = 4.0  # (the pipelines' default)
     category_tokenizer = "tokenizer"  # (Qwen3, or the tokenizer inside [dev]'s processor)
