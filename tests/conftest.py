@@ -189,6 +189,13 @@ LONG_MODULES = (
     "test_world_mmdit",
     "test_gpu_session",
     "test_ablations",
+    "test_synthesis_runs",
+    "test_world_models",
+    "test_faults",
+    "test_ddp",
+    "test_protocol2",
+    "test_cli",
+    "test_dit_backbone",
 )
 
 
