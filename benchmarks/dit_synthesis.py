@@ -1,6 +1,7 @@
 """Synthesis on a diffusion transformer (SD3, FLUX.1, FLUX.2 [klein]): our generation step (block-feature capture,
-and with the joint-attention maps of the category words) against the plain diffusers pipeline,
-the same modules, batch, dtype, prompts and noise, in one process.
+then with the joint-attention maps of the category words, then with ConceptAttention's too)
+against the plain diffusers pipeline, the same modules, batch, dtype, prompts and noise, in one
+process.
 
     python benchmarks/dit_synthesis.py [--model-id embedded/tiny-sd3] [--batch 8] [--steps 28]
 
@@ -71,7 +72,10 @@ def main() -> None:
     plain()  # warm-up
     base = best_time(plain, args.repeats)
     capture = best_time(lambda: backbone.generate(prompts, seeds, guidance), args.repeats)
-    maps = best_time(lambda: backbone.generate(prompts, seeds, guidance, words), args.repeats)
+    maps = best_time(
+        lambda: backbone.generate(prompts, seeds, guidance, words, concept_attention=False), args.repeats
+    )
+    concepts = best_time(lambda: backbone.generate(prompts, seeds, guidance, words), args.repeats)
 
     n = args.batch
     print(f"{args.model_id} ({args.dtype}) on {device}, {size} px, {args.steps} steps, batch {n}")
@@ -80,6 +84,7 @@ def main() -> None:
     print(f"| diffusers pipeline | {n / base:.2f} | 1.00x |")
     print(f"| ours: generation + feature capture | {n / capture:.2f} | {capture / base:.2f}x |")
     print(f"| ours: + joint-attention word maps | {n / maps:.2f} | {maps / base:.2f}x |")
+    print(f"| ours: + ConceptAttention maps | {n / concepts:.2f} | {concepts / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
 #   smoke       make smoke: every stage at SD-1.5 shapes, time and peak memory      (420)
 #   storage     benchmarks/cache_storage.py: features vs latents, bytes and speed   (240)
 #   compile     the same with the UNet under torch.compile (inductor), fp16, batch 8 (300)
-#   dit         benchmarks/dit_synthesis.py: tiny SD3, FLUX.1, FLUX.2 at 1024 px vs diffusers (240)
+#   dit         benchmarks/dit_synthesis.py: tiny DiTs at 1024 px vs diffusers, + joint attention, + ConceptAttention (300)
+#   memory      benchmarks/memory_check.py: the memory planner vs max_memory_allocated   (180)
 # Without CUDA, throughput and compile check the script on the tiny model instead.
 #
 # BUDGET=SECONDS bounds the whole run: a stage gets at most what is left of it (less 20 s for
@@ -32,8 +33,11 @@ SELF=$REPO/benchmarks/$(basename "$0")
 PY=${PYTHON:-python3}
 WHL=${WHEELS_DIR:-.whl}
 LOGS=${OUT:-$REPO/outputs/gpu_session}
-STAGES="check tests throughput smoke storage compile dit"
+STAGES="check tests throughput smoke storage compile dit memory"
 BUDGET=${BUDGET:-}
+# Seconds kept for the table, and the least a stage is started with (tests set them smaller).
+TABLE_SECONDS=${TABLE_SECONDS:-20}
+MIN_STAGE_SECONDS=${MIN_STAGE_SECONDS:-30}
 # The image lacks these (and the project needs them), or they are what those need.
 # tests/test_gpu_session.py checks that, with benchmarks/gpu_image_packages.txt, they hold every
 # requirement of the project and of each other.
@@ -78,11 +82,12 @@ stage_command() {
         # No SD3 / FLUX weights offline: the tiny transformers at 1024 px (a 64x64 token grid, as
         # the real models' attention sizes), bfloat16, batch 4.
         dit) local options="--dtype bfloat16 --batch 4 --image-size 1024"
-             [ "$cuda" = 1 ] || options="--batch 2 --steps 4"
+             [ "$cuda" = 1 ] || options="--batch 2 --steps 4 --repeats 1"
              for model in tiny-sd3 tiny-flux tiny-flux2; do
                  printf '%s' "$PY benchmarks/dit_synthesis.py --model-id embedded/$model $options && "
              done
              echo true ;;
+        memory) echo "$PY benchmarks/memory_check.py --batch 4" ;;
         *) return 1 ;;
     esac
 }
@@ -112,8 +117,8 @@ ran=()
 for stage in "$@"; do
     limit=$(stage_limit "$stage")
     if [ -n "$BUDGET" ]; then
-        left=$((BUDGET - SECONDS - 20))
-        if [ "$left" -lt 30 ]; then summary+=("| $stage | skipped: under 30 s of BUDGET left | 0 |"); continue; fi
+        left=$((BUDGET - SECONDS - TABLE_SECONDS))
+        if [ "$left" -lt "$MIN_STAGE_SECONDS" ]; then summary+=("| $stage | skipped: under $MIN_STAGE_SECONDS s of BUDGET left | 0 |"); continue; fi
         [ "$left" -lt "$limit" ] && limit=$left
     fi
     command=$(stage_command "$cuda" "$stage")

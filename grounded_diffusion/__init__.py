@@ -6,6 +6,10 @@ The Python API (imported on first use, so that ``grounded_diffusion.errors`` and
     from grounded_diffusion import GroundedGenerator, PretrainedHead
 """
 
+from grounded_diffusion.quiet import quiet_import_noise
+
+quiet_import_noise()  # (before diffusers is imported: see quiet.py)
+
 __all__ = ["GroundedGenerator", "GroundedImages", "PretrainedHead"]
 
 

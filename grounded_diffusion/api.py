@@ -39,7 +39,16 @@ from grounded_diffusion.data.prompts import ONE_OBJECT_TEMPLATE, TWO_OBJECT_TEMP
 from grounded_diffusion.data.validation import MIN_SIDE, decoded_image
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError, check_choice, real_number, whole_number
-from grounded_diffusion.inference import RealImageMode, ground_generated, segment_real
+from grounded_diffusion.inference import (
+    HEAD,
+    RealImageMode,
+    check_method,
+    ground_generated,
+    ground_generated_training_free,
+    segment_real,
+    trace_real,
+    training_free_probabilities,
+)
 from grounded_diffusion.models.backbones import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
 from grounded_diffusion.models.pretrained_head import PretrainedHead, check_compatible
 
@@ -244,6 +253,8 @@ class GroundedGenerator:
         num_inference_steps: int | None = None,
         batch_size: int = 4,
         progress: bool = True,
+        method: str = HEAD,
+        threshold: float | None = None,
     ) -> GroundedImages:
         """Generate one image per prompt and segment the categories named for it.
 
@@ -257,7 +268,15 @@ class GroundedGenerator:
             num_inference_steps: DDIM steps, default the head's; a schedule must pass through
                 the capture timestep (the error lists those that do).
             batch_size: prompts per model call.
+            method: ``head`` (the trained head), or a training-free method to compare with:
+                the backbone's baseline (``daam`` on a UNet, ``joint_attention`` on a diffusion
+                transformer) or ``concept_attention`` (diffusion transformers).
+            threshold: a training-free method's τ on its normalised map (default 0.4, DAAM's;
+                ConceptAttention by default takes the argmax over the categories and the
+                background concept, as its paper scores several classes). Not for the head.
         """
+        method = check_method(self.backbone, method)
+        threshold = self._check_threshold(method, threshold)
         prompts = _texts(prompts, "prompts")
         categories = self._per_image(categories, len(prompts), "prompts")
         seeds = self._seeds(seed, len(prompts))
@@ -268,25 +287,22 @@ class GroundedGenerator:
             default = self.backbone.config.num_inference_steps
             num_inference_steps = whole_number("num_inference_steps", num_inference_steps, 1, None, default)
         self.backbone.capture_step_for(num_inference_steps or self.backbone.config.num_inference_steps)
-        images, probabilities = [], []
+        images, probabilities, mask_threshold = [], [], self.pretrained.mask_threshold
         for start in tqdm(
             range(0, len(prompts), batch_size), desc="grounded generation", disable=not progress, leave=False
         ):
             part = slice(start, start + batch_size)
-            pixels, probs = ground_generated(
-                self.backbone,
-                self.head,
-                prompts[part],
-                categories[part],
-                seeds[part],
-                guidance,
-                num_inference_steps,
-            )
+            args = (prompts[part], categories[part], seeds[part], guidance, num_inference_steps)
+            if method == HEAD:
+                pixels, probs = ground_generated(self.backbone, self.head, *args)
+            else:
+                pixels, maps = ground_generated_training_free(self.backbone, method, *args)
+                probs, mask_threshold = training_free_probabilities(
+                    maps, method, pixels.shape[-2:], threshold
+                )
             images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
             probabilities += [p[: len(cs)].float().cpu() for p, cs in zip(probs, categories[part])]
-        return GroundedImages(
-            images, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold
-        )
+        return GroundedImages(images, categories, probabilities, prompts, seeds, mask_threshold)
 
     # -- real images --------------------------------------------------------------------------
 
@@ -300,8 +316,12 @@ class GroundedGenerator:
         seed: int = 0,
         batch_size: int = 4,
         progress: bool = True,
+        method: str = HEAD,
+        threshold: float | None = None,
     ) -> GroundedImages:
-        """Open-vocabulary segmentation of real images with the trained head (paper §4.1).
+        """Open-vocabulary segmentation of real images with the trained head (paper §4.1), or
+        with a training-free method's maps of the same denoiser call (``method``, ``threshold``:
+        as for generation).
 
         Args:
             images: one image or a list: file paths, PIL images, uint8 arrays [H, W, 3] or
@@ -313,6 +333,8 @@ class GroundedGenerator:
                 default the head's.
             seed: the noise of image i is drawn from this seed and i.
         """
+        method = check_method(self.backbone, method)
+        threshold = self._check_threshold(method, threshold)
         single = isinstance(images, (str, Path, Image.Image)) or (
             hasattr(images, "ndim") and images.ndim == 3
         )
@@ -337,7 +359,7 @@ class GroundedGenerator:
         batch_size = whole_number("batch_size", batch_size, 1, None, 4)
         seeds = self._seeds(seed, len(pictures))
         side, device = self.backbone.image_size, self.backbone.device
-        probabilities = []
+        probabilities, mask_threshold = [], self.pretrained.mask_threshold
         for start in tqdm(
             range(0, len(pictures), batch_size), desc="segmentation", disable=not progress, leave=False
         ):
@@ -347,9 +369,12 @@ class GroundedGenerator:
                 for p in pictures[part]
             ]
             batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(device)
-            probs = segment_real(
-                self.backbone, self.head, batch, prompts[part], categories[part], seeds[part], mode
-            )
+            args = (batch, prompts[part], categories[part], seeds[part], mode)
+            if method == HEAD:
+                probs = segment_real(self.backbone, self.head, *args)
+            else:
+                maps = trace_real(self.backbone, method, *args)
+                probs, mask_threshold = training_free_probabilities(maps, method, batch.shape[-2:], threshold)
             for picture, p, cs in zip(pictures[part], probs, categories[part]):
                 p = p[: len(cs)].float()
                 if p.shape[-2:] != (picture.height, picture.width):  # back to the image's own size
@@ -357,11 +382,20 @@ class GroundedGenerator:
                         p[None], size=(picture.height, picture.width), mode="bilinear", align_corners=False
                     )[0]
                 probabilities.append(p.cpu())
-        return GroundedImages(
-            pictures, categories, probabilities, prompts, seeds, self.pretrained.mask_threshold
-        )
+        return GroundedImages(pictures, categories, probabilities, prompts, seeds, mask_threshold)
 
     # -- input checks (before any work) --------------------------------------------------------
+
+    @staticmethod
+    def _check_threshold(method: str, threshold) -> float | None:
+        if threshold is None:
+            return None
+        if method == HEAD:
+            raise ConfigError(
+                "threshold is a training-free method's τ; the head's masks use the mask_threshold "
+                "its folder records: leave threshold None with method 'head'"
+            )
+        return real_number("threshold", threshold, 0.0, 1.0, 0.4)
 
     def _per_image(self, categories, count: int, what: str) -> list[list[str]]:
         if isinstance(categories, str):

@@ -4,6 +4,7 @@
     grounded-diffusion fit --config experiments/pascal_split1.yaml --config experiments/offline.yaml
     grounded-diffusion export --ckpt_path CHECKPOINT --out FOLDER   # a portable head folder
     grounded-diffusion demo --head FOLDER                            # the Gradio demo page
+    grounded-diffusion plan --config … --gpu-memory 24GB            # peak GPU memory, before the run
 
 Several ``--config`` files merge left to right; omegaconf interpolation (``${...}``) is resolved
 after merging ("omegaconf+" mode), so a later file or a CLI override can feed an earlier one;
@@ -46,7 +47,11 @@ from grounded_diffusion.quiet import quiet_known_noise
 set_parsing_settings(import_path_denylist=sorted(n for n in sys.stdlib_module_names if n.isidentifier()))
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TOOLS = {"export": "grounded_diffusion.export", "demo": "grounded_diffusion.demo"}
+TOOLS = {
+    "export": "grounded_diffusion.export",
+    "demo": "grounded_diffusion.demo",
+    "plan": "grounded_diffusion.memory_plan",
+}
 PREDICT_DEFAULTS = Path(__file__).parent / "configs" / "predict_defaults.yaml"
 PRINT_CONFIG = "--print_config"
 

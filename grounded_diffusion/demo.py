@@ -20,6 +20,8 @@ import numpy as np
 from grounded_diffusion.api import GroundedGenerator, GroundedImages
 from grounded_diffusion.data.voc import PALETTE_RGB
 from grounded_diffusion.errors import ConfigError, UserError
+from grounded_diffusion.inference import HEAD
+from grounded_diffusion.reports import TRAINING_FREE
 from grounded_diffusion.shapes_world.models import SHAPES_SD_ID
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
                 f"unexpected error ({type(error).__name__}: {one_line(error)}); see the server's log"
             ) from None
 
-    def generate(prompt: str, names: str, seed: float | None, num_steps: int | None):
+    def generate(prompt: str, names: str, seed: float | None, num_steps: int | None, method: str = HEAD):
         if not (prompt or "").strip():
             raise gr.Error("Write a prompt.")
         if seed is None or num_steps is None:
@@ -111,17 +113,40 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
             )
         return run(
             lambda: generator(
-                prompt, category_names(names), seed=seed, num_inference_steps=num_steps, progress=False
+                prompt,
+                category_names(names),
+                seed=seed,
+                num_inference_steps=num_steps,
+                progress=False,
+                method=method,
             )
         )
 
-    def segment(image, names: str, prompt: str, mode: str):
+    def segment(image, names: str, prompt: str, mode: str, method: str = HEAD):
         if image is None:
             raise gr.Error("Upload an image.")
         return run(
             lambda: generator.segment(
-                image, category_names(names), prompt=(prompt or "").strip() or None, mode=mode, progress=False
+                image,
+                category_names(names),
+                prompt=(prompt or "").strip() or None,
+                mode=mode,
+                progress=False,
+                method=method,
             )
+        )
+
+    # The head's masks, or a training-free method's beside it (ConceptAttention on a DiT).
+    methods = [("grounding head", HEAD), (TRAINING_FREE[backbone.baseline_method], backbone.baseline_method)]
+    if backbone.concept_attention:
+        methods.append((TRAINING_FREE["concept_attention"], "concept_attention"))
+
+    def method_choice():
+        return gr.Radio(
+            methods,
+            value=HEAD,
+            label="Masks from",
+            info="training-free methods: τ 0.4; ConceptAttention: argmax",
         )
 
     with gr.Blocks(title=TITLE) as demo:
@@ -142,6 +167,7 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
                             value=backbone.config.num_inference_steps,
                             info="the schedules that pass the head's capture step",
                         )
+                    method = method_choice()
                     button = gr.Button("Generate", variant="primary")
                 value, colours = None, None
                 if show_example:
@@ -152,7 +178,7 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
                 output = gr.AnnotatedImage(
                     value=value, color_map=colours, label="Image and masks", height=420, format="png"
                 )
-            button.click(generate, [prompt, names, seed, num_steps], output, api_name="generate")
+            button.click(generate, [prompt, names, seed, num_steps, method], output, api_name="generate")
         with gr.Tab("Segment an image"):
             with gr.Row():
                 with gr.Column():
@@ -166,9 +192,12 @@ def build_demo(generator: GroundedGenerator, show_example: bool = True):
                         value=generator.pretrained.real_image_mode,
                         label="To the capture step by",
                     )
+                    seg_method = method_choice()
                     seg_button = gr.Button("Segment", variant="primary")
                 seg_output = gr.AnnotatedImage(label="Masks", height=420, format="png")
-            seg_button.click(segment, [image, seg_names, seg_prompt, mode], seg_output, api_name="segment")
+            seg_button.click(
+                segment, [image, seg_names, seg_prompt, mode, seg_method], seg_output, api_name="segment"
+            )
     return demo
 
 

@@ -1,7 +1,8 @@
 """What ``predict`` makes, as functions of the frozen models (no Lightning): triplets synthesised
 from prompts (SD + oracle + DAAM), triplets converted from images with masks (paper §4.1), and
-grounded images (generation + the trained head). GroundingModule's ``predict_step`` and the Python
-API (``grounded_diffusion.GroundedGenerator``) call them.
+grounded images (generation + the trained head, or a training-free method's maps).
+GroundingModule's ``predict_step`` and the Python API (``grounded_diffusion.GroundedGenerator``)
+call them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import torch
 from torch import Tensor
 
 from grounded_diffusion.data.sources import sample_seed
+from grounded_diffusion.errors import check_choice
 from grounded_diffusion.models.backbones import FrozenBackbone
+from grounded_diffusion.models.concept_attention import argmax_masks
+from grounded_diffusion.models.daam import normalized_heat_maps
 from grounded_diffusion.models.grounding_head import GroundingHead
 
 RealImageMode = Literal["noise", "ddim_inversion"]  # how real images reach the capture step
@@ -63,6 +67,51 @@ def ground_generated(
     return generation.images, probs
 
 
+HEAD = "head"
+
+
+def check_method(backbone: FrozenBackbone, method: str) -> str:
+    """``head``, the backbone's training-free baseline (``daam`` on a UNet, ``joint_attention``
+    on a diffusion transformer) or ``concept_attention`` (diffusion transformers), or one line."""
+    methods = [HEAD, backbone.baseline_method, *(["concept_attention"] if backbone.concept_attention else [])]
+    if method == "concept_attention" and not backbone.concept_attention:
+        backbone.trace_concepts([])  # (its one-line error: ConceptAttention runs on diffusion transformers)
+    check_choice("method", method, methods)
+    return method
+
+
+def training_free_probabilities(
+    maps: Tensor, method: str, size: tuple[int, int], threshold: float | None
+) -> tuple[Tensor, float]:
+    """A training-free method's maps [B, O, h, w] -> per-pixel scores [B, O, H, W] and the
+    threshold that makes its masks, as Protocol I scores it: DAAM and joint attention, the map
+    min-max normalised, above τ (default DAAM's 0.4); ConceptAttention, by default the argmax
+    over the categories' and background concepts (1 where a category wins, else 0), or with
+    ``threshold`` its normalised map above τ."""
+    if method == "concept_attention" and threshold is None:
+        return argmax_masks(maps, size).float(), 0.5
+    return normalized_heat_maps(maps, size), 0.4 if threshold is None else threshold
+
+
+def ground_generated_training_free(
+    backbone: FrozenBackbone,
+    method: str,
+    prompts: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    num_inference_steps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generate from ``prompts`` and trace the named categories: RGB uint8 images and the
+    method's maps [B, O, h, w] (joint attention or DAAM over every step; ConceptAttention's
+    averaged over its blocks and steps)."""
+    generation = backbone.generate(
+        prompts, seeds, guidance_scale, categories, num_inference_steps=num_inference_steps
+    )
+    maps = generation.concept_maps if method == "concept_attention" else generation.heat_maps
+    return generation.images, maps
+
+
 def real_image_latents(
     backbone: FrozenBackbone, images: Tensor, prompt_embeds, seeds: Sequence[int], mode: str
 ) -> Tensor:
@@ -90,6 +139,27 @@ def segment_real(
     timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
     features = backbone.features(latents, timesteps, prompt_embeds)
     return head_probabilities(backbone, head, features, categories, images.shape[-2:])
+
+
+def trace_real(
+    backbone: FrozenBackbone,
+    method: str,
+    images: Tensor,
+    prompts: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    mode: str,
+) -> Tensor:
+    """A training-free method's maps [B, O, h, w] of real images: one denoiser call at the
+    capture step, traced (the view ``predict`` caches of a real image)."""
+    prompt_embeds = backbone.encode_prompts(prompts)
+    latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
+    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
+    concepts = method == "concept_attention"
+    tracing = backbone.trace_concepts(categories) if concepts else backbone.trace_words(prompts, categories)
+    with tracing as tracer:
+        backbone.features(latents, timesteps, prompt_embeds)
+    return tracer.word_maps()
 
 
 def synthesise_triplets(

@@ -35,7 +35,7 @@ class _DropMessage(logging.Filter):
         self.start = start
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
+        return not (str(record.msg).startswith(self.start) or record.getMessage().startswith(self.start))
 
 
 class _DropTips(logging.Filter):
@@ -61,7 +61,26 @@ def quiet_known_noise(evaluating: bool = False, resuming: bool = False) -> None:
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in logger.filters):
         logger.addFilter(_DropTips())
+    quiet_import_noise()
     for name, start in IGNORED_LOG_RECORDS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
+
+
+# Printed while diffusers is imported, where torchao (a quantization backend) is installed: set
+# before that import (grounded_diffusion/__init__.py calls this).
+IMPORT_NOISE = {
+    # diffusers 0.42 looks for torchao tensor classes of older torchao releases, for loading
+    # torchao-serialized checkpoints, which we never read (we quantize at load).
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+    # torchao registers its enums with torch's pytree, which torch now handles natively.
+    "torch.utils._pytree": "<enum ",
+}
+
+
+def quiet_import_noise() -> None:
+    for name, start in IMPORT_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
             logger.addFilter(_DropMessage(start))

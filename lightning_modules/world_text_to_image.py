@@ -73,6 +73,8 @@ class TextToImageModule(LightningModule):
         guidance_scale / num_inference_steps: for those samples (DDIM; the MM-DiT's Euler).
         architecture: ``unet`` (SD-1.x's layout, noise prediction) or ``mmdit`` (SD3's,
             rectified flow).
+        patch_size: the MM-DiT's patch size on the 16x16 latents (2: an 8x8 token grid; 1: 16x16,
+            as fine as the UNet's finest feature grid). Ignored by the UNet.
     """
 
     def __init__(
@@ -87,9 +89,15 @@ class TextToImageModule(LightningModule):
         guidance_scale: float = 3.0,
         num_inference_steps: int = 25,
         architecture: Architecture = "unet",
+        patch_size: int = 2,
     ) -> None:
         super().__init__()
         check_choice("model.init_args.architecture", architecture, Architecture)
+        if patch_size not in (1, 2, 4):
+            raise ConfigError(
+                f"model.init_args.patch_size {patch_size} does not tile the 16x16 latents into a "
+                "grid the MM-DiT's position table covers; use 1, 2 or 4"
+            )
         self.save_hyperparameters()
         if not (Path(vae) / "config.json").is_file():
             raise ConfigError(
@@ -109,7 +117,7 @@ class TextToImageModule(LightningModule):
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
             self.noise_scheduler = DDPMScheduler(**{k: config[k] for k in keys})
             return
-        self.transformer = shapes_mmdit()
+        self.transformer = shapes_mmdit(self.hparams.patch_size)
         self.text_encoder, self.text_encoder_2 = shapes_mmdit_text_encoders()
         # SD3's pipeline reads the VAE's shift; this VAE's latents are scaled, not shifted.
         self.vae.register_to_config(shift_factor=self.vae.config.get("shift_factor") or 0.0)

@@ -349,6 +349,22 @@ def test_demo_predictions_agree_with_the_python_api(demo_url, generator, tmp_pat
     expected = generator.segment(image, ["car"], progress=False)
     assert np.array_equal(mask_pixels(result["annotations"][0]), expected.label_maps()[0] == 1)
 
+    # the training-free baseline beside the head (on a UNet: DAAM)
+    result = client.predict(
+        "a photograph of a dog and a cat", "dog, cat", 4, 25, "daam", api_name="/generate"
+    )["value"]
+    expected = generator(
+        "a photograph of a dog and a cat",
+        ["dog", "cat"],
+        seed=4,
+        num_inference_steps=25,
+        progress=False,
+        method="daam",
+    )
+    labels = expected.label_maps()[0]
+    for k, annotation in enumerate(result["annotations"]):
+        assert np.array_equal(mask_pixels(annotation), labels == k + 1)
+
 
 def test_demo_says_what_is_wrong_with_an_input(demo_url, tmp_path):
     """Each reason on the page in one line (gr.Error), not Gradio's "upstream app raised an exception"."""
@@ -458,3 +474,51 @@ def test_generation_and_segmentation_run_on_every_backbone(model_id, tmp_path):
     assert [tuple(p.shape) for p in out.probabilities] == [(1, side, side), (2, side, side)]
     seg = generator.segment(np.zeros((40, 50, 3), dtype=np.uint8), ["dog"], progress=False)
     assert tuple(seg.probabilities[0].shape) == (1, 40, 50)
+
+
+def test_training_free_methods_through_the_api_on_a_diffusion_transformer(tmp_path):
+    """``method=``: ConceptAttention's argmax masks and joint attention's normalised maps of the
+    generation, as computed from the backbone's own maps of the same seeds; real images too."""
+    from grounded_diffusion.models.concept_attention import argmax_masks
+    from grounded_diffusion.models.daam import normalized_heat_maps
+    from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
+
+    config = BackboneConfig(
+        model_id="embedded/tiny-sd3",
+        num_inference_steps=4,
+        capture_step=2,
+        image_size=128,
+        max_sequence_length=16,
+    )
+    backbone = build_backbone(config)
+    channels = backbone.feature_channels()
+    small = HeadConfig(group_channels=[8] * len(channels), embed_dim=32, num_heads=4, ffn_dim=64)
+    head = GroundingHead(channels, backbone.text_dim, small)
+    PretrainedHead(head, config, guidance_scale=5.0).save_pretrained(tmp_path / "head")
+    generator = GroundedGenerator.from_pretrained(tmp_path / "head")
+    prompts, categories = ["a photograph of a cat and a dog"], [["cat", "dog"]]
+    concept = generator(prompts, categories, method="concept_attention", progress=False)
+    reference = generator.backbone.generate(prompts, concept.seeds, 5.0, categories)
+    expected = argmax_masks(reference.concept_maps, (128, 128))[0]
+    assert torch.equal(concept.masks[0], expected) and concept.probabilities[0].shape == (2, 128, 128)
+    joint = generator(prompts, categories, method="joint_attention", threshold=0.3, progress=False)
+    torch.testing.assert_close(
+        joint.probabilities[0], normalized_heat_maps(reference.heat_maps, (128, 128))[0]
+    )
+    assert torch.equal(joint.masks[0], joint.probabilities[0] >= 0.3)
+    real = generator.segment(
+        np.zeros((40, 50, 3), dtype=np.uint8), ["dog"], method="concept_attention", progress=False
+    )
+    assert tuple(real.probabilities[0].shape) == (1, 40, 50)
+    with pytest.raises(ConfigError, match="method 'daam' is not one of"):
+        generator(prompts, categories, method="daam", progress=False)
+    with pytest.raises(ConfigError, match="threshold is a training-free method's τ"):
+        generator(prompts, categories, threshold=0.3, progress=False)
+
+
+def test_concept_attention_on_a_unet_is_refused_in_one_line(generator):
+    with pytest.raises(ConfigError, match="ConceptAttention runs on diffusion transformers") as error:
+        generator(["a photograph of a dog"], ["dog"], method="concept_attention", progress=False)
+    assert "\n" not in str(error.value)
+    daam = generator(["a photograph of a dog"], ["dog"], method="daam", progress=False)
+    assert daam.mask_threshold == 0.4 and float(daam.probabilities[0].max()) == pytest.approx(1.0, abs=1e-4)

@@ -44,6 +44,7 @@ EXPERIMENTS = sorted(
         "experiments/world/wide.yaml",
         "experiments/shapes_dit.yaml",
         "experiments/world/dit.yaml",
+        "experiments/world/dit_patch1.yaml",
     )
 )
 

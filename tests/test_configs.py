@@ -33,6 +33,7 @@ OVERLAID = {
     "experiments/world/oracle_wide.yaml": "experiments/world/oracle.yaml",
     "experiments/shapes_dit.yaml": "experiments/shapes.yaml",
     "experiments/world/dit.yaml": "experiments/world/text_to_image.yaml",
+    "experiments/world/dit_patch1.yaml": "experiments/world/text_to_image.yaml",
 }
 SKIPPED_FOLDERS = ("experiments/base/", "experiments/ablations/", "experiments/backbones/")
 

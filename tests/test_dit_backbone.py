@@ -349,7 +349,7 @@ def test_fusion_steps_are_checked_before_any_weights_load():
         BackboneConfig(capture_step=5, fusion_steps=[5])
     with pytest.raises(ConfigError, match="fusion_steps"):
         BackboneConfig(num_inference_steps=10, fusion_steps=[11])
-    with pytest.raises(ConfigError, match="fusion_steps apply to diffusion transformers"):
+    with pytest.raises(ConfigError, match="fusion_steps and features_from apply to diffusion transformers"):
         StableDiffusionBackbone(BackboneConfig(fusion_steps=[10]))
 
 
@@ -490,3 +490,40 @@ def test_flux2_klein_distilled_calls_once_per_step_and_base_captures_the_conditi
             base.features(tokens.transpose(1, 2).unflatten(-1, base.grid), timestep * 1000, embeds)
     torch.testing.assert_close(guided.heat_maps, tracer.word_maps(), atol=1e-6, rtol=1e-4)
     assert generation.heat_maps.shape == guided.heat_maps.shape
+
+
+@pytest.mark.parametrize("model_id", ["embedded/shapes-dit", "embedded/tiny-sd3", "embedded/tiny-flux"])
+def test_features_from_attention_are_the_image_tokens_attention_outputs(model_id):
+    """``features_from: attention``: each tapped joint block's image-token attention output, as
+    the block's own output projection (``attn.to_out[0]``) gives it, read by a hook of our own."""
+    settings = (
+        {"max_sequence_length": 0}
+        if model_id.endswith("shapes-dit")
+        else {"image_size": 128, "max_sequence_length": 16}
+    )
+    config = BackboneConfig(
+        model_id=model_id, num_inference_steps=4, capture_step=2, features_from="attention", **settings
+    )
+    backbone = build_backbone(config)
+    joint = [n for n in backbone.block_names if n.startswith("transformer_blocks.")]
+    projected = {}
+    for name in joint:
+        backbone.block_modules[name].attn.to_out[0].register_forward_hook(
+            lambda m, a, o, name=name: projected.__setitem__(name, o)
+        )
+    latents = torch.randn(1, *backbone.latent_shape(), generator=torch.Generator().manual_seed(0))
+    timesteps = torch.full((1,), backbone.timestep)
+    groups = backbone.features(latents, timesteps, backbone.encode_prompts(["a red circle"]))
+    guidance_rows = projected[joint[0]].shape[0]
+    for name in joint:
+        group = groups[backbone.block_names.index(name)]
+        expected = projected[name][-1:].transpose(1, 2).unflatten(-1, group.shape[-2:])  # the conditional row
+        torch.testing.assert_close(group, expected)
+    assert guidance_rows in (1, 2)
+
+
+def test_features_from_is_refused_on_a_unet_and_checked():
+    with pytest.raises(ConfigError, match="fusion_steps and features_from apply to diffusion transformers"):
+        build_backbone(BackboneConfig(num_inference_steps=4, capture_step=2, features_from="attention"))
+    with pytest.raises(ConfigError, match="features_from 'attn' is not one of"):
+        BackboneConfig(features_from="attn")

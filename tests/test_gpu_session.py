@@ -17,7 +17,12 @@ SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
 
 
 def session(
-    *stages: str, wheels: Path, out: Path, python: str = sys.executable, budget: int | None = None
+    *stages: str,
+    wheels: Path,
+    out: Path,
+    python: str = sys.executable,
+    budget: int | None = None,
+    **settings: str,
 ) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
@@ -25,6 +30,7 @@ def session(
         "WHEELS_DIR": str(wheels),
         "OUT": str(out),
         **({"BUDGET": str(budget)} if budget else {}),
+        **settings,
     }
     return subprocess.run(
         ["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=300
@@ -55,14 +61,29 @@ def test_dit_stage_compares_the_tiny_transformers_with_the_plain_pipeline_withou
     assert run.returncode == 0, run.stdout + run.stderr
     log = (tmp_path / "out" / "dit.log").read_text()
     assert all(f"embedded/{m} (float32)" in log for m in ("tiny-sd3", "tiny-flux", "tiny-flux2"))
-    rows = [line for line in log.splitlines() if line.startswith("| ours: + joint-attention word maps | ")]
-    assert len(rows) == 3 and all(float(row.split(" | ")[1]) > 0 for row in rows)  # samples/s
+    for run_name in ("| ours: + joint-attention word maps | ", "| ours: + ConceptAttention maps | "):
+        rows = [line for line in log.splitlines() if line.startswith(run_name)]
+        assert len(rows) == 3 and all(float(row.split(" | ")[1]) > 0 for row in rows)  # samples/s
+
+
+def test_memory_stage_plans_the_tiny_model_without_cuda(tmp_path):
+    run = session("memory", wheels=tmp_path / "no_wheels", out=tmp_path / "out")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [
+        line
+        for line in (tmp_path / "out" / "memory.log").read_text().splitlines()
+        if line.startswith("| tiny-sd |")
+    ]
+    assert len(rows) == 1 and float(rows[0].split(" | ")[3]) > 0 and rows[0].endswith("| n/a (no CUDA) |")
 
 
 def test_unknown_stage_is_refused_before_anything_runs(tmp_path):
     run = session("check", "thruput", wheels=tmp_path, out=tmp_path / "out")
     assert run.returncode == 2
-    assert "unknown stage 'thruput' (stages: check tests throughput smoke storage compile dit" in run.stdout
+    assert (
+        "unknown stage 'thruput' (stages: check tests throughput smoke storage compile dit memory"
+        in run.stdout
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -154,8 +175,9 @@ def test_a_failing_check_stops_the_run_before_the_stages_that_need_it(tmp_path):
 
 
 def test_the_budget_stops_a_stage_that_outruns_it_and_skips_what_no_longer_fits(tmp_path):
-    """BUDGET=52: the tests get the 32 s left after the check and the table's 20, are stopped,
-    and the next stage is skipped; the table still prints, inside the budget."""
+    """BUDGET=13 with 2 s kept for the table and stages started with 3 s or more (the script's
+    20 and 30, scaled down): the tests get what is left after the check, are stopped, and the
+    next stage is skipped; the table still prints, inside the budget."""
     start = time.monotonic()
     run = session(
         "check",
@@ -164,9 +186,11 @@ def test_the_budget_stops_a_stage_that_outruns_it_and_skips_what_no_longer_fits(
         python=stand_in_python(tmp_path, "pytest", "sleep 100"),
         wheels=tmp_path / "none",
         out=tmp_path / "out",
-        budget=52,
+        budget=13,
+        TABLE_SECONDS="2",
+        MIN_STAGE_SECONDS="3",
     )
-    assert time.monotonic() - start < 52
+    assert time.monotonic() - start < 13
     check, tests, throughput = run.stdout.strip().splitlines()[-3:]
     assert check.startswith("| check | 0 | ") and tests.startswith("| tests | 124: stopped after ")
-    assert throughput == "| throughput | skipped: under 30 s of BUDGET left | 0 |"
+    assert throughput == "| throughput | skipped: under 3 s of BUDGET left | 0 |"

@@ -58,12 +58,13 @@ def shapes_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(tiny_clip_config(64))
 
 
-def shapes_mmdit() -> SD3Transformer2DModel:
-    """SD3's MM-DiT at the shapes world's size: 6 joint blocks of 4 heads x 32 on the 8x8 patch
-    grid of 16x16x4 latents; text tokens are the two CLIPs' states concatenated (32 + 32)."""
+def shapes_mmdit(patch_size: int = 2) -> SD3Transformer2DModel:
+    """SD3's MM-DiT at the shapes world's size: 6 joint blocks of 4 heads x 32 on the patch grid
+    of 16x16x4 latents (8x8 at ``patch_size`` 2, 16x16 at 1, the UNet's finest feature grid);
+    text tokens are the two CLIPs' states concatenated (32 + 32)."""
     return SD3Transformer2DModel(
         sample_size=16,
-        patch_size=2,
+        patch_size=patch_size,
         in_channels=4,
         out_channels=4,
         num_layers=6,

@@ -61,7 +61,7 @@ def build_backbone(
     """The frozen backbone of ``config.model_id`` (or of a loaded ``pipeline``): a UNet's
     (SD-1.x / 2.x / XL) or a diffusion transformer's (SD3 / SD3.5, FLUX.1, FLUX.2), as its pipeline is."""
     config = config or BackboneConfig()
-    pipeline = pipeline or load_pipeline(config.model_id, DTYPES[config.dtype])
+    pipeline = pipeline or load_pipeline(config.model_id, DTYPES[config.dtype], config.quantization)
     backbone = next(b for kind, b in FAMILIES.items() if isinstance(pipeline, kind))
     return backbone(config, pipeline=pipeline)
 

@@ -119,7 +119,11 @@ class FrozenBackbone(nn.Module):
         (``other``: what to do then)."""
         check_choice("dtype", config.dtype, Dtype)
         check_choice("branches", config.branches, Branches)
-        pipeline = pipeline if pipeline is not None else load_pipeline(config.model_id, DTYPES[config.dtype])
+        pipeline = (
+            pipeline
+            if pipeline is not None
+            else load_pipeline(config.model_id, DTYPES[config.dtype], config.quantization)
+        )
         if not isinstance(pipeline, kinds):
             raise ConfigError(f"'{config.model_id}' is a {type(pipeline).__name__}, {other}")
         denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
@@ -136,7 +140,48 @@ class FrozenBackbone(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """Where the models run: the denoiser's device, or with offload the device they are
+        brought to while they run."""
+        return self._offload_device or self.denoiser.device
+
+    # -- offload ---------------------------------------------------------------------------------
+
+    _offload_device: torch.device | None = None
+    _offload_pipeline = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """With ``offload``, a move to an accelerator (``.to("cuda")``, Lightning's placement)
+        leaves the models on the CPU and has diffusers bring each to that device while it runs."""
+        if self.config.offload == "none":
+            return super()._apply(fn, recurse)
+        target = fn(torch.empty(0)).device
+        if target.type == "cpu":
+            return super()._apply(fn, recurse)
+        if self._offload_device != target:
+            self._enable_offload(target)
+        return self
+
+    def _enable_offload(self, device: torch.device) -> None:
+        pipe = self.pipeline()
+        if self.config.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_group_offload(
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+            )
+        self._offload_device, self._offload_pipeline = torch.device(device), pipe
+
+    def _with_offload(self, pipe):
+        """A pipeline over the shared modules that offloads them again after its call, as the one
+        offload was enabled on (diffusers keeps that state on the pipeline object)."""
+        if self._offload_pipeline is not None:
+            for name in ("_all_hooks", "_offload_device", "_offload_gpu_id"):
+                if hasattr(self._offload_pipeline, name):
+                    setattr(pipe, name, getattr(self._offload_pipeline, name))
+        return pipe
 
     @property
     def vae_scale_factor(self) -> int:
@@ -159,6 +204,11 @@ class FrozenBackbone(nn.Module):
         """What a tapped block's forward returns -> the feature it contributes."""
         raise NotImplementedError
 
+    def _tapped_module(self, name: str) -> nn.Module:
+        """The module whose output block ``name`` contributes (the block itself; a diffusion
+        transformer may read its attention instead: ``features_from``)."""
+        return self.block_modules[name]
+
     @contextlib.contextmanager
     def _capturing(self, gate=None) -> Iterator[dict[str, Tensor]]:
         """The chosen blocks' outputs of the last denoiser call (that ``gate``, if given, lets
@@ -170,7 +220,7 @@ class FrozenBackbone(nn.Module):
                 captured[name] = self._block_output(output)
 
         handles = [
-            self.block_modules[name].register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+            self._tapped_module(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
             for name in self.block_names
         ]
         try:

@@ -8,17 +8,19 @@ from typing import Literal
 
 import torch
 
-from grounded_diffusion.errors import ConfigError, check_in_range
+from grounded_diffusion.errors import ConfigError, check_choice, check_in_range
+from grounded_diffusion.models.backbones.quantization import check_quantization
 from grounded_diffusion.models.tiny_sd import TINY_SD_ID
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
 Branches = Literal["cond", "uncond+cond"]
+Offload = Literal["none", "model", "group"]
 CATEGORY_TEMPLATE = "a photograph of a {}"
 
-# Settings that change neither the features nor the cache's samples' features: speed switches, and
+# Settings that change neither the features nor the cache's samples' features: speed and memory switches, and
 # ConceptAttention's, whose maps cache.json records beside (``concept_attention``).
-NOT_IN_IDENTITY = ("channels_last", "compile_backend", "concept_blocks", "concept_background")
+NOT_IN_IDENTITY = ("channels_last", "compile_backend", "concept_blocks", "concept_background", "offload")
 
 
 @dataclass
@@ -74,6 +76,28 @@ class BackboneConfig:
             come from the capture step's by the Euler jump along the predicted velocity,
             x_σk = x_σ + (σk − σ) v, so generation, replay and real images compute them alike
             from the one stored latent. ``None``: the capture step alone.
+        features_from: ``None`` (the tapped blocks' outputs, the residual stream) or
+            ``attention``: the image tokens' attention outputs of those blocks (after the output
+            projection), the space where ConceptAttention finds its signal. UNets: not used.
+
+    Memory (docs/gpus.md; ``grounded-diffusion plan`` says what fits before a run):
+
+    Args:
+        quantization: components to quantize through diffusers' quantization support, each with
+            a backend and a type, e.g. ``{transformer: {backend: torchao, type: int8wo},
+            text_encoder_2: {backend: bitsandbytes, type: nf4}}``. Backends and types: torchao
+            (int8wo, int8dq on any device; int4wo, fp8wo, fp8dq on a GPU, fp8 from compute
+            capability 8.9), bitsandbytes (nf4, fp4, int8; GPU) and quanto (int8, int4, float8).
+            Part of the features' identity: a cache or head from a quantized backbone is never
+            mixed with an unquantized one. ``None``: the weights as stored, in ``dtype``.
+        offload: where the frozen models wait between uses: ``none`` (all on the device),
+            ``model`` (each model on the device while it runs, so the text encoders have left
+            it before the denoiser runs: diffusers' ``enable_model_cpu_offload``) or ``group``
+            (one block at a time, streamed: ``enable_group_offload``; the least memory). Speed
+            and memory only: the features are the same. (diffusers' sequential offload is left
+            out until it is checked on a GPU: in the CPU test, accelerate 1.16 turns the text
+            encoder's embedding into a plain tensor and fails on its second call; group offload
+            keeps as little on the device.)
     """
 
     model_id: str = TINY_SD_ID
@@ -91,9 +115,16 @@ class BackboneConfig:
     fusion_steps: list[int] | None = None
     concept_blocks: list[str] | None = None
     concept_background: list[str] = field(default_factory=lambda: ["background"])
+    features_from: Literal["attention"] | None = None
+    quantization: dict[str, dict[str, str]] | None = None
+    offload: Offload = "none"
 
     def __post_init__(self) -> None:
         # At config time, before any weights load.
+        self.quantization = check_quantization(self.quantization)
+        if self.features_from is not None:
+            check_choice("model.init_args.backbone.features_from", self.features_from, ("attention",))
+        check_choice("model.init_args.backbone.offload", self.offload, Offload)
         check_in_range("model.init_args.backbone.num_inference_steps", self.num_inference_steps, 1, None, 50)
         check_in_range(
             "model.init_args.backbone.capture_step", self.capture_step, 1, self.num_inference_steps, 5

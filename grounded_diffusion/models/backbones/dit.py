@@ -217,17 +217,10 @@ class DiffusionTransformerBackbone(FrozenBackbone):
     # -- blocks ---------------------------------------------------------------------------------
 
     def _block_modules(self) -> dict[str, nn.Module]:
-        blocks = {f"transformer_blocks.{i}": b for i, b in enumerate(self.transformer.transformer_blocks)}
-        singles = getattr(self.transformer, "single_transformer_blocks", None) or []
-        return blocks | {f"single_transformer_blocks.{i}": b for i, b in enumerate(singles)}
+        return transformer_blocks(self.transformer)
 
     def _default_blocks(self) -> list[str]:
-        """Four blocks evenly spaced through the depth, the last included: a spread of the coarse
-        layout early blocks carry and the semantics of later ones, at four feature groups (every
-        block of a 24-block SD3 at 1536 channels each would be a 37k-channel head input)."""
-        names = list(self.block_modules)
-        picks = sorted({round((k + 1) * len(names) / 4) - 1 for k in range(4)})
-        return [names[i] for i in picks]
+        return evenly_spaced_blocks(list(self.block_modules))
 
     def _chosen(self, key: str, names: list[str] | None, default: list[str]) -> list[str]:
         unknown = [n for n in names or [] if n not in self.block_modules]
@@ -239,8 +232,14 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         return list(names or default)
 
     def _block_output(self, output) -> Tensor:
-        # (text, image) streams; FLUX.2's single-stream blocks: the whole [text, image] sequence
-        return output[1] if isinstance(output, tuple) else output[:, -self.grid[0] * self.grid[1] :]
+        if self.config.features_from == "attention":
+            # An attention's (image, text) outputs; a single-stream one's whole [text, image] sequence.
+            return output[0] if isinstance(output, tuple) else output[:, -self.grid[0] * self.grid[1] :]
+        return image_tokens(output, self.grid[0] * self.grid[1])
+
+    def _tapped_module(self, name: str) -> nn.Module:
+        block = self.block_modules[name]
+        return block.attn if self.config.features_from == "attention" else block
 
     def _grouped_features(self, captured: dict[str, Tensor], guidance_batch: bool) -> list[Tensor]:
         """Image tokens [B', N, D] of each tapped block -> [B, D, rows, columns], one group per
@@ -422,7 +421,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         """A pipeline to encode text with, and its device: text encoding never steps the
         scheduler, so one made at start-up serves (a new one per call would read its sigmas back
         to the host)."""
-        return self.pipeline(self.idle_scheduler), self.transformer.device
+        return self.pipeline(self.idle_scheduler), self.device
 
     @torch.no_grad()
     def category_embeddings(self, categories: Sequence[str], template: str = CATEGORY_TEMPLATE) -> Tensor:
@@ -511,6 +510,7 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         )
         if self.system_message is not None:
             pipe.system_message = self.system_message
+        pipe = self._with_offload(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -544,12 +544,14 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         words: Sequence[Sequence[str]] | None = None,
         word_matching: str = "whole",
         num_inference_steps: int | None = None,
+        concept_attention: bool = True,
     ) -> Generation:
         """Sample images (SD3 and FLUX.2 [klein] base: classifier-free guidance at
         ``guidance_scale``; FLUX.1 and FLUX.2 [dev]: their guidance embedding,
         ``BackboneConfig.guidance_embedding``),
         capturing the block features and the latent at the capture step, and the joint-attention
-        and ConceptAttention maps of ``words`` over all steps (conditional branch)."""
+        and (unless ``concept_attention`` is false) ConceptAttention maps of ``words`` over all
+        steps (conditional branch)."""
         steps, step = self._steps_to_capture(guidance_scale, num_inference_steps)  # (step: its loop index)
         pipe, noise = self.pipeline(), self.initial_noise(seeds)
         at_capture: dict = {"latents": noise} if step == 0 else {}
@@ -564,7 +566,8 @@ class DiffusionTransformerBackbone(FrozenBackbone):
         latents, gate = self._pack(noise), CallGate(self._calls_per_step(pipe, guidance_scale))
         guidance = self.guidance_embedding if self._guidance_embedded() else guidance_scale
         tracing = self.trace_words(prompts, words, word_matching, gate) if words else contextlib.nullcontext()
-        concepts = self.trace_concepts(words, gate) if words else contextlib.nullcontext()
+        traced_concepts = words and concept_attention
+        concepts = self.trace_concepts(words, gate) if traced_concepts else contextlib.nullcontext()
         with (
             gate.counting(self.transformer),
             self._capturing(gate) as captured,
@@ -593,5 +596,26 @@ class DiffusionTransformerBackbone(FrozenBackbone):
             latents=latents,
             features=features,
             heat_maps=tracer.word_maps() if words else None,
-            concept_maps=concept_tracer.word_maps() if words else None,
+            concept_maps=concept_tracer.word_maps() if traced_concepts else None,
         )
+
+
+def transformer_blocks(transformer: nn.Module) -> dict[str, nn.Module]:
+    """A diffusion transformer's joint (double-stream) blocks, then its single-stream ones, by name."""
+    blocks = {f"transformer_blocks.{i}": b for i, b in enumerate(transformer.transformer_blocks)}
+    singles = getattr(transformer, "single_transformer_blocks", None) or []
+    return blocks | {f"single_transformer_blocks.{i}": b for i, b in enumerate(singles)}
+
+
+def image_tokens(output, count: int) -> Tensor:
+    """A block's image tokens: the image stream of a (text, image) output; of FLUX.2's
+    single-stream blocks' whole [text, image] sequence, the last ``count`` tokens."""
+    return output[1] if isinstance(output, tuple) else output[:, -count:]
+
+
+def evenly_spaced_blocks(names: list[str], count: int = 4) -> list[str]:
+    """``count`` blocks evenly spaced through the depth, the last included: a spread of the coarse
+    layout early blocks carry and the semantics of later ones, at four feature groups (every
+    block of a 24-block SD3 at 1536 channels each would be a 37k-channel head input)."""
+    picks = sorted({round((k + 1) * len(names) / count) - 1 for k in range(count)})
+    return [names[i] for i in picks]

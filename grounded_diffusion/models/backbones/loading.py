@@ -18,6 +18,7 @@ from diffusers import (
 )
 
 from grounded_diffusion.errors import ConfigError, MissingWeightsError
+from grounded_diffusion.models.backbones.quantization import check_runs_here, pipeline_quantization_config
 from grounded_diffusion.models.embedded import embedded_model
 
 UNET_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -29,9 +30,12 @@ def looks_like_local_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
-def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(model_id: str, dtype: torch.dtype, quantization: dict | None = None) -> DiffusionPipeline:
     """``from_pretrained`` on disk first, then the Hub; a clear error when neither has it. The
-    pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2) is the one the model's ``model_index.json`` names."""
+    pipeline class (SD, SDXL, SD3, FLUX.1, FLUX.2) is the one the model's ``model_index.json`` names.
+    ``quantization``: ``BackboneConfig.quantization``, handed to diffusers (``quantization.py``)."""
+    if quantization:
+        check_runs_here(quantization)
     embedded = embedded_model(model_id, "pipeline")  # (built on first use, or shipped: models/embedded.py)
     source = str(embedded.folder()) if embedded is not None else model_id
     if looks_like_local_path(source) and not Path(source).expanduser().exists():
@@ -49,14 +53,20 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         try:
             index = DiffusionPipeline.load_config(source, local_files_only=local_only)
             # SD-1.x / 2.x list a safety checker, which we leave out; other pipelines have none.
-            no_checker = (
+            extra = (
                 {"safety_checker": None, "requires_safety_checker": False}
                 if "safety_checker" in index
                 else {}
             )
+            if quantization:
+                extra["quantization_config"] = pipeline_quantization_config(
+                    quantization, index, model_id, dtype
+                )
             pipe = DiffusionPipeline.from_pretrained(
-                source, local_files_only=local_only, dtype=dtype, **{**absent_components(index), **no_checker}
+                source, local_files_only=local_only, dtype=dtype, **{**absent_components(index), **extra}
             )
+        except ConfigError:  # (a ValueError too: ours, about the settings, not the weights)
+            raise
         except (OSError, ValueError) as err:  # huggingface_hub's errors subclass these
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
             continue

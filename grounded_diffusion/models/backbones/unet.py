@@ -74,11 +74,12 @@ class StableDiffusionBackbone(FrozenBackbone):
             or config.attention_blocks
             or config.max_sequence_length is not None
             or config.fusion_steps
+            or config.features_from
         ):
             raise ConfigError(
-                "image_size, attention_blocks, max_sequence_length and fusion_steps apply to diffusion transformers "
-                f"(SD3, FLUX.1, FLUX.2); this UNet generates at its native {self.image_size} px, DAAM reads its "
-                "fixed layers, and its features come from one step: leave them null"
+                "image_size, attention_blocks, max_sequence_length, fusion_steps and features_from apply to "
+                f"diffusion transformers (SD3, FLUX.1, FLUX.2); this UNet generates at its native {self.image_size} "
+                "px, DAAM reads its fixed layers, and its features come from one step: leave them null"
             )
         self.timestep = capture_timestep(
             self.scheduler_config, config.num_inference_steps, config.capture_step
@@ -113,24 +114,7 @@ class StableDiffusionBackbone(FrozenBackbone):
     # -- UNet block outputs -------------------------------------------------------------------
 
     def _block_modules(self) -> dict[str, nn.Module]:
-        """Map CompVis block names to the diffusers module whose output is that block's output."""
-        unet = self.unet
-        blocks = {"input_blocks.0": unet.conv_in}
-        k = 1
-        for down in unet.down_blocks:
-            layers = list(down.attentions) if hasattr(down, "attentions") else list(down.resnets)
-            for layer in layers + list(down.downsamplers or []):
-                blocks[f"input_blocks.{k}"] = layer
-                k += 1
-        blocks["middle_block"] = unet.mid_block
-        k = 0
-        for up in unet.up_blocks:
-            layers = list(up.attentions) if hasattr(up, "attentions") else list(up.resnets)
-            # The last layer of a level is read after its upsampler: the up block's own output.
-            for layer in layers[:-1] + [up]:
-                blocks[f"output_blocks.{k}"] = layer
-                k += 1
-        return blocks
+        return unet_blocks(self.unet)
 
     def _block_output(self, output) -> Tensor:
         return output[0] if isinstance(output, tuple) else output
@@ -193,7 +177,7 @@ class StableDiffusionBackbone(FrozenBackbone):
         """The pipeline's own text encoding (SD: CLIP's last hidden states; SDXL: both encoders'
         penultimate states concatenated, plus the pooled embedding); ``unconditional``: what the
         pipeline puts in the guidance batch for an empty negative prompt."""
-        pipe, device = self.pipeline(), self.text_encoder.device
+        pipe, device = self.pipeline(), self.device
         out = pipe.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=unconditional
         )
@@ -275,7 +259,7 @@ class StableDiffusionBackbone(FrozenBackbone):
                 **modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self._with_offload(pipe)
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
@@ -339,6 +323,26 @@ class StableDiffusionBackbone(FrozenBackbone):
             features=self._grouped_features(at_step, guidance_batch),
             heat_maps=tracer.word_maps() if words else None,
         )
+
+
+def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+    """Map CompVis block names to the diffusers module whose output is that block's output."""
+    blocks = {"input_blocks.0": unet.conv_in}
+    k = 1
+    for down in unet.down_blocks:
+        layers = list(down.attentions) if hasattr(down, "attentions") else list(down.resnets)
+        for layer in layers + list(down.downsamplers or []):
+            blocks[f"input_blocks.{k}"] = layer
+            k += 1
+    blocks["middle_block"] = unet.mid_block
+    k = 0
+    for up in unet.up_blocks:
+        layers = list(up.attentions) if hasattr(up, "attentions") else list(up.resnets)
+        # The last layer of a level is read after its upsampler: the up block's own output.
+        for layer in layers[:-1] + [up]:
+            blocks[f"output_blocks.{k}"] = layer
+            k += 1
+    return blocks
 
 
 def group_by_resolution(features: Sequence[Tensor]) -> list[Tensor]:
