@@ -45,8 +45,8 @@ from grounded_diffusion.inference import (
     check_method,
     ground_generated,
     ground_generated_training_free,
+    real_image_features,
     segment_real,
-    trace_real,
     training_free_probabilities,
 )
 from grounded_diffusion.models.backbones import DTYPES, FrozenBackbone, build_backbone, check_category_tokens
@@ -373,7 +373,7 @@ class GroundedGenerator:
             if method == HEAD:
                 probs = segment_real(self.backbone, self.head, *args)
             else:
-                maps = trace_real(self.backbone, method, *args)
+                maps = real_image_features(self.backbone, *args, methods=[method])[2][method]
                 probs, mask_threshold = training_free_probabilities(maps, method, batch.shape[-2:], threshold)
             for picture, p, cs in zip(pictures[part], probs, categories[part]):
                 p = p[: len(cs)].float()

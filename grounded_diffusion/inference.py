@@ -70,13 +70,17 @@ def ground_generated(
 HEAD = "head"
 
 
+def training_free_methods(backbone: FrozenBackbone) -> list[str]:
+    """The backbone's training-free baseline (``daam`` on a UNet, ``joint_attention`` on a
+    diffusion transformer), then ``concept_attention`` where it runs (diffusion transformers)."""
+    return [backbone.baseline_method, *(["concept_attention"] if backbone.concept_attention else [])]
+
+
 def check_method(backbone: FrozenBackbone, method: str) -> str:
-    """``head``, the backbone's training-free baseline (``daam`` on a UNet, ``joint_attention``
-    on a diffusion transformer) or ``concept_attention`` (diffusion transformers), or one line."""
-    methods = [HEAD, backbone.baseline_method, *(["concept_attention"] if backbone.concept_attention else [])]
+    """``head`` or one of ``training_free_methods``, or one line."""
     if method == "concept_attention" and not backbone.concept_attention:
         backbone.trace_concepts([])  # (its one-line error: ConceptAttention runs on diffusion transformers)
-    check_choice("method", method, methods)
+    check_choice("method", method, [HEAD, *training_free_methods(backbone)])
     return method
 
 
@@ -105,8 +109,10 @@ def ground_generated_training_free(
     """Generate from ``prompts`` and trace the named categories: RGB uint8 images and the
     method's maps [B, O, h, w] (joint attention or DAAM over every step; ConceptAttention's
     averaged over its blocks and steps)."""
+    # (a diffusion transformer traces ConceptAttention only when it is the method asked for)
+    concepts = {"concept_attention": method == "concept_attention"} if backbone.concept_attention else {}
     generation = backbone.generate(
-        prompts, seeds, guidance_scale, categories, num_inference_steps=num_inference_steps
+        prompts, seeds, guidance_scale, categories, num_inference_steps=num_inference_steps, **concepts
     )
     maps = generation.concept_maps if method == "concept_attention" else generation.heat_maps
     return generation.images, maps
@@ -123,6 +129,35 @@ def real_image_latents(
     return backbone.latents_at_capture_step(latents, prompt_embeds, noise, mode)
 
 
+def real_image_features(
+    backbone: FrozenBackbone,
+    images: Tensor,
+    prompts: Sequence[str],
+    categories: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    mode: str,
+    methods: Sequence[str] = (),
+    word_matching: str = "whole",
+) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    """Real images (uint8 [B, 3, H, W], sides the backbone accepts) through one denoiser call at
+    the capture step: their latents there, the features, and the maps [B, O, h, w] of the named
+    training-free ``methods`` (its view of a real image), traced in that one call."""
+    prompt_embeds = backbone.encode_prompts(prompts)
+    latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
+    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
+    tracers = {}
+    with contextlib.ExitStack() as stack:
+        for method in methods:
+            tracing = (
+                backbone.trace_concepts(categories)
+                if method == "concept_attention"
+                else backbone.trace_words(prompts, categories, word_matching)
+            )
+            tracers[method] = stack.enter_context(tracing)
+        features = backbone.features(latents, timesteps, prompt_embeds)
+    return latents, features, {method: tracer.word_maps() for method, tracer in tracers.items()}
+
+
 def segment_real(
     backbone: FrozenBackbone,
     head: GroundingHead,
@@ -134,32 +169,8 @@ def segment_real(
 ) -> Tensor:
     """Open-vocabulary segmentation of real images (uint8 [B, 3, H, W], sides the backbone
     accepts): mask probabilities [B, O, H, W] of each image's named categories."""
-    prompt_embeds = backbone.encode_prompts(prompts)
-    latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
-    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    features = backbone.features(latents, timesteps, prompt_embeds)
+    _, features, _ = real_image_features(backbone, images, prompts, categories, seeds, mode)
     return head_probabilities(backbone, head, features, categories, images.shape[-2:])
-
-
-def trace_real(
-    backbone: FrozenBackbone,
-    method: str,
-    images: Tensor,
-    prompts: Sequence[str],
-    categories: Sequence[Sequence[str]],
-    seeds: Sequence[int],
-    mode: str,
-) -> Tensor:
-    """A training-free method's maps [B, O, h, w] of real images: one denoiser call at the
-    capture step, traced (the view ``predict`` caches of a real image)."""
-    prompt_embeds = backbone.encode_prompts(prompts)
-    latents = real_image_latents(backbone, images, prompt_embeds, seeds, mode)
-    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    concepts = method == "concept_attention"
-    tracing = backbone.trace_concepts(categories) if concepts else backbone.trace_words(prompts, categories)
-    with tracing as tracer:
-        backbone.features(latents, timesteps, prompt_embeds)
-    return tracer.word_maps()
 
 
 def synthesise_triplets(
@@ -192,21 +203,15 @@ def convert_images(backbone: FrozenBackbone, batch: dict, mode: str, word_matchi
     denoiser call at that step (its view of a real image; keyed by ``backbone.baseline_method``).
     Each sample's noise is drawn from its id, so that its features do not depend on its batch or
     rank."""
-    prompt_embeds = backbone.encode_prompts(batch["prompt"])
     seeds = [sample_seed(i) for i in batch["id"]]
-    latents = real_image_latents(backbone, batch["image"], prompt_embeds, seeds, mode)
-    timesteps = torch.full((len(latents),), backbone.timestep, device=latents.device)
-    concepts = (
-        backbone.trace_concepts(batch["categories"])
-        if backbone.concept_attention
-        else contextlib.nullcontext()
+    latents, features, maps = real_image_features(
+        backbone,
+        batch["image"],
+        batch["prompt"],
+        batch["categories"],
+        seeds,
+        mode,
+        training_free_methods(backbone),  # (a diffusion transformer: ConceptAttention's maps beside)
+        word_matching,
     )
-    with (
-        backbone.trace_words(batch["prompt"], batch["categories"], word_matching) as tracer,
-        concepts as concept,
-    ):
-        features = backbone.features(latents, timesteps, prompt_embeds)
-    maps = {backbone.baseline_method: tracer.word_maps()}
-    if concept is not None:  # a diffusion transformer: ConceptAttention's maps beside
-        maps["concept_attention"] = concept.word_maps()
     return {**batch, "latents": latents.to(backbone.dtype), "features": features, **maps}

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from grounded_diffusion.errors import ConfigError
 from grounded_diffusion.models.backbones.config import DTYPES, BackboneConfig
 from grounded_diffusion.models.backbones.dit import evenly_spaced_blocks, image_tokens, transformer_blocks
-from grounded_diffusion.models.backbones.quantization import QUANT_TYPES
+from grounded_diffusion.models.backbones.quantization import QUANT_TYPES, stored_bytes
 from grounded_diffusion.models.backbones.unet import group_by_resolution, unet_blocks
 from grounded_diffusion.models.grounding_head import GroundingHead, HeadConfig
 
@@ -149,7 +149,7 @@ def count_parameters(module: nn.Module) -> int:
 def stored_weight_bytes(module: nn.Module, quantization: dict | None) -> int:
     """Parameters and buffers at their stored size: with ``quantization``, the linear weights at
     the backend's bits per weight plus its scales (per output row for int8 and float8 types)."""
-    total = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    total = stored_bytes(module)
     if not quantization:
         return total
     backend, kind = quantization["backend"], quantization["type"]
@@ -159,6 +159,10 @@ def stored_weight_bytes(module: nn.Module, quantization: dict | None) -> int:
         total -= weight.numel() * weight.element_size()
         total += int(weight.numel() * bits / 8) + weight.shape[0] * weight.element_size()
     return total
+
+
+def quantized_label(setting: dict | None) -> str | None:
+    return f"{setting['backend']} {setting['type']}" if setting else None
 
 
 def largest_block_bytes(module: nn.Module) -> int:
@@ -391,7 +395,7 @@ def plan_memory(
             params=count_parameters(module),
             weight_bytes=stored_weight_bytes(module, setting),
             activation_bytes=0,
-            quantized=f"{setting['backend']} {setting['type']}" if setting else None,
+            quantized=quantized_label(setting),
             largest_block_bytes=largest_block_bytes(module),
         )
     with fake_gpu():
@@ -462,7 +466,7 @@ def plan_memory(
             )
         extras["head forward"] = forward_peak
     result = Plan(config.model_id, batch_size, size, config.offload, components, extras, denoiser_name)
-    result.phases = phases(result, denoiser_name)
+    result.phases = phases(result)
     return result
 
 
@@ -475,37 +479,38 @@ def with_memory_settings(plan: Plan, config: BackboneConfig) -> Plan:
     for name, component in plan.components.items():
         setting = quantization.get(name)
         weights = stored_weight_bytes(build_on_meta(specs[name], DTYPES[config.dtype]), setting)
-        label = f"{setting['backend']} {setting['type']}" if setting else None
-        components[name] = replace(component, weight_bytes=weights, quantized=label)
+        components[name] = replace(component, weight_bytes=weights, quantized=quantized_label(setting))
     variant = replace(plan, offload=config.offload, components=components)
-    variant.phases = phases(variant, plan.denoiser)
+    variant.phases = phases(variant)
     return variant
 
 
-def phases(plan: Plan, denoiser: str) -> dict[str, dict[str, int]]:
+def phases(plan: Plan) -> dict[str, dict[str, int]]:
     """Each phase's peak as weights resident plus the largest step's activations, as the offload
     mode leaves the models: ``none`` all on the device; ``model`` one model at a time (the text
     encoders leave the device before the denoiser runs); ``group`` one block at a time."""
     comps, extras, offload = plan.components, plan.extras, plan.offload
     texts = [n for n in comps if n.startswith("text_encoder")]
 
-    def resident(names: list[str], running: str) -> int:
+    def resident(running: str) -> int:
         if offload == "group":
             return comps[running].largest_block_bytes
         if offload == "model":
             return comps[running].weight_bytes
-        return sum(comps[n].weight_bytes for n in names)
+        return sum(c.weight_bytes for c in comps.values())
 
-    def stage(names: list[str], running: str, more: dict[str, int]) -> dict[str, int]:
-        weights = resident(names, running)
-        return {"weights": weights, f"{running} activations": comps[running].activation_bytes, **more}
-
-    everything = list(comps)
     keep = {"captured features": extras["captured features"]}
-    synthesis = [stage(everything, n, {} if n in texts else keep) for n in [*texts, denoiser, "vae"]]
-    replay = [stage(everything, n, {} if n in texts else keep) for n in [*texts, denoiser]]
+    synthesis = [
+        {
+            "weights": resident(n),
+            f"{n} activations": comps[n].activation_bytes,
+            **({} if n in texts else keep),
+        }
+        for n in [*texts, plan.denoiser, "vae"]
+    ]
+    replay = synthesis[:-1]  # (the text encoders and the denoiser again; no decode)
     training = {
-        "weights": resident(everything, denoiser) if offload == "none" else 0,
+        "weights": resident(plan.denoiser) if offload == "none" else 0,
         "head + gradients + optimizer": extras["head"] + extras["head gradients"] + extras["optimizer state"],
         "head activations": extras["head activations"],
         **keep,
@@ -546,25 +551,18 @@ def smallest_change(
     for smaller in sorted({1, max(1, batch_size // 2)}, reverse=True):
         if smaller < batch_size:
             tries.append((f"data.init_args.batch_size: {smaller}", config, smaller))
-
-    def changed(**settings) -> BackboneConfig:
-        return BackboneConfig(**{**config.__dict__, **settings})
-
+    quantized = []  # int8, then nf4, of the denoiser and the text encoders
     for kind, backend in (("int8wo", "torchao"), ("nf4", "bitsandbytes")):
-        spec = {name: {"backend": backend, "type": kind} for name in big}
         text = ", ".join(f"{n}: {{backend: {backend}, type: {kind}}}" for n in big)
-        tries.append((f"backbone.quantization: {{{text}}}", changed(quantization=spec), batch_size))
-    tries.append(("backbone.offload: model", changed(offload="model"), batch_size))
-    for kind, backend in (("int8wo", "torchao"), ("nf4", "bitsandbytes")):
-        spec = {name: {"backend": backend, "type": kind} for name in big}
-        text = ", ".join(f"{n}: {{backend: {backend}, type: {kind}}}" for n in big)
-        tries.append(
-            (
-                f"backbone.offload: model and backbone.quantization: {{{text}}}",
-                changed(quantization=spec, offload="model"),
-                batch_size,
-            )
+        quantized.append(
+            (f"backbone.quantization: {{{text}}}", {n: {"backend": backend, "type": kind} for n in big})
         )
+    for label, spec in quantized:
+        tries.append((label, replace(config, quantization=spec), batch_size))
+    tries.append(("backbone.offload: model", replace(config, offload="model"), batch_size))
+    for label, spec in quantized:
+        both = replace(config, quantization=spec, offload="model")
+        tries.append((f"backbone.offload: model and {label}", both, batch_size))
     measured = {batch_size: plan or plan_memory(config, batch_size, head, image_size)}
     for label, candidate, batch in tries:
         if batch not in measured:
